@@ -1,0 +1,67 @@
+"""Quantization recipe (the ``quant`` config group), validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wct.errors import WCTError
+from wct.quant.pack import SUPPORTED_BITS
+
+
+@dataclass
+class QuantConfig:
+    """One OWQ / GPTQ / RTN recipe (spec §1.9 defaults).
+
+    method: "owq" (weak columns + GPTQ + tuned quantizer), "gptq" (no weak columns, min-max unless tuning says
+    otherwise), "rtn" (round to nearest). Weak-column count from ``target_bit`` (spec §1.5) or ``target_rank``.
+    """
+
+    method: str = "owq"
+    bits: int = 4
+    target_bit: float | None = None
+    target_rank: int | None = None
+    group_size: int = -1
+    sym: bool = False
+    tuning: str = "mse"  # "mse" (|e|^2.4 clipping search) or "minmax"
+    grid: int = 100  # step-size grid of the main per-row MSE search
+    sens_grid: int = 40  # grid of the sensitivity pre-pass and of group refits
+    frob_norm: bool = True  # sensitivity H_jj * ||dW_:,j||^2 (False: H_jj alone)
+    percdamp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = False
+    true_sequential: bool = False
+    layers: list[str] | None = None  # short layer-type names to give weak columns (None: all)
+    name: str = ""  # label used in run and output names, e.g. "owq-w3-t3.01"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("owq", "gptq", "rtn"):
+            raise WCTError(f"quant.method={self.method!r} is unknown; use owq, gptq or rtn")
+        if self.bits not in SUPPORTED_BITS:
+            raise WCTError(f"quant.bits={self.bits} is not supported; use one of {SUPPORTED_BITS} (3 or 4 for OWQ)")
+        if self.tuning not in ("mse", "minmax"):
+            raise WCTError(f"quant.tuning={self.tuning!r} is unknown; use mse or minmax")
+        if self.target_bit is not None and self.target_rank is not None:
+            raise WCTError("set either quant.target_bit or quant.target_rank, not both")
+        if self.target_bit is not None and not (self.bits <= self.target_bit < self.bits + 1):
+            raise WCTError(
+                f"quant.target_bit={self.target_bit} must lie in [bits, bits+1) = [{self.bits}, {self.bits + 1}) "
+                f"for bits={self.bits}; e.g. target_bit={self.bits}.01"
+            )
+        if self.target_rank is not None and self.target_rank < 0:
+            raise WCTError(f"quant.target_rank={self.target_rank} must be >= 0")
+        if self.method != "owq" and (self.target_bit not in (None, float(self.bits)) or self.target_rank):
+            raise WCTError(f"quant.method={self.method} keeps no weak columns; drop target_bit/target_rank or use owq")
+        if self.group_size not in (-1, 0) and self.group_size < 1:
+            raise WCTError(f"quant.group_size={self.group_size} must be -1 (per row) or a positive group width")
+        if not self.name:
+            self.name = self.default_name()
+
+    def default_name(self) -> str:
+        tag = f"{self.method}-w{self.bits}"
+        if self.target_bit is not None:
+            tag += f"-t{self.target_bit:g}"
+        if self.target_rank is not None:
+            tag += f"-k{self.target_rank}"
+        if self.group_size > 0:
+            tag += f"-g{self.group_size}"
+        return tag
