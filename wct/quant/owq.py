@@ -1,0 +1,305 @@
+"""Block-sequential OWQ / GPTQ / RTN quantization of a causal LM (spec §1.1, §8.3).
+
+Block 0's inputs are caught once; then, block by block on ``device``: Hessians of the block's linears from the
+calibration inputs (all linears in one group, or true-sequential groups), weak columns + GPTQ per linear, each
+linear replaced in place by an :class:`OWQLinear`, and the *quantized* block re-run to give the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from wct.errors import WCTError
+from wct.nn.owq_linear import OWQLinear
+from wct.quant.blocks import (
+    ROLE_ALIASES,
+    budget_ratios,
+    find_blocks,
+    find_linears,
+    layer_role,
+    outside_blocks,
+    sequential_groups,
+)
+from wct.quant.config import QuantConfig
+from wct.quant.gptq import GPTQ
+from wct.quant.pack import FORMAT_VERSION, pack_linear, stored_bits
+from wct.quant.quantizer import rtn
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_model` did. ``paper_bits`` = b + (16 - b)·(FP16 weights / all weights) (spec §1.5);
+    ``stored_bits`` counts codes incl. placeholders, scales, zeros, indices and FP16 columns (spec §2.1)."""
+
+    cfg: QuantConfig
+    n_weak: dict[str, int]  # qualified layer name -> number of weak columns
+    weak_by_role: dict[str, int]  # layer type -> weak columns per layer (same in every block)
+    paper_bits: float
+    stored_bits: float
+    seconds: float
+    loss: dict[str, float] = field(default_factory=dict)  # GPTQ's Σ (w - q)²/U_cc²/2 per layer (0 for RTN)
+
+    def summary(self) -> str:
+        roles = ", ".join(f"{r}={n}" for r, n in self.weak_by_role.items())
+        return (
+            f"{self.cfg.name}: {len(self.n_weak)} linears, weak columns per layer {roles}; "
+            f"{self.paper_bits:.3f} bits (paper label), {self.stored_bits:.3f} bits stored; {self.seconds:.1f} s"
+        )
+
+
+def weak_counts(cfg: QuantConfig, layers: dict[str, tuple[int, str, float]]) -> dict[str, int]:
+    """Weak columns per layer from ``layers`` = {name: (in_features, role, budget ratio)} of one block (spec §1.5).
+
+    target_bit T with b bits: r = 12·(T - b) / ((16 - b)·L), L = number of enabled layer types;
+    n = round(in·r·ratio), bumped to even. target_rank k: exactly k per enabled layer. Disabled types (not in
+    ``cfg.layers``) and configs with neither target get 0.
+    """
+    roles = {role for _, role, _ in layers.values()}
+    enabled = roles if cfg.layers is None else {ROLE_ALIASES.get(r, r) for r in cfg.layers}
+    if cfg.layers is not None and not enabled <= roles:
+        raise WCTError(
+            f"quant.layers names {sorted(enabled - roles)} but this model's blocks have layer types {sorted(roles)}; "
+            "list only those"
+        )
+    counts = {}
+    for name, (k, role, ratio) in layers.items():
+        n = 0
+        if role in enabled and cfg.target_rank is not None:
+            n = cfg.target_rank
+        elif role in enabled and cfg.target_bit is not None:
+            r = 12 * (cfg.target_bit - cfg.bits) / ((16 - cfg.bits) * len(enabled))
+            n = round(k * r * ratio)
+            n += n % 2
+        if n >= k:
+            raise WCTError(
+                f"{name} would keep {n} of its {k} input columns in FP16; lower quant.target_bit/target_rank"
+            )
+        counts[name] = n
+    return counts
+
+
+class _Caught(Exception):
+    """Raised by the catcher to stop the forward pass at block 0."""
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Move the tensors inside nested tuples / lists / dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _catch_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run the pre-block modules on ``device`` and catch block 0's hidden states [n, seq, d] and keyword args
+    (attention mask, position ids / embeddings, alibi, ...: whatever the model passes its blocks)."""
+    inps: list[torch.Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def catch(module: nn.Module, args: tuple, kw: dict) -> None:
+        kw = dict(kw)
+        inps.append(args[0] if args else kw.pop("hidden_states"))
+        if not kwargs:
+            kwargs.update(kw)
+        raise _Caught
+
+    outside = outside_blocks(model, blocks)
+    homes = [next(m.parameters(), next(m.buffers(), torch.empty(0))).device for m in outside]
+    for m in outside:
+        m.to(device)
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for j in range(calib.shape[0]):
+            try:
+                model(calib[j : j + 1].to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+        for m, home in zip(outside, homes):
+            m.to(home)
+    return torch.cat(inps), _to(kwargs, device)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """[N, K] weight of an nn.Linear or a Conv1D (which stores it as [K, N])."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The block applied to each calibration sequence (batch 1, as the catcher saw them)."""
+    outs = []
+    for j in range(inps.shape[0]):
+        out = block(inps[j : j + 1], **kwargs)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat(outs)
+
+
+def _storage_dtype(model: nn.Module) -> torch.dtype:
+    """Dtype of stored scales and weak columns: the model's 16-bit dtype, or fp16 for an fp32 model."""
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _quantize_layer(
+    layer: nn.Module, gptq: GPTQ | None, n_weak: int, cfg: QuantConfig, storage: torch.dtype
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Packed owq-pack v1 tensors of one layer and its GPTQ loss (spec §1.6-§1.8; RTN without ``gptq``)."""
+    w = _weight(layer).detach().float()
+    weak = torch.zeros(0, dtype=torch.int32, device=w.device)
+    loss = 0.0
+    if gptq is None:
+        q, scales, zeros = rtn(w, cfg.bits, cfg.sym, cfg.tuning, cfg.grid, cfg.group_size, storage)
+    else:
+        sens = None
+        if n_weak:
+            sens = gptq.sensitivity(cfg.bits, cfg.sym, cfg.tuning, cfg.sens_grid, cfg.frob_norm)
+            weak = GPTQ.weak_columns(sens, n_weak)
+        q, scales, zeros = gptq.solve(
+            weak,
+            cfg.bits,
+            cfg.sym,
+            cfg.tuning,
+            cfg.grid,
+            cfg.group_size,
+            cfg.sens_grid,
+            cfg.percdamp,
+            cfg.blocksize,
+            cfg.act_order,
+            sens,
+            storage,
+        )
+        loss = gptq.loss
+    bias = layer.bias.detach() if layer.bias is not None else None
+    return pack_linear(q, scales, zeros, weak, cfg.bits, bias, storage, storage), loss
+
+
+def _check_inputs(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, linears: dict[str, nn.Module]) -> None:
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+        raise WCTError("calib must be an integer tensor of token ids [n_samples, seqlen] (see wct.data.text)")
+    if calib.shape[0] == 0 or calib.shape[1] == 0:
+        raise WCTError(
+            f"the calibration set is empty (shape {tuple(calib.shape)}): the calibration text is shorter than one "
+            "window of seqlen tokens; use a longer text or a smaller seqlen"
+        )
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and int(calib.max()) >= vocab:
+        raise WCTError(f"calibration token id {int(calib.max())} is outside the vocabulary ({vocab}); "
+                       "tokenize the calibration text with this model's tokenizer")
+    for name, layer in linears.items():
+        k = _weight(layer).shape[1]
+        if cfg.group_size > 0 and k % cfg.group_size:
+            raise WCTError(
+                f"quant.group_size={cfg.group_size} does not divide in_features={k} of {name}; "
+                "use a divisor of every layer's input width, or -1 for per-row quantization"
+            )
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    calib: torch.Tensor,
+    cfg: QuantConfig | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **recipe: Any,
+) -> QuantReport:
+    """Quantize every linear of every decoder block of ``model`` in place (spec §1.1).
+
+    ``calib``: token ids [n_samples, seqlen]. ``cfg``: the recipe, or give its fields as keywords
+    (``quantize_model(model, calib, bits=3, target_bit=3.01)``). Each block runs on ``device`` (default: CPU) and
+    goes back to where it was. Records ``model.config.quantization_config`` (a plain dict) for checkpointing.
+    """
+    start = time.time()
+    if cfg is not None and recipe:
+        raise WCTError(f"pass either cfg or recipe keywords ({', '.join(recipe)}), not both")
+    if cfg is None:
+        try:
+            cfg = QuantConfig(**recipe)
+        except TypeError as e:
+            fields = ", ".join(QuantConfig.__annotations__)
+            raise WCTError(f"{e}; the recipe fields are those of QuantConfig: {fields}") from None
+    device = torch.device(device or "cpu")
+    prefix, blocks = find_blocks(model)
+    first = find_linears(blocks[0])
+    _check_inputs(model, calib, cfg, first)
+    ratios = budget_ratios(first)
+    layers = {n: (_weight(m).shape[1], layer_role(n), ratios[n]) for n, m in first.items()}
+    counts = weak_counts(cfg, layers) if cfg.method == "owq" else dict.fromkeys(first, 0)
+    storage = _storage_dtype(model)
+
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    model.config.use_cache = False
+    inps, kwargs = (None, {}) if cfg.method == "rtn" else _catch_block_inputs(model, blocks, calib, device)
+    n_weak, losses, sizes = {}, {}, []
+    for i, block in enumerate(tqdm(blocks, desc=f"quantize {cfg.name}", unit="block", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        groups = sequential_groups(list(linears)) if cfg.true_sequential else [list(linears)]
+        for group in groups:
+            gptqs: dict[str, GPTQ] = {}
+            if cfg.method != "rtn":
+                gptqs = {n: GPTQ(_weight(linears[n])) for n in group}
+                hooks = [
+                    linears[n].register_forward_hook(lambda m, x, y, g=gptqs[n]: g.add_batch(x[0])) for n in group
+                ]
+                _run_block(block, inps, kwargs)
+                for h in hooks:
+                    h.remove()
+            for n in group:
+                layer = linears[n]
+                packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(layer, gptqs.get(n), counts[n], cfg, storage)
+                n_out, k = _weight(layer).shape
+                parent, _, child = n.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, child,
+                        OWQLinear.from_packed(packed, cfg.bits, k))
+                n_weak[f"{prefix}.{i}.{n}"] = counts[n]
+                sizes.append((n_out, k, packed["scales"].shape[0], counts[n]))
+            del gptqs
+        if inps is not None and i + 1 < len(blocks):
+            inps = _run_block(block, inps, kwargs)  # the quantized block feeds the next one
+        block.to(home)
+    model.train(was_training)
+    model.config.use_cache = use_cache
+
+    total = sum(n * k for n, k, _, _ in sizes)
+    paper = cfg.bits + (16 - cfg.bits) * sum(n * o for n, _, _, o in sizes) / total
+    stored = sum(stored_bits(n, k, cfg.bits, g, o) * n * k for n, k, g, o in sizes) / total
+    report = QuantReport(
+        cfg=cfg,
+        n_weak=n_weak,
+        weak_by_role={layer_role(n): counts[n] for n in first},
+        paper_bits=paper,
+        stored_bits=stored,
+        seconds=time.time() - start,
+        loss=losses,
+    )
+    model.config.quantization_config = {
+        "quant_method": "owq",
+        "format_version": FORMAT_VERSION,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "sym": cfg.sym,
+        "target_bit": cfg.target_bit,
+        "target_rank": cfg.target_rank,
+        "method": cfg.method,
+        "n_weak": n_weak,
+        "paper_bits": paper,
+        "stored_bits": stored,
+        "recipe": asdict(cfg),
+    }
+    return report
