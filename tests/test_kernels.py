@@ -1,0 +1,211 @@
+"""OWQLinear's custom op and its torch / Triton backends against a float64 dequantize-matmul oracle.
+
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (set below, before any kernel is
+decorated); with CUDA the same parity tests run compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import wct.kernels as kernels  # noqa: E402
+from wct.errors import WCTError  # noqa: E402
+from wct.kernels import triton_backend  # noqa: E402
+from wct.nn.owq_linear import OWQLinear  # noqa: E402
+from wct.quant.pack import pack_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+N_WEAK = [0, 1, 7, 40]  # 40: all inside the first 256-wide chunk of K
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_config():
+    saved = dict(kernels._config)
+    yield
+    kernels._config.update(saved)
+    kernels.clear_cache()
+
+
+def make_layer(bits, group, n_o, dtype=torch.float32, sym=False, n=48, k=256, bias=True, device="cpu", seed=0):
+    """A random packed layer and its float64 weight [N, K] built independently of the packer's dequantizer."""
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group is None else k // group
+    scales = (torch.rand(groups, n, generator=g) * 0.1 + 0.01).half()
+    zeros = torch.full((groups, n), 2 ** (bits - 1)) if sym else torch.randint(0, 2**bits, (groups, n), generator=g)
+    codes = torch.randint(0, 2**bits, (k, n), generator=g)
+    idx = torch.arange(100, 140) if n_o == 40 else torch.randperm(k, generator=g)[:n_o].sort().values
+    rep = k // groups
+    w = ((codes - zeros.repeat_interleave(rep, 0)) * scales.double().repeat_interleave(rep, 0)).t().contiguous()
+    w[:, idx] = torch.randn(n, n_o, generator=g, dtype=torch.float64).to(dtype).double()
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    packed = pack_linear(w.float(), scales, zeros, idx, bits, bias=b, weak_dtype=dtype)
+    return OWQLinear.from_packed(packed, bits, k).to(device), w.to(device)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def check_fwd_bwd(layer, w64, x, dtype):
+    """y, dX and dW_o of ``layer`` (through autograd) against float64."""
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, dy64 = x.detach().double(), dy.double()
+    idx = layer.weak_idx.long()
+    ref = x64 @ w64.t() + (layer.bias.double() if layer.bias is not None else 0)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert rel_err(y, ref) < TOL[dtype]
+    assert rel_err(x.grad, dy64 @ w64) < TOL[dtype]
+    dwo = x64[..., idx].flatten(0, -2).t() @ dy64.flatten(0, -2)
+    assert layer.weak_weight.grad.shape == layer.weak_weight.shape
+    if idx.numel():
+        assert rel_err(layer.weak_weight.grad, dwo) < TOL[dtype]
+    layer.weak_weight.grad = None
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("n_o", N_WEAK)
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("cache", ["0", "1"])
+def test_torch_backend_matches_float64(bits, group, n_o, sym, cache):
+    kernels.configure(cache_dense=cache)
+    layer, w64 = make_layer(bits, group, n_o, sym=sym)
+    with kernels.use_kernel("torch"):
+        check_fwd_bwd(layer, w64, torch.randn(2, 3, 256), torch.float32)
+    assert (kernels.cached_dense(layer, torch.float32) is not None) == (cache == "1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_o", N_WEAK)
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_triton_matches_float64(bits, group, n_o, dtype):
+    layer, w64 = make_layer(bits, group, n_o, dtype, device=DEVICE)
+    with kernels.use_kernel("triton"):
+        for m in (1, 3, 20):  # GEMV (BLOCK_M 1 and 4) and the tl.dot GEMM
+            check_fwd_bwd(layer, w64, torch.randn(m, 256, device=DEVICE).to(dtype), dtype)
+    x = torch.randn(5, 256, device=DEVICE).to(dtype)
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, None, bits)
+    split = triton_backend.forward(x, *args, split_k=2)  # split-K through the fp32 workspace, tail in the last split
+    assert rel_err(split, x.double() @ w64.t() + layer.bias.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_triton_masks_k_and_n_off_the_tile_grid(bits):
+    layer, w64 = make_layer(bits, None, 5, n=37, k=200, device=DEVICE)  # K padded to 224 in the planes
+    with kernels.use_kernel("triton"):
+        check_fwd_bwd(layer, w64, torch.randn(2, 9, 200, device=DEVICE), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    layer, _ = make_layer(3, 128, 7, device=DEVICE)
+    x = torch.randn(2, 5, 256, device=DEVICE, requires_grad=True)
+    planes = list(layer.planes.values())
+    dense = kernels.cached_dense(layer, torch.float32) if backend == "torch" else None
+    for d in {None, dense}:
+        args = (x, layer.weak_weight, planes, layer.scales, layer.zeros, layer.weak_idx, layer.bias, d, 3, backend)
+        torch.library.opcheck(kernels.owq_linear_op, args)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_torch_compile_same_output_and_grads(kernel):
+    kernels.configure(kernel=kernel, cache_dense="0")  # compiled graphs skip the eager-only cache: same arithmetic
+    model = torch.nn.Sequential(make_layer(4, 128, 7, n=256)[0], torch.nn.GELU(), make_layer(3, None, 40, k=256)[0])
+    x = torch.randn(2, 4, 256, device=DEVICE)
+    model.to(DEVICE)
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_cache_reuse_invalidation_and_live_weak_columns():
+    layer, w64 = make_layer(3, None, 7)
+    dense = kernels.cached_dense(layer, torch.float32)
+    assert kernels.cached_dense(layer, torch.float32) is dense
+    assert torch.equal(dense[:, layer.weak_idx.long()], torch.zeros(48, 7))  # the dense part is 0 at weak columns
+    other, w_other = make_layer(3, None, 7, seed=1)
+    layer.load_state_dict(other.state_dict())  # new packed values: the cache must not serve the old weight
+    assert kernels.cached_dense(layer, torch.float32) is not dense
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        layer.weak_weight.add_(1.0)  # the weak part is live: a tuned column shows up without a cache rebuild
+    w_other[:, layer.weak_idx.long()] += 1.0
+    assert rel_err(layer(x), x.double() @ w_other.t() + layer.bias.double()) < 2e-5
+    kernels.configure(cache_budget_bytes=0)
+    kernels.clear_cache()
+    assert kernels.cached_dense(layer, torch.float32) is None
+
+
+def test_dispatch_messages_and_log(caplog, monkeypatch):
+    cpu = torch.device("cpu")
+    assert kernels.resolve_backend("auto", cpu, 1) == "torch"
+    with pytest.raises(WCTError, match="kernel=cuda is unavailable: it needs CUDA tensors"):
+        kernels.resolve_backend("cuda", cpu, 1)
+    with pytest.raises(WCTError, match="not a backend; choose one of auto, torch, triton, cuda"):
+        kernels.configure(kernel="fast")
+    with pytest.raises(WCTError, match="cache_dense='yes' is not a policy"):
+        kernels.configure(cache_dense="yes")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(WCTError, match="kernel=triton needs CUDA tensors"):
+        kernels.resolve_backend("triton", cpu, 1)
+    layer, _ = make_layer(4, None, 1)
+    kernels._resolved.clear()
+    with caplog.at_level(logging.INFO, logger="wct.kernels"):
+        layer(torch.randn(1, 256))
+    assert "owq_linear backend: torch (kernel=auto, device=cpu)" in caplog.text
+    kernels.configure(kernel="cuda")
+    with pytest.raises(WCTError, match="kernel=cuda is unavailable"):
+        layer(torch.randn(1, 256))
+
+
+AOT_SCRIPT = r"""
+import sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from wct.kernels.sources import load_module
+
+mod = load_module("owq_triton.py", "owq_triton_aot")
+types = {"plane_a": "*i32", "plane_b": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "out": "*fp32"}
+for case in sys.argv[1:]:
+    arch, kernel, bits, dtype, block_m, use_dot = case.split(",")
+    fn = mod.owq_fwd if kernel == "fwd" else mod.owq_dx
+    const = dict(BITS=int(bits), BLOCK_M=int(block_m), BLOCK_N=64, BLOCK_K=64, USE_DOT=use_dot == "1", UPCAST=False)
+    if kernel == "fwd":
+        const.update(BLOCK_O=16, HAS_BIAS=True)
+    act = {"x", "wo", "bias", "dy", "dx"}
+    sig = {a: "constexpr" if a in const else types.get(a, f"*{dtype}" if a in act else "i32") for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", int(arch), 32))
+    assert ("mma" in k.asm["ptx"]) == (use_dot == "1"), f"{case}: tensor cores expected exactly when USE_DOT"
+"""
+
+
+def test_triton_kernels_aot_compile_for_sm80_sm90():
+    """Compile to PTX/cubin without a GPU (kernels.md §4): tile-shape and layout rules the interpreter skips.
+    A subprocess, because kernels decorated under TRITON_INTERPRET=1 cannot be compiled."""
+    import subprocess
+    import sys
+
+    cases = [f"{arch},{c}" for arch in (80, 90) for c in ("fwd,3,fp16,1,0", "fwd,3,bf16,16,1", "fwd,4,fp16,64,1", "dx,3,bf16,16,1")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *cases], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

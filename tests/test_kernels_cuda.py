@@ -1,0 +1,105 @@
+"""The CUDA sources: nvcc builds them for sm_80 and sm_90 (skipped without nvcc), their __host__ __device__
+unpack/dequant helpers run on the CPU against the Python packer, and on a GPU the kernels match float64."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+import wct.kernels as kernels
+from wct.kernels import cuda_backend
+from wct.kernels.__main__ import main as kernels_cli
+from wct.kernels.sources import source_dir
+from wct.quant.pack import dequantize_dense
+
+from test_kernels import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
+
+needs_nvcc = pytest.mark.skipif(cuda_backend.nvcc() is None, reason="nvcc (CUDA toolkit) not found")
+
+
+@needs_nvcc
+def test_cli_builds_sm80_sm90_and_ctypes_loads(tmp_path, capsys):
+    out = tmp_path / "libwct_owq.so"
+    kernels_cli(["build", "--arch", "80", "--arch", "90", "--out", str(out)])
+    assert "for sm_80, sm_90" in capsys.readouterr().out
+    lib = cuda_backend.load(out)  # dlopen works without a GPU: cudart is linked statically
+    assert lib.owq_gemv_max_m() == kernels.CUDA_GEMV_MAX_M
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory) -> str:
+    if cuda_backend.nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) not found")
+    exe = tmp_path_factory.mktemp("host") / "owq_host_check"
+    subprocess.run([cuda_backend.nvcc(), "-O2", "-std=c++17", "-o", str(exe), str(source_dir() / "owq_host_check.cu")],
+                   check=True, capture_output=True)
+    return str(exe)
+
+
+def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, k_per_split: int = 0) -> torch.Tensor:
+    """Feed a packed layer (and x) to owq_host_check; returns its output matrix."""
+    n_o, n = layer.weak_weight.shape
+    numbers = [layer.bits, layer.in_features, n, layer.scales.shape[0], x.shape[0], n_o, k_per_split]
+    numbers += [w for p in layer.planes.values() for w in p.flatten().tolist()]
+    numbers += layer.scales.half().view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).flatten().tolist()
+    numbers += layer.zeros.flatten().tolist() + layer.weak_idx.tolist()
+    numbers += [repr(v) for v in layer.weak_weight.float().flatten().tolist() + x.flatten().tolist()]
+    proc = subprocess.run([exe, mode], input=" ".join(map(str, numbers)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return torch.tensor([[float(v) for v in line.split()] for line in proc.stdout.splitlines()], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k,group", [(200, None), (256, 128)])
+def test_host_dequant_matches_python_packer(host_check, bits, k, group):
+    layer, _ = make_layer(bits, group, 7, n=13, k=k, sym=bits == 2)
+    got = run_host_check(host_check, "dequant", layer, torch.zeros(0, k))
+    want = dequantize_dense(layer.planes, layer.scales, layer.zeros, bits, k).t()  # [K, N], 0 at weak columns
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0)  # %.9g round-trips fp32 exactly
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("n_o", N_WEAK)
+@pytest.mark.parametrize("m,k_per_split", [(1, 64), (8, 512)])
+def test_host_gemv_body_matches_float64(host_check, bits, group, n_o, m, k_per_split):
+    """The GEMV's per-column body, split-K staging, weak tail and ordered reduction, run on the CPU."""
+    layer, w64 = make_layer(bits, group, n_o, n=37, k=256 if group else 200)
+    x = torch.randn(m, layer.in_features)
+    got = run_host_check(host_check, "gemv", layer, x, k_per_split)
+    assert got.shape == (m, 37)
+    assert rel_err(got, x.double() @ w64.t()) < TOL[torch.float32]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_o", N_WEAK)
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cuda_matches_float64(bits, group, n_o, dtype):
+    layer, w64 = make_layer(bits, group, n_o, dtype, n=300, k=512, device="cuda")
+    with kernels.use_kernel("cuda"):
+        for m in (1, 4, 8, 33):  # the GEMV up to 8 rows, dequantize-to-scratch + GEMM above
+            check_fwd_bwd(layer, w64, torch.randn(m, 512, device="cuda").to(dtype), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_gemv_is_deterministic_and_graph_capturable():
+    layer, _ = make_layer(3, None, 7, torch.float16, n=4096, k=4096, device="cuda")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    with kernels.use_kernel("cuda"), torch.no_grad():
+        y0 = layer(x)
+        assert torch.equal(layer(x), y0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(y, y0)

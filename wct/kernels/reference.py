@@ -1,0 +1,52 @@
+"""The torch backend: unpack, dequantize, scatter W_o, matmul. The oracle for the other backends and the CPU path.
+
+With ``dense`` (the cached dequantized dense part [N, K], exactly 0 at the weak columns) the frozen part is not
+rebuilt: y = x·W_denseᵀ + x[:, idx]·W_o + b, and dX = dY·W_dense with dY·W_oᵀ added at the weak columns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from wct.quant.pack import dequantize_dense, dequantize_full, plane_layout
+
+
+def _planes(planes: list[torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    return {name: p for (name, _, _), p in zip(plane_layout(bits), planes)}
+
+
+def dense_weight(
+    planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int, in_features: int, dtype: torch.dtype
+) -> Tensor:
+    """deq(W_q) as a contiguous [N, K] tensor in ``dtype`` (what the dense cache holds)."""
+    return dequantize_dense(_planes(planes, bits), scales, zeros, bits, in_features, dtype).contiguous()
+
+
+def forward(
+    x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+    bias: Tensor | None, dense: Tensor | None, bits: int,
+) -> Tensor:
+    """y [M, N] for x [M, K]."""
+    if dense is None:
+        w = dequantize_full(_planes(planes, bits), scales, zeros, weak_idx, weak_weight, bits, x.shape[1], x.dtype)
+        y = x @ w.t()
+    else:
+        y = x @ dense.t()
+        if weak_idx.numel():
+            y = torch.addmm(y, x[:, weak_idx.long()], weak_weight.to(x.dtype))
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def grad_input(
+    dy: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+    dense: Tensor | None, bits: int, in_features: int,
+) -> Tensor:
+    """dX [M, K] = dY·W_full for dY [M, N]."""
+    if dense is None:
+        w = dequantize_full(_planes(planes, bits), scales, zeros, weak_idx, weak_weight, bits, in_features, dy.dtype)
+        return dy @ w
+    dx = dy @ dense
+    if weak_idx.numel():
+        dx.index_add_(1, weak_idx.long(), dy @ weak_weight.to(dy.dtype).t())
+    return dx

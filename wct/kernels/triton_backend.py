@@ -1,0 +1,126 @@
+"""Launchers for the Triton kernels in ``kernels/owq_triton.py`` (the ``triton`` backend).
+
+Path by rows M: M ≤ 4 a GEMV (CUDA cores, BLOCK_M = next power of two of M); otherwise a tensor-core GEMM with
+BLOCK_M 16 (M ≤ 64, split-K over K to fill the SMs) or 64 (large M). Tile sizes are autotuned on a GPU and fixed
+small under ``TRITON_INTERPRET=1``. Split-K partials go to an fp32 workspace summed in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+import triton
+
+from wct.kernels.sources import load_module
+
+GEMV_MAX_M = 4
+BLOCK_O = 16
+_K_ALIGN = 128  # split-K chunks are multiples of the largest BLOCK_K
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernels():
+    """(fwd, dx) jit kernels: autotuned on a GPU, plain under the interpreter (autotuning there is only slow)."""
+    mod = load_module("owq_triton.py", "wct_kernels_src_owq_triton")
+    if interpreting():
+        return mod.owq_fwd, mod.owq_dx
+    cfg = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(32, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
+                             (64, 128, 4, 4), (256, 32, 8, 3)]
+    ]
+    fwd = triton.autotune(cfg, key=["N", "K", "BLOCK_M", "USE_DOT", "BITS"])(mod.owq_fwd)
+    # dX walks N as its reduction axis: the same tile shapes with the roles of BLOCK_N and BLOCK_K swapped
+    dcfg = [triton.Config({"BLOCK_N": c.kwargs["BLOCK_K"], "BLOCK_K": c.kwargs["BLOCK_N"]}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in cfg]
+    dx = triton.autotune(dcfg, key=["N", "K", "BLOCK_M", "USE_DOT", "BITS"])(mod.owq_dx)
+    return fwd, dx
+
+
+def _rows(m: int) -> tuple[int, bool]:
+    """(BLOCK_M, USE_DOT) for M rows."""
+    if m <= GEMV_MAX_M:
+        return triton.next_power_of_2(max(m, 1)), False
+    return (16 if m <= 64 else 64), True
+
+
+def _fixed(meta: dict) -> dict:
+    return meta if not interpreting() else {"BLOCK_N": 32, "BLOCK_K": 32, **meta}
+
+
+def _split_k(m_tiles: int, n: int, k: int, device: torch.device) -> int:
+    """Split K so that small-M launches still fill the SMs (≥ 2 programs per SM), never below 512 inputs a split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(k // 512, (2 * sms) // max(1, m_tiles * triton.cdiv(n, 64))))
+
+
+def _plane_args(planes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    a = planes[0].contiguous()
+    b = planes[1].contiguous() if len(planes) > 1 else a
+    return a, b
+
+
+def forward(
+    x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+    bias: Tensor | None, dense: Tensor | None, bits: int, split_k: int | None = None,
+) -> Tensor:
+    """y [M, N] = x·deq(W_q)ᵀ + x[:, idx]·W_o + b for x [M, K] (``dense`` is unused: the torch backend's cache)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = scales.shape[1]
+    block_m, use_dot = _rows(m)
+    m_tiles = triton.cdiv(m, block_m)
+    split = split_k or (_split_k(m_tiles, n, k, x.device) if m <= 64 else 1)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), _K_ALIGN) * _K_ALIGN
+    split = triton.cdiv(k, k_per_split) if k else 1
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    a, b = _plane_args(planes)
+    wo = weak_weight.contiguous()
+    fwd, _ = _kernels()
+    grid = lambda meta: (m_tiles, triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    fwd[grid](
+        x, a, b, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), wo,
+        bias if bias is not None else y, out,
+        m, n, k, weak_idx.numel(), k // scales.shape[0], k_per_split,
+        x.stride(0), a.stride(0), b.stride(0), scales.stride(0), n, n, m * n if split > 1 else 0,
+        **_fixed(dict(BITS=bits, BLOCK_M=block_m, BLOCK_O=BLOCK_O, USE_DOT=use_dot,
+                      HAS_BIAS=bias is not None and split == 1, UPCAST=interpreting() and x.dtype == torch.bfloat16)),
+    )
+    if split == 1:
+        return y
+    y32 = out.sum(0)
+    return (y32 if bias is None else y32 + bias.float()).to(x.dtype)
+
+
+def grad_input(
+    dy: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+    dense: Tensor | None, bits: int, in_features: int,
+) -> Tensor:
+    """dX [M, K] = dY·deq(W_q) by the dX kernel, plus dY·W_oᵀ at the weak columns (the dense part is 0 there)."""
+    m, n = dy.shape
+    k = in_features
+    block_m, use_dot = _rows(m)
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    a, b = _plane_args(planes)
+    _, dx_kernel = _kernels()
+    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    dx_kernel[grid](
+        dy, a, b, scales.contiguous(), zeros.contiguous(), dx,
+        m, n, k, k // scales.shape[0],
+        dy.stride(0), a.stride(0), b.stride(0), scales.stride(0), dx.stride(0),
+        **_fixed(dict(BITS=bits, BLOCK_M=block_m, USE_DOT=use_dot,
+                      UPCAST=interpreting() and dy.dtype == torch.bfloat16)),
+    )
+    if weak_idx.numel():
+        dx.index_add_(1, weak_idx.long(), dy @ weak_weight.to(dy.dtype).t())
+    return dx
