@@ -1,0 +1,5 @@
+"""Neural-network modules of wct."""
+
+from wct.nn.owq_linear import OWQLinear
+
+__all__ = ["OWQLinear"]
