@@ -1,0 +1,147 @@
+"""Plain text for calibration and perplexity: the GPTQ/OWQ corpora through ``datasets``, or local text.
+
+``source`` is ``wikitext2``, ``ptb``, ``c4`` (Hugging Face hub, or its local ``datasets`` cache) or the path of a
+UTF-8 text file or of a folder whose ``*.txt`` files are read in name order and joined with a blank line.
+
+Protocols (owq-spec §1.2 and §1.10):
+
+* calibration: ``random.Random(seed)``; for c4 each sample draws random documents until one is longer than
+  ``seqlen`` tokens and takes a random ``seqlen`` window of it; every other source is tokenized as one text
+  (train split; wikitext2 joined with "\\n\\n", ptb with " ") and each sample is a random ``seqlen`` window;
+* evaluation: wikitext2 test joined with "\\n\\n"; ptb test joined with " " with special tokens split, so the
+  literal ``<unk>`` is ordinary text (the reference's "fix poor llama ptb"); c4 = the first 1100 documents of the
+  validation shard joined with " ", truncated to 256 windows. Local text is used whole.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from wct.errors import WCTError
+
+# name -> (hub dataset, config, text field, joiner, {split: data file})
+HUB_CORPORA = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text", "\n\n", None),
+    "ptb": ("ptb-text-only/ptb_text_only", "penn_treebank", "sentence", " ", None),
+    "c4": (
+        "allenai/c4",
+        None,
+        "text",
+        " ",
+        {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"},
+    ),
+}
+C4_EVAL_DOCS = 1100
+C4_EVAL_WINDOWS = 256
+
+
+def _hub_documents(name: str, split: str) -> list[str]:
+    from datasets import load_dataset
+
+    repo, config, field, _, files = HUB_CORPORA[name]
+    if files is not None:
+        split = "validation" if split == "test" else split
+    try:
+        if files is not None:
+            ds = load_dataset(repo, data_files={split: files[split]}, split=split)
+        else:
+            ds = load_dataset(repo, config, split=split)
+    except OSError as e:  # ConnectionError (offline / unreachable hub) and DatasetNotFoundError are OSErrors
+        raise WCTError(
+            f"could not load the {name} corpus ({repo}, {split} split): {str(e).splitlines()[0]}. The hub is not "
+            "reachable and no cached copy exists; use local text instead, e.g. calib.source=/path/to/book.txt "
+            "or eval.corpora=[/path/to/text_or_folder] (any UTF-8 .txt file or folder of .txt files)"
+        ) from None
+    return ds[field]
+
+
+def _local_text(path: Path) -> str:
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise WCTError(f"folder {path} holds no .txt files; point to a text file or a folder of .txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    return path.read_text(encoding="utf-8")
+
+
+def _check_source(source: str | Path) -> Path | None:
+    """None for a hub corpus name, else the existing local path; a clear error for anything else."""
+    if str(source) in HUB_CORPORA:
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise WCTError(
+            f"text source {str(source)!r} is neither a corpus name ({', '.join(HUB_CORPORA)}) nor an existing "
+            "file or folder; fix the path or use one of those names"
+        )
+    return path
+
+
+def load_text(source: str | Path, split: str = "test") -> str:
+    """The whole text of ``source`` for ``split`` (train / test), joined by the protocol of the module docstring."""
+    path = _check_source(source)
+    if path is not None:
+        return _local_text(path)
+    docs = _hub_documents(str(source), split)
+    if str(source) == "c4" and split == "test":
+        docs = docs[:C4_EVAL_DOCS]
+    return HUB_CORPORA[str(source)][3].join(docs)
+
+
+def tokenize(tokenizer, text: str, split_special_tokens: bool = False) -> torch.Tensor:
+    """Token ids [T] (int64) of ``text`` with the tokenizer's default settings."""
+    enc = tokenizer(text, verbose=False, split_special_tokens=split_special_tokens)
+    return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+
+def _too_short(source: str | Path, n: int, seqlen: int, need: str) -> WCTError:
+    return WCTError(
+        f"text {str(source)!r} has {n} tokens, too few for {need} of seqlen={seqlen}; "
+        "use a longer text or a smaller seqlen"
+    )
+
+
+def calibration_windows(
+    tokenizer, source: str | Path, n_samples: int = 128, seqlen: int = 2048, seed: int = 0
+) -> torch.Tensor:
+    """``n_samples`` random windows of ``seqlen`` tokens, LongTensor [n_samples, seqlen] (spec §1.2)."""
+    if n_samples < 1 or seqlen < 2:
+        raise WCTError(f"calibration needs n_samples >= 1 and seqlen >= 2 (got {n_samples}, {seqlen})")
+    rng = random.Random(seed)
+    windows = []
+    if str(source) == "c4":
+        docs = _hub_documents("c4", "train")
+        for _ in range(n_samples):
+            while True:
+                ids = tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+                if ids.numel() > seqlen:
+                    break
+            i = rng.randint(0, ids.numel() - seqlen - 1)
+            windows.append(ids[i : i + seqlen])
+        return torch.stack(windows)
+    ids = tokenize(tokenizer, load_text(source, split="train"))
+    if ids.numel() <= seqlen:
+        raise _too_short(source, ids.numel(), seqlen, "one calibration window")
+    for _ in range(n_samples):
+        i = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[i : i + seqlen])
+    return torch.stack(windows)
+
+
+def eval_tokens(tokenizer, source: str | Path, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
+    """Evaluation tokens [n_windows * seqlen] of ``source`` (spec §1.10), cut to whole non-overlapping windows.
+
+    ``max_windows`` keeps only the first windows (c4 is always capped at 256, as in the reference).
+    """
+    ids = tokenize(tokenizer, load_text(source, split="test"), split_special_tokens=str(source) == "ptb")
+    n = ids.numel() // seqlen
+    if str(source) == "c4":
+        n = min(n, C4_EVAL_WINDOWS)
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise _too_short(source, ids.numel(), seqlen, "one evaluation window")
+    return ids[: n * seqlen]

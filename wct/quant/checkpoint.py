@@ -1,0 +1,346 @@
+"""owq-pack v1 checkpoint folders, and the importer of checkpoints saved by the reference OWQ code.
+
+A checkpoint folder holds ``model.safetensors`` (every tensor of the model once: OWQLinear planes, scales, zeros,
+weak_idx, weak_weight, bias, plus the unquantized embeddings, norms and head), ``config.json`` (the Hugging Face
+config with ``quantization_config``, see :func:`quantization_metadata`), the tokenizer files and
+``generation_config.json``. Only safetensors is ever read from it.
+
+Unquantized floating tensors are stored in fp16 when that is lossless (a model loaded from an fp16 checkpoint),
+otherwise in their own dtype, so a reload is always bit-exact. OWQLinear tensors keep their own dtypes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import types
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from wct.errors import WCTError
+from wct.io import atomic_dir
+from wct.nn.owq_linear import OWQLinear
+from wct.quant.pack import FORMAT_VERSION, SUPPORTED_BITS, pack_codes, stored_bits
+
+WEIGHTS = "model.safetensors"
+QUANT_METHOD = "owq"
+
+
+def owq_layers(model: nn.Module) -> dict[str, OWQLinear]:
+    """Every OWQLinear of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, OWQLinear)}
+
+
+def bit_summary(layers: dict[str, OWQLinear]) -> dict[str, float]:
+    """Bits per weight of the quantized linears (ARCHITECTURE "Bits, honestly"; spec §2.1).
+
+    ``paper_bits`` = b + (16 − b) · (FP16 weak weights / weights); ``stored_bits`` = what the packed tensors cost
+    (codes incl. weak placeholders and K padding, scales, zeros, indices, FP16 weak columns) per weight;
+    ``weak_fraction`` = FP16 weak weights / weights; ``low_bit_fraction`` = 1 − weak_fraction.
+    """
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    if not weights:
+        return {"paper_bits": 16.0, "stored_bits": 16.0, "weak_fraction": 1.0, "low_bit_fraction": 0.0}
+    weak = sum(m.n_weak * m.out_features for m in layers.values())
+    stored = sum(
+        stored_bits(m.out_features, m.in_features, m.bits, m.scales.shape[0], m.n_weak) * m.in_features * m.out_features
+        for m in layers.values()
+    )
+    bits = next(iter(layers.values())).bits
+    return {
+        "paper_bits": bits + (16 - bits) * weak / weights,
+        "stored_bits": stored / weights,
+        "weak_fraction": weak / weights,
+        "low_bit_fraction": 1 - weak / weights,
+    }
+
+
+def quantization_metadata(model: nn.Module) -> dict:
+    """``config.json["quantization_config"]``: the recipe the quantizer recorded in
+    ``model.config.quantization_config`` (kept as is) with the layer facts read from the modules themselves:
+    quant_method, format_version, bits, group_size (-1 = per row), per-layer n_weak, paper_bits, stored_bits."""
+    layers = owq_layers(model)
+    if not layers:
+        raise WCTError("the model has no OWQLinear layers; quantize it first (wct.quantize_model)")
+    bits = {m.bits for m in layers.values()}
+    groups = {m.group_size for m in layers.values() if m.group_size < m.in_features}  # layers with > 1 group
+    if len(bits) > 1 or len(groups) > 1:
+        raise WCTError(f"owq-pack v1 stores one bits and group size per checkpoint; the model mixes bits {bits} "
+                       f"and group sizes {groups}")
+    bits, group_size = bits.pop(), groups.pop() if groups else -1
+    meta = dict(getattr(model.config, "quantization_config", None) or {})
+    meta.update(
+        quant_method=QUANT_METHOD,
+        format_version=FORMAT_VERSION,
+        bits=bits,
+        group_size=group_size,
+        n_weak={name: m.n_weak for name, m in layers.items()},
+        **bit_summary(layers),
+    )
+    meta.setdefault("sym", False)
+    return meta
+
+
+def _tensor_key(t: torch.Tensor) -> tuple | None:
+    return None if t.numel() == 0 else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The state dict with tied tensors kept once (first name wins), and the names of the dropped duplicates."""
+    seen, state, tied = set(), {}, set()
+    for name, t in model.state_dict().items():
+        key = _tensor_key(t)
+        if key is not None and key in seen:
+            tied.add(name)
+            continue
+        seen.add(key)
+        state[name] = t
+    return state, tied
+
+
+def _storage_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` if that round-trips exactly, else ``t`` unchanged."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    c = t.to(dtype)
+    return c if torch.equal(c.to(t.dtype), t) else t
+
+
+def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Write an owq-pack v1 folder at ``path`` atomically (complete under its final name or absent).
+
+    ``dtype``: storage dtype of unquantized floating tensors wherever it is lossless (module docstring). The
+    written file is read back and compared tensor by tensor before the folder is renamed into place.
+    """
+    meta = quantization_metadata(model)
+    owq_prefixes = tuple(f"{name}." for name in owq_layers(model))
+    state, _ = _unique_state(model)
+    tensors = {
+        name: (t if name.startswith(owq_prefixes) else _storage_dtype(t, dtype)).detach().cpu().contiguous()
+        for name, t in state.items()
+    }
+    config = model.config.to_dict()
+    config["quantization_config"] = meta
+    float_dtypes = {t.dtype for n, t in tensors.items() if t.is_floating_point() and not n.startswith(owq_prefixes)}
+    config["dtype"] = str(float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32).removeprefix("torch.")
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "owq_format_version": str(FORMAT_VERSION)})
+        with safe_open(str(tmp / WEIGHTS), framework="pt") as f:
+            for name, t in tensors.items():
+                if not torch.equal(f.get_tensor(name), t):
+                    raise OSError(f"{tmp / WEIGHTS}: tensor {name} reads back different from what was written")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _skeleton(config):
+    """The model of ``config`` with uninitialized weights (no random init: they are all overwritten)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return model
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise WCTError(f"quantized checkpoint {path} does not exist or is not a folder; pass the folder written by "
+                       "save_quantized / python -m wct.quantize")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise WCTError(f"{path} has no config.json; it is not an owq-pack checkpoint folder") from None
+    except json.JSONDecodeError as e:
+        raise WCTError(f"{path / 'config.json'} is corrupt ({e}); re-create the checkpoint") from None
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise WCTError(f"{path} is not an OWQ checkpoint (quant_method={qc.get('quant_method')!r}); "
+                       "load a plain model with wct.models.load_model")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise WCTError(f"{path} uses owq-pack format_version={qc.get('format_version')!r}; this wct reads version "
+                       f"{FORMAT_VERSION}. Upgrade wct or re-create the checkpoint")
+    if not isinstance(qc.get("n_weak"), dict) or qc.get("bits") not in SUPPORTED_BITS:
+        raise WCTError(f"{path / 'config.json'}: quantization_config lacks valid bits / n_weak; re-create the checkpoint")
+    return config
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise WCTError(f"{file} is missing; the checkpoint is incomplete, re-create it")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise WCTError(f"{file} is corrupt ({e}); re-create the checkpoint") from None
+
+
+def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Load every tensor of the model (tied duplicates excepted) by assignment; anything else is an error."""
+    _, tied = _unique_state(model)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:
+        raise WCTError(f"{source} does not fit its own config ({str(e).splitlines()[-1].strip()}); "
+                       "the checkpoint is corrupt or belongs to another model") from None
+    missing = sorted(set(missing) - tied)
+    if missing or unexpected:
+        raise WCTError(f"{source} does not match its model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                       "the checkpoint is corrupt or belongs to another model")
+    model.tie_weights()
+
+
+def load_quantized(
+    path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, device: torch.device | str | None = None
+):
+    """``(model, tokenizer)`` from an owq-pack v1 folder; ``dtype`` casts the unquantized floating tensors
+    (None keeps the stored dtypes), OWQLinear tensors keep their stored dtypes. Reloads are bit-exact."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from wct.models import as_dtype
+
+    path, dtype = Path(path), as_dtype(dtype)
+    config = _read_config(path)
+    meta = config["quantization_config"]
+    tensors = _load_tensors(path / WEIGHTS)
+    hf_config = AutoConfig.from_pretrained(path)
+    del hf_config.quantization_config
+    model = _skeleton(hf_config)
+    modules = dict(model.named_modules())
+    for name, n_weak in meta["n_weak"].items():
+        linear, scales = modules.get(name), tensors.get(f"{name}.scales")
+        if linear is None or scales is None or scales.dim() != 2 or linear.in_features % scales.shape[0]:
+            raise WCTError(f"{path}: quantized layer {name} is missing from the model or has no valid scales; "
+                           "the checkpoint is corrupt")
+        group = linear.in_features // scales.shape[0]  # tensors are assigned below: dtypes come from the file
+        layer = OWQLinear(linear.in_features, linear.out_features, meta["bits"], group, n_weak, f"{name}.bias" in tensors)
+        _set_module(model, name, layer)
+    owq_prefixes = tuple(f"{name}." for name in meta["n_weak"])
+    if dtype is not None:
+        tensors = {n: t if n.startswith(owq_prefixes) or not t.is_floating_point() else t.to(dtype)
+                   for n, t in tensors.items()}
+    _load_state(model, tensors, path / WEIGHTS)
+    model.config.quantization_config = meta
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- reference OWQ checkpoints (spec §2.2)
+
+
+def unpack_reference_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Codes [K, N] of a reference ``QuantLinear.qweight`` [K/32·b, N] (spec §2.2).
+
+    Both layouts are little-endian bit streams of 32 codes per b words: code i of a run of 32 occupies stream bits
+    [b·i, b·i + b), so 4-bit is 8 codes per word and 3-bit straddles words at codes 10 and 21.
+    """
+    n = qweight.shape[1]
+    words = (qweight.to(torch.int64) & 0xFFFFFFFF).view(in_features // 32, bits, n)
+    codes = torch.empty(in_features // 32, 32, n, dtype=torch.int64)
+    for i in range(32):
+        w, off = divmod(bits * i, 32)
+        c = words[:, w] >> off
+        if off + bits > 32:
+            c = c | (words[:, w + 1] << (32 - off))
+        codes[:, i] = c & ((1 << bits) - 1)
+    return codes.view(in_features, n)
+
+
+def _reference_layer(sd: dict, name: str, linear: nn.Module, bits: int, source: Path) -> OWQLinear:
+    """One reference QuantLinear's buffers -> OWQLinear (owq-pack v1); shape mismatches name the other model."""
+    k, n = linear.in_features, linear.out_features
+    qweight, scales, zeros = sd[f"{name}.qweight"], sd[f"{name}.scales"], sd[f"{name}.zeros"]
+    idx, weak = sd[f"{name}.outlieridx"].to(torch.int64), sd[f"{name}.oweight"]
+    n_o = idx.numel()
+    if weak.shape == (n, n_o) and n != n_o:  # old checkpoints store oweight as (out, n_out)
+        weak = weak.t()
+    expected = {"qweight": (k // 32 * bits, n), "scales": (n, 1), "zeros": (n // 2, 1), "oweight": (n_o, n)}
+    got = {"qweight": tuple(qweight.shape), "scales": tuple(scales.shape), "zeros": tuple(zeros.shape),
+           "oweight": tuple(weak.shape)}
+    if k % 32 or got != expected:
+        raise WCTError(f"{source}: layer {name} has shapes {got} but the target model needs {expected} "
+                       f"(in={k}, out={n}); this is a checkpoint of another model, pass its base model")
+    order = idx.argsort()  # June-2023 checkpoints list the weak columns in sensitivity order
+    z = torch.stack([zeros[:, 0] & 0xF, zeros[:, 0] >> 4], dim=1).reshape(n)
+    packed = pack_codes(unpack_reference_codes(qweight, bits, k), bits)
+    packed.update(
+        scales=scales.reshape(1, n),
+        zeros=z.reshape(1, n).to(torch.uint8),
+        weak_idx=idx[order].to(torch.int32),
+        weak_weight=weak[order].contiguous(),
+    )
+    bias = sd.get(f"{name}.bias")
+    if bias is not None and (linear.bias is not None or bool(bias.any())):
+        packed["bias"] = bias
+    return OWQLinear.from_packed(packed, bits, k)
+
+
+def import_reference(path: str | os.PathLike, base: str, dtype: torch.dtype | str | None = torch.float32):
+    """``(model, tokenizer)`` from a packed checkpoint of the reference OWQ code (``--save X.pth --packing``).
+
+    ``base`` is what :func:`wct.models.load_model` accepts, naming the model that was quantized (it provides
+    the architecture and tokenizer). The file is read with ``torch.load(weights_only=True)``: tensors, dicts and
+    ``SimpleNamespace(n_out=...)`` only. Save the result with :func:`save_quantized` to get owq-pack v1.
+    """
+    from wct.models import as_dtype, load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise WCTError(f"reference OWQ checkpoint {path} not found; pass the .pth written by its main.py --save")
+    try:
+        with torch.serialization.safe_globals([types.SimpleNamespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise WCTError(f"{path} is not a readable reference OWQ checkpoint ({str(e).splitlines()[0]}); "
+                       "only files of tensors and plain containers are loaded") from None
+    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
+        raise WCTError(f"{path} has no model_state_dict; it is not a checkpoint of the reference OWQ code")
+    if not ckpt.get("packing", False):
+        raise WCTError(f"{path} is a fake-quantized (--fake) checkpoint; re-save it with --packing, or load its "
+                       "model_state_dict as plain weights and quantize with wct")
+    bits = int(ckpt["bits"])
+    if bits not in (3, 4):
+        raise WCTError(f"{path} has bits={bits}; reference packed checkpoints are 3- or 4-bit")
+    model, tok = load_model(base, dtype=dtype)
+    sd = dict(ckpt["model_state_dict"])
+    names = [key.removesuffix(".qweight") for key in sd if key.endswith(".qweight")]
+    for name in names:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise WCTError(f"{path}: layer {name} does not exist in {base}; this is a checkpoint of another model"
+                           ) from None
+        _set_module(model, name, _reference_layer(sd, name, linear, bits, path))
+        for buf in ("qweight", "scales", "zeros", "bias", "oweight", "outlieridx"):
+            sd.pop(f"{name}.{buf}", None)
+    dtype = as_dtype(dtype)
+    rest = {key: t.to(dtype) if dtype is not None and t.is_floating_point() else t for key, t in sd.items()}
+    rest.update({f"{name}.{k}": v for name, m in owq_layers(model).items() for k, v in m.state_dict().items()})
+    _load_state(model, rest, path)
+    model.config.quantization_config = {
+        "method": "owq",
+        "bits": bits,
+        "group_size": -1,
+        "sym": False,
+        "imported_from": f"reference OWQ checkpoint {path.name}",
+    }
+    return model.eval(), tok
