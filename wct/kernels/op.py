@@ -90,6 +90,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy):
     x_o, weak_weight, scales, zeros, weak_idx, dense, *planes = ctx.saved_tensors
+    dy = dy.to(x_o.dtype)  # under autocast dY can arrive in another dtype than x; dX must match x
     dx = dwo = None
     if ctx.needs_input_grad[0]:
         dx = owq_linear_dx_op(dy, weak_weight, planes, scales, zeros, weak_idx, dense, ctx.bits, ctx.in_features, ctx.backend)

@@ -1,0 +1,123 @@
+"""``python -m wct.train`` end to end in subprocesses: the offline default task, config errors, sweeps (grid with
+a failing job, Optuna with a resumable SQLite study), DDP on CPU, and a short run on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_tiny.json"
+
+
+def tiny(tmp: Path) -> list[str]:
+    """Overrides shrinking the default run to seconds: tiny-llama quantized on the fly (4 weak columns per layer,
+    calibrated on the fixture's text), 2 steps, a small validation split."""
+    return [
+        "model=tiny-llama", "quant.target_bit=null", "quant.target_rank=4", f"calib.source={FIXTURE}",
+        "calib.n_samples=2", "calib.seqlen=64", f"cache_dir={tmp / 'cache'}", f"paths.root_dir={tmp}",
+        "task.max_length=384", "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.sample_max_new_tokens=4",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env.pop("WANDB_API_KEY", None)
+    p = subprocess.run([sys.executable, "-m", "wct.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("results.json"))
+
+
+def test_default_task_offline(tmp_path):
+    p = train("task=alpaca", *tiny(tmp_path))
+    out = p.stdout + p.stderr
+    assert out.count("built-in generated Alpaca-format set") == 1  # one WARNING line: hub unreachable, not cached
+    assert "trainable params: 4,096 || all params:" in out and "memory estimate" in out
+    assert "[[Below is an instruction that describes a task." in out and "### Response:]]" in out
+    (run,) = run_dirs(tmp_path / "outputs" / "train")
+    assert run.parent.name == "alpaca-tiny-llama-owq-w4-k4-weak"  # one run name: task-model-quant-tuning
+    config = (run / "config.yaml").read_text()
+    assert "data_origin: builtin" in config and "precision: bf16-mixed" in config
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 and results["val_loss_before"] > 0
+    assert {"train/loss", "val/loss", "val/ppl", "lr", "perf/tokens_per_s", "perf/peak_mem_gb"} <= set(results["metrics"])
+    assert (run / "loss.png").stat().st_size > 0 and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "What is the capital of France?" in (run / "samples.csv").read_text()
+    assert list((run / "wandb").glob("offline-run-*"))  # W&B ran offline without an API key
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "weak_delta/model.layers.0.self_attn.q_proj" in header
+    again = train("task=alpaca", *tiny(tmp_path))
+    assert "reusing the cached quantized model" in again.stdout  # the quantized base is cached by content hash
+    resumed = train("task=alpaca", *tiny(tmp_path), "trainer.max_steps=3", "ckpt_path=last")
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+
+
+def test_config_errors_are_clear(tmp_path):
+    p = train("optim.lrr=1", check=False)
+    assert p.returncode != 0 and "Key 'lrr' not in 'OptimConfig'" in p.stderr
+    p = train("+optim.lrr=1", f"paths.root_dir={tmp_path}", check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: config error:") and "lrr" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_grid_sweep_survives_a_failed_job(tmp_path):
+    p = train("-m", "optim.name=sgd,adamw", *tiny(tmp_path), "logger=csv", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert "trial failed" in p.stderr and "optim.name='sgd' is unknown" in p.stderr
+    assert [d.name for d in run_dirs(tmp_path / "sweep")] == ["1"]  # job 0 failed, job 1 ran to the end
+
+
+def test_optuna_sweep_is_resumable(tmp_path):
+    import optuna
+
+    from wct.train import optuna_storage_problem
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hparams_search=optuna", *tiny(tmp_path), "logger=csv", f"hydra.sweep.dir={sweep}"]
+    problem = optuna_storage_problem()
+    if problem:  # optuna 2.x + SQLAlchemy 2.x: one clear message instead of Optuna's bare AssertionError
+        p = train(*args, "hydra.sweeper.n_trials=2", check=False)
+        assert p.returncode != 0 and "pip install 'sqlalchemy<2'" in p.stderr
+        pytest.skip(problem)
+    train(*args, "hydra.sweeper.n_trials=2")
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 2 and summary.study_name == "alpaca-tiny-llama-owq-w4-k4-weak"
+    train(*args, "hydra.sweeper.n_trials=1")  # the same command again: the study continues
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len({t.params["optim.lr"] for t in study.trials}) == 3
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    p = train("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *tiny(tmp_path), "logger=csv",
+              "task.global_batch_size=8")
+    assert "batch: global 8 = micro 2 x 2 device(s) x 2 accumulation steps" in p.stdout
+    (run,) = run_dirs(tmp_path / "outputs" / "train")
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_short_run(tmp_path):
+    """A few steps on the real SmolLM2-135M: the held-out loss falls."""
+    p = train("task=alpaca", f"paths.root_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "logger=csv",
+              "calib.n_samples=2", "calib.seqlen=256", "quant.target_bit=null", "quant.target_rank=8",
+              "task.max_length=192", "task.val_size=8", "task.global_batch_size=4", "trainer.max_steps=3",
+              "trainer.val_check_interval=3",
+              "optim.lr=1e-4", "callbacks.samples=false", "trainer.enable_progress_bar=false")
+    (run,) = run_dirs(tmp_path / "outputs" / "train")
+    results = json.loads((run / "results.json").read_text())
+    assert results["metrics"]["val/loss"] < results["val_loss_before"], p.stdout[-2000:]

@@ -1,0 +1,250 @@
+"""Instruction data: the Stanford Alpaca template, prompt-masked tokenization, loading, splitting, collation.
+
+Template (ecosystem.md §1.9): ``PROMPT_INPUT`` when a row's ``input`` is non-empty, else ``PROMPT_NO_INPUT``,
+byte-exact as in stanford_alpaca's ``train.py``; both end with ``### Response:`` and no trailing space or newline.
+The target is ``output`` + EOS, the labels are -100 on every prompt token (loss on the response and EOS only).
+
+Prompt and response are tokenized separately and concatenated, so the mask boundary is exact whatever the
+tokenizer merges. Sequences longer than ``max_length`` lose the end of their response (EOS included); a prompt
+that alone leaves no room for one response token is an error naming the row.
+
+Sources: a local ``.json`` (a list of rows, or JSON lines), ``.jsonl`` or ``.parquet`` file, or a dataset on the
+Hugging Face hub (``tatsu-lab/alpaca``). When the hub is unreachable and nothing is cached, the default task falls
+back to :func:`builtin_rows`, a small Alpaca-format set this module generates itself (one WARNING line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from wct.errors import WCTError
+
+log = logging.getLogger("wct.data")
+
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+IGNORE_INDEX = -100
+FIELDS = ("instruction", "input", "output")
+BUILTIN = "builtin"
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt of one row (the model's answer follows it directly)."""
+    if input:
+        return PROMPT_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def encode(tokenizer, row: Mapping[str, str], max_length: int, index: int | str = "?") -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` of one row: prompt tokens labelled -100, then ``output`` + EOS (truncated)."""
+    if tokenizer.eos_token_id is None:
+        raise WCTError("the tokenizer has no EOS token; instruction tuning needs one to end each response")
+    prompt = tokenizer(format_prompt(row["instruction"], row.get("input", "")), add_special_tokens=True).input_ids
+    response = tokenizer(row["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    room = max_length - len(prompt)
+    if room < 1:
+        raise WCTError(
+            f"row {index}: the prompt alone has {len(prompt)} tokens, leaving no room for the response within "
+            f"task.max_length={max_length}; raise task.max_length or shorten/remove that row"
+        )
+    response = response[:room]
+    return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+
+
+def check_rows(rows: list[Any], source: str, fields: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Rows mapped to ``instruction/input/output`` (``fields``: our name -> the file's name) and validated:
+    every row needs a non-empty string ``instruction`` and a string ``output``; ``input`` is optional."""
+    names = {f: f for f in FIELDS} | dict(fields or {})
+    if not rows:
+        raise WCTError(f"{source} holds no rows; point task.data.path / task.data.source at a non-empty dataset")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise WCTError(f"{source}: row {i} is a {type(row).__name__}, not an object with instruction/output")
+        r = {f: row.get(names[f]) for f in FIELDS}
+        missing = [names[f] for f in ("instruction", "output") if not isinstance(r[f], str)]
+        if missing or not r["instruction"].strip():
+            what = f"has no string field {' / '.join(missing)}" if missing else "has an empty instruction"
+            raise WCTError(
+                f"{source}: row {i} {what} (row: {json.dumps(row, default=str)[:200]}); fix or drop that row, "
+                "or map your field names with task.data.fields.instruction=... / .output=..."
+            )
+        r["input"] = r["input"] if isinstance(r["input"], str) else ""
+        out.append(r)
+    return out
+
+
+def read_file(path: Path) -> list[Any]:
+    """The rows of a ``.json`` (list, or JSON lines), ``.jsonl`` or ``.parquet`` file."""
+    if not path.is_file():
+        raise WCTError(f"task.data.path={path} does not exist; give a .json, .jsonl or .parquet instruction file")
+    if path.suffix == ".parquet":
+        from datasets import load_dataset
+
+        return list(load_dataset("parquet", data_files=str(path), split="train"))
+    if path.suffix not in (".json", ".jsonl"):
+        raise WCTError(f"task.data.path={path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WCTError(f"{path} is not valid JSON ({e}); fix the file") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise WCTError(f"{path}, line {n}: not valid JSON ({e}); one JSON object per line is expected") from None
+    return rows
+
+
+def load_hub(name: str, split: str) -> list[Any] | None:
+    """The rows of hub dataset ``name`` (or its local cache), or None when the hub is unreachable and uncached."""
+    from datasets import load_dataset
+
+    try:
+        return list(load_dataset(name, split=split))
+    except (OSError, ValueError) as e:  # ConnectionError, offline mode and missing repos are OSErrors
+        log.debug("load_dataset(%s) failed: %s", name, e)
+        return None
+
+
+def load_rows(
+    source: str, path: str | None = None, split: str = "train", fields: Mapping[str, str] | None = None,
+    fallback: str = BUILTIN,
+) -> tuple[list[dict[str, str]], str]:
+    """``(rows, origin)``: from ``path`` when given, else hub dataset ``source`` (``builtin`` = the generated set).
+
+    ``fallback="builtin"`` replaces an unreachable hub dataset by :func:`builtin_rows` with a WARNING;
+    ``fallback="error"`` raises instead. ``origin`` says where the rows came from (recorded in the run config).
+    """
+    if path:
+        p = Path(path).expanduser()
+        return check_rows(read_file(p), str(p), fields), str(p)
+    if source == BUILTIN:
+        return builtin_rows(), BUILTIN
+    rows = load_hub(source, split)
+    if rows is not None:
+        return check_rows(rows, source, fields), source
+    if fallback != BUILTIN:
+        raise WCTError(
+            f"could not load the instruction dataset {source!r} (hub unreachable and not cached); pass a local "
+            "file with task.data.path=/path/to/data.json (.json, .jsonl or .parquet)"
+        )
+    log.warning(
+        "WARNING: dataset %s is not reachable offline and not cached; training on wct's built-in generated "
+        "Alpaca-format set (%d rows). Pass task.data.path=FILE for real data.", source, len(builtin_rows())
+    )
+    return builtin_rows(), BUILTIN
+
+
+def split_rows(rows: list[dict], val_fraction: float, val_size: int | None, seed: int) -> tuple[list, list]:
+    """``(train, val)``: a seeded shuffle, then ``val_size`` rows (default ``val_fraction`` of them, at least 1)."""
+    n_val = val_size if val_size is not None else max(1, round(len(rows) * val_fraction))
+    if not 0 < n_val < len(rows):
+        raise WCTError(
+            f"{len(rows)} rows cannot give a validation split of {n_val} rows and a non-empty training split; "
+            "adjust task.val_fraction / task.val_size"
+        )
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: ``input_ids`` with ``pad_id``, ``labels`` with -100, ``attention_mask``."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def show_example(tokenizer, example: Mapping[str, list[int]]) -> str:
+    """The rendered example with its label mask: masked (prompt) text in ``[[...]]``, trained text after it, and
+    the token counts."""
+    ids, labels = example["input_ids"], example["labels"]
+    n_prompt = sum(1 for x in labels if x == IGNORE_INDEX)
+    prompt = tokenizer.decode(ids[:n_prompt])
+    response = tokenizer.decode(ids[n_prompt:])
+    return (
+        f"first training example ({n_prompt} prompt tokens masked with -100, {len(ids) - n_prompt} trained tokens "
+        f"incl. EOS); masked part in [[...]]:\n[[{prompt}]]{response}"
+    )
+
+
+# ------------------------------------------------------------------ built-in generated set (offline fallback)
+
+_CAPITALS = {
+    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
+    "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
+    "Portugal": "Lisbon", "Greece": "Athens", "Ireland": "Dublin", "Poland": "Warsaw", "Austria": "Vienna",
+    "Chile": "Santiago", "Thailand": "Bangkok", "Cuba": "Havana", "Finland": "Helsinki", "Hungary": "Budapest",
+}
+_WORDS = (
+    "garden window river candle pencil basket mountain orange silver thunder planet violin harbor lantern "
+    "meadow rocket puzzle marble coffee island forest bridge castle dragon feather jungle ladder mirror"
+).split()
+
+
+def _builtin_row(kind: int, rng: random.Random) -> dict[str, str]:
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    word = rng.choice(_WORDS)
+    if kind == 0:
+        return {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": f"{a} + {b} = {a + b}."}
+    if kind == 1:
+        return {"instruction": f"What is {a} times {b}?", "input": "", "output": f"{a} times {b} is {a * b}."}
+    if kind == 2:
+        return {"instruction": "Reverse the letters of the word.", "input": word, "output": word[::-1]}
+    if kind == 3:
+        country = rng.choice(sorted(_CAPITALS))
+        return {"instruction": f"What is the capital of {country}?", "input": "",
+                "output": f"The capital of {country} is {_CAPITALS[country]}."}
+    if kind == 4:
+        letter = rng.choice(sorted(set(word)))
+        n = word.count(letter)
+        return {"instruction": f"How many times does the letter '{letter}' appear in the word?", "input": word,
+                "output": f"The letter '{letter}' appears {n} time{'s' if n > 1 else ''} in \"{word}\"."}
+    if kind == 5:
+        nums = [rng.randint(1, 50) for _ in range(rng.randint(3, 6))]
+        return {"instruction": "Sort these numbers from smallest to largest.", "input": ", ".join(map(str, nums)),
+                "output": ", ".join(map(str, sorted(nums)))}
+    if kind == 6:
+        return {"instruction": f"Is {a} an even or an odd number?", "input": "",
+                "output": f"{a} is {'even' if a % 2 == 0 else 'odd'}."}
+    words = rng.sample(_WORDS, 3)
+    return {"instruction": "Write the words in upper case.", "input": " ".join(words),
+            "output": " ".join(w.upper() for w in words)}
+
+
+def builtin_rows(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` Alpaca-format rows generated by wct itself (arithmetic, word reversal, capitals, letter counts,
+    sorting, parity, upper case); deterministic for a given ``seed``."""
+    rng = random.Random(seed)
+    return [_builtin_row(i % 8, rng) for i in range(n)]
+
+
+def encode_rows(tokenizer, rows: Iterable[Mapping[str, str]], max_length: int) -> list[dict[str, list[int]]]:
+    """:func:`encode` every row (errors name the row's position)."""
+    return [encode(tokenizer, r, max_length, i) for i, r in enumerate(rows)]

@@ -1,0 +1,202 @@
+"""Callbacks of wct.train: throughput, sample generations, weak-column change norms, the loss guard, the loss
+plot, and atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from wct.errors import WCTError
+from wct.io import atomic_file
+from wct.nn.owq_linear import OWQLinear
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident set size on CPU, in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+class Throughput(L.Callback):
+    """``perf/tokens_per_s`` (non-padding tokens per second of training, shown in the progress bar) and
+    ``perf/peak_mem_gb``, once per optimizer step."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.start is None:
+            self.start, self.tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += int(batch["attention_mask"].sum()) * trainer.world_size
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            pl_module.log("perf/tokens_per_s", rate, on_step=True, prog_bar=True)
+            pl_module.log("perf/peak_mem_gb", peak_memory_gb(pl_module.device), on_step=True)
+            self.start = None
+
+
+class LossGuard(L.Callback):
+    """Stop the run, saying why, when a loss is not finite, or when an optimizer step's mean loss exceeds
+    ``max_ratio`` × the mean of the first ``warmup`` steps' losses (per-batch noise does not trigger it)."""
+
+    def __init__(self, max_ratio: float = 5.0, warmup: int = 3) -> None:
+        self.max_ratio, self.warmup, self.first = max_ratio, warmup, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        step = trainer.global_step
+        if not math.isfinite(loss):
+            raise WCTError(f"training loss became {loss} at step {step}; stopped. Lower optim.lr, keep "
+                           "optim.grad_clip on, or train in 32-bit (trainer.precision=32-true)")
+        mean = trainer.callback_metrics.get("train/loss")
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or mean is None:
+            return
+        if len(self.first) < self.warmup:
+            self.first.append(float(mean))
+        elif float(mean) > self.max_ratio * (ref := sum(self.first) / len(self.first)):
+            raise WCTError(f"training loss exploded at step {step}: {float(mean):.4g} > {self.max_ratio} x the first "
+                           f"steps' mean {ref:.4g}; stopped. Lower optim.lr or raise callbacks.max_loss_ratio")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first = state["first"]
+
+
+class SampleGenerations(L.Callback):
+    """Greedy answers to fixed prompts (Alpaca template) at each validation: a W&B table and ``samples.csv``."""
+
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, run_dir: str | Path) -> None:
+        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, list(prompts), max_new_tokens
+        self.file = Path(run_dir) / "samples.csv"
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        from wct.data.instruct import format_prompt
+
+        if trainer.sanity_checking or not self.prompts or trainer.global_rank != 0:
+            return
+        model, rows = pl_module.model, []
+        was_training = model.training
+        model.eval()
+        for prompt in self.prompts:
+            ids = self.tokenizer(format_prompt(prompt), return_tensors="pt").input_ids.to(pl_module.device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                 eos_token_id=self.tokenizer.eos_token_id)
+            rows.append([trainer.global_step, prompt, self.tokenizer.decode(out[0, ids.shape[1]:],
+                                                                          skip_special_tokens=True)])
+        model.train(was_training)
+        new = not self.file.exists()
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with self.file.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "prompt", "output"])
+            w.writerows(rows)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table(key="samples", columns=["step", "prompt", "output"], data=rows)
+
+
+class WeakColumnStats(L.Callback):
+    """At each validation, per layer: ``weak_delta/<layer>`` = ||W_o - W_o(start)|| / ||W_o(start)||, and the
+    mean and max over layers (``weak/delta_mean``, ``weak/delta_max``)."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, torch.Tensor] = {}
+
+    def _layers(self, pl_module) -> dict[str, OWQLinear]:
+        return {n: m for n, m in pl_module.model.named_modules() if isinstance(m, OWQLinear) and m.n_weak}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not self.start:
+            self.start = {n: m.weak_weight.detach().float().clone() for n, m in self._layers(pl_module).items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.start:
+            return
+        deltas = {}
+        for n, m in self._layers(pl_module).items():
+            w0 = self.start[n].to(m.weak_weight.device)
+            deltas[f"weak_delta/{n}"] = ((m.weak_weight.detach().float() - w0).norm() / w0.norm().clamp(min=1e-12)).item()
+        if deltas:
+            values = list(deltas.values())
+            pl_module.log_dict(deltas | {"weak/delta_mean": sum(values) / len(values), "weak/delta_max": max(values)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start = state["start"]
+
+
+class LossPlot(L.Callback):
+    """Keeps the loss history (kept in checkpoints, so a resumed run plots the whole curve) and writes
+    ``loss.png`` (train/loss and val/loss vs optimizer step) into the run folder at the end of fit."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.file = Path(run_dir) / "loss.png"
+        self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and loss is not None:
+            self.history["train/loss"].append((trainer.global_step, float(loss)))
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # after the module's epoch-end logging
+        loss = trainer.callback_metrics.get("val/loss")
+        if not trainer.sanity_checking and loss is not None:
+            self.history["val/loss"].append((trainer.global_step, float(loss)))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            self.plot()
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, points in self.history.items():
+            if points:
+                ax.plot(*zip(*points), marker="o" if key == "val/loss" else None, label=key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        with atomic_file(self.file) as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return self.file
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = state["history"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file beside the target, renamed over it when complete (Lightning's own
+    save writes through an fsspec temp file in the system temp dir and moves it: a copy across file systems)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        with atomic_file(path) as f:
+            torch.save(checkpoint, f)
