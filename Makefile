@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m wct.quantize model=smollm2-135m quant=owq-w4-t4.01
-	$(PY) -m wct.evaluate model.quantized=outputs/quantized/smollm2-135m-owq-w4-t4.01
+	$(PY) -m wct.train task=alpaca
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -209,3 +209,20 @@ def test_triton_kernels_aot_compile_for_sm80_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *cases], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cache_built_under_inference_mode_serves_a_later_backward():
+    w = torch.randn(16, 64)
+    packed = pack_linear(w, torch.rand(1, 16) * 0.1 + 0.01, torch.full((1, 16), 8), torch.tensor([2, 9]), 4)
+    layer = OWQLinear.from_packed(packed, 4, 64).float()
+    x = torch.randn(3, 64)
+    kernels.configure(cache_dense="1")
+    with kernels.use_kernel("torch"):
+        with torch.inference_mode():
+            y0 = layer(x)
+        xr = x.clone().requires_grad_(True)
+        y = layer(xr)
+        y.sum().backward()
+    kernels.configure(cache_dense="auto")
+    torch.testing.assert_close(y.detach(), y0)
+    torch.testing.assert_close(xr.grad, torch.ones(3, 16) @ layer.dequantize(torch.float32).detach())

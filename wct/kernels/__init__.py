@@ -143,7 +143,10 @@ def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
     used = sum(t.numel() * t.element_size() for _, t in _dense_cache.values())
     if used + size > budget:
         return None
-    dense = reference.dense_weight(list(layer.planes.values()), layer.scales, layer.zeros, layer.bits, layer.in_features, dtype)
+    with torch.inference_mode(False):  # a cache built under inference_mode could not be saved for a later backward
+        dense = reference.dense_weight(
+            list(layer.planes.values()), layer.scales, layer.zeros, layer.bits, layer.in_features, dtype
+        )
     _dense_cache[layer] = (key, dense)
     return dense
 

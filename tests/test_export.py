@@ -1,0 +1,220 @@
+"""wct.export: trained weak columns -> merged owq-pack folder, reloaded with logits equal to the in-training model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import wct.export as export
+from wct.errors import WCTError
+from wct.export import Trained, check_batch, export_wct, logits, set_weak_columns
+from wct.models import load_model
+from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
+from wct.quant.owq import quantize_model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny OWQ base (4-bit, 4 weak columns per layer) saved as an owq-pack folder."""
+    model, tok = load_model("tiny-llama")
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, calib, bits=4, target_rank=4, progress=False)
+    return save_quantized(model, tok, tmp_path_factory.mktemp("base") / "tiny-owq")
+
+
+def trained_from(base_dir, scale: float = 0.05) -> Trained:
+    """The base with 'trained' fp32 master weak columns (base columns + a perturbation), as training leaves it."""
+    model, tok = load_quantized(base_dir)
+    g = torch.Generator().manual_seed(3)
+    weak = {n: m.weak_weight.detach().float() + scale * torch.randn(m.weak_weight.shape, generator=g)
+            for n, m in owq_layers(model).items()}
+    set_weak_columns(model, weak, dtype=torch.float32)
+    return Trained(model=model, tokenizer=tok, method="wct", config={"model": {"name": str(base_dir)}},
+                   base=str(base_dir), base_dir=base_dir, trained=weak, metrics={"val/loss": 1.5})
+
+
+def test_export_reloads_with_equal_logits(base_dir, tmp_path):
+    trained = trained_from(base_dir)
+    ids = check_batch(trained.model.config.vocab_size)
+    master = logits(trained.model, ids)
+    meta = export_wct(trained, tmp_path / "out")
+    out = tmp_path / "out"
+    reloaded, tok = load_quantized(out)
+    # the in-training model with its weak columns rounded to fp16 (the stored dtype), built independently
+    reference, _ = load_quantized(base_dir)
+    for name, m in owq_layers(reference).items():
+        m.weak_weight.data = trained.trained[name].half()
+        assert torch.equal(owq_layers(reloaded)[name].weak_weight, trained.trained[name].half())
+        assert owq_layers(reloaded)[name].weak_weight.dtype == torch.float16
+    assert torch.equal(logits(reloaded, ids), logits(reference, ids))
+    assert meta["max_abs_diff"] == 0.0
+    assert 0 < meta["max_abs_diff_fp32_master"] == (logits(reloaded, ids) - master).abs().max().item()
+    base_model, _ = load_quantized(base_dir)
+    assert not torch.equal(logits(base_model, ids), logits(reloaded, ids))  # the training did change the model
+    assert (out / WEIGHTS).stat().st_size == (base_dir / WEIGHTS).stat().st_size == meta["bytes"] == meta["base_bytes"]
+    files = {p.name for p in out.iterdir()}
+    assert {"README.md", "training_config.yaml", "wct_export.json", "generation_config.json", "config.json"} <= files
+    assert json.loads((out / "wct_export.json").read_text())["trainable_params"] == sum(
+        t.numel() for t in trained.trained.values())
+    card = (out / "README.md").read_text()
+    assert "wct" in card and "val/loss" in card and str(meta["trainable_params"]) in card.replace(",", "")
+    assert tok.chat_template  # tiny-llama has none: the Alpaca template was added
+
+
+def test_export_refuses_tensors_of_another_base(base_dir, tmp_path):
+    trained = trained_from(base_dir)
+    other, _ = load_model("tiny-llama")
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(other, calib, bits=4, target_rank=2, progress=False)  # 2 weak columns, not 4
+    with pytest.raises(WCTError, match="another base"):
+        set_weak_columns(other, trained.trained)
+    with pytest.raises(WCTError, match="do not fit this base"):
+        set_weak_columns(other, {"model.layers.0.mlp.up_proj": torch.zeros(2, 128)})
+
+
+def test_failed_check_leaves_no_folder(base_dir, tmp_path, monkeypatch):
+    """A reload that does not reproduce the logits aborts the export: no folder, no temporary left behind."""
+    trained = trained_from(base_dir)
+
+    def corrupted_reload(path, dtype=None):
+        model, tok = load_quantized(path, dtype=dtype)
+        if path != base_dir:  # the export being checked, not the base
+            next(iter(owq_layers(model).values())).weak_weight.data += 1
+        return model, tok
+
+    monkeypatch.setattr(export, "load_quantized", corrupted_reload)
+    with pytest.raises(WCTError, match="differ"):
+        export_wct(trained, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_alpaca_chat_template_is_byte_exact():
+    from wct.data.instruct import PROMPT_NO_INPUT
+
+    _, tok = load_model("tiny-llama")
+    tok, name = export.with_chat_template(tok)
+    assert name == "alpaca"
+    chat = [{"role": "user", "content": "Name a colour."}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == PROMPT_NO_INPUT.format(
+        instruction="Name a colour.")
+    full = tok.apply_chat_template(chat + [{"role": "assistant", "content": "Red."}], tokenize=False)
+    assert full == PROMPT_NO_INPUT.format(instruction="Name a colour.") + "Red." + tok.eos_token
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_export_reloads_with_equal_logits(method, tmp_path):
+    from peft import PeftModel
+
+    from wct.baselines import prepare_lora_model
+
+    pytest.importorskip("bitsandbytes")
+    model, tok = load_model("tiny-llama")
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    peft_model = prepare_lora_model(model, method, **lora)
+    trained = {}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.data += 0.05 * torch.randn_like(p)  # 'training': B is no longer zero
+            trained[name] = p.detach().clone()
+    config = {"model": {"name": "tiny-llama", "dtype": "float32"}, "method": {"name": method, **lora}}
+    meta = export.export_adapter(Trained(peft_model, tok, method, config, "tiny-llama", None, trained), tmp_path / "a")
+    out = tmp_path / "a"
+    assert {"adapter_config.json", "adapter_model.safetensors", "wct_export.json", "README.md"} <= {
+        p.name for p in out.iterdir()}
+    assert meta["max_abs_diff"] == 0.0 and meta["trainable_params"] == sum(t.numel() for t in trained.values())
+    base = export.load_base_for_adapter("tiny-llama", method, config)
+    ids = check_batch(base.config.vocab_size)
+    plain = logits(base, ids)
+    reloaded = PeftModel.from_pretrained(base, out)
+    assert torch.equal(logits(reloaded, ids), logits(peft_model, ids))
+    assert not torch.equal(logits(reloaded, ids), plain)
+
+
+def export_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from wct.config import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("export", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def wct_run(base_dir, tmp_path_factory) -> Path:
+    """A real 2-step WCT training run on the tiny base (its checkpoints/last.ckpt)."""
+    from test_baselines import train_config
+
+    from wct.train import fit
+
+    run_dir = tmp_path_factory.mktemp("run")
+    fit(train_config(run_dir, f"model.quantized={base_dir}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                     "trainer.validate_first=false", "optim.lr=1e-3"))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_cli_export_of_a_training_checkpoint(wct_run, base_dir, tmp_path, capsys):
+    from wct.export import load_trained, run
+
+    meta = run(export_config(f"ckpt_path={wct_run}", f"out={tmp_path / 'exp'}"))
+    assert "max abs diff 0.0" in capsys.readouterr().out
+    trained = load_trained(wct_run)  # the in-training model: base + fp32 masters from the checkpoint
+    ckpt = torch.load(wct_run, weights_only=True)
+    for name, m in owq_layers(trained.model).items():
+        assert torch.equal(m.weak_weight, ckpt["state_dict"][f"model.{name}.weak_weight"])
+    reloaded, tok = load_quantized(tmp_path / "exp")
+    for m in owq_layers(trained.model).values():
+        m.weak_weight.data = m.weak_weight.data.half().float()  # the stored rounding, nothing else
+    ids = check_batch(reloaded.config.vocab_size)
+    assert torch.equal(logits(reloaded, ids), logits(trained.model, ids))
+    assert meta["bytes"] == (base_dir / WEIGHTS).stat().st_size
+    assert (tmp_path / "exp" / "training_config.yaml").read_text().count("quantized") >= 1
+
+
+def test_cli_refuses_a_checkpoint_for_another_base(wct_run, tmp_path):
+    """The checkpoint's base folder replaced by another quantization of the same shapes: fingerprint mismatch."""
+    from wct.export import run
+
+    other, tok = load_model("tiny-llama")
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
+    quantize_model(other, calib, bits=4, target_rank=4, progress=False)  # same shapes, other codes
+    other_dir = save_quantized(other, tok, tmp_path / "other")
+    ckpt = torch.load(wct_run, weights_only=True)
+    ckpt["wct"]["base_dir"] = str(other_dir)
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    with pytest.raises(WCTError, match="not the one this checkpoint was trained on"):
+        export.load_trained(tmp_path / "moved.ckpt")
+    with pytest.raises(SystemExit) as e:
+        run(export_config(f"ckpt_path={tmp_path / 'moved.ckpt'}", f"out={tmp_path / 'exp'}"))
+    assert e.value.code == 2 and not (tmp_path / "exp").exists()
+    with pytest.raises(SystemExit):
+        run(export_config(f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+
+
+def test_generate_from_a_training_checkpoint(wct_run):
+    from test_generate import config, greedy_reference
+
+    from wct.generate import render, run
+
+    trained = export.load_trained(wct_run)
+    expected = greedy_reference(trained.model, trained.tokenizer, render(trained.tokenizer, "Hi.", "", "alpaca"), 4)
+    assert run(config(f"ckpt_path={wct_run}", "prompt=Hi.", "max_new_tokens=4")) == expected
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_cli_export_of_an_adapter_checkpoint(method, tmp_path, capsys):
+    from test_baselines import train_config
+
+    from wct.export import run
+    from wct.train import fit
+
+    _, module = fit(train_config(tmp_path / "run", f"method={method}", "method.r=2", "trainer.max_steps=2",
+                                 "trainer.val_check_interval=2", "trainer.validate_first=false"))
+    meta = run(export_config(f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'a'}"))
+    assert "peft adapter, not a merged model" in capsys.readouterr().out
+    assert meta["max_abs_diff"] == 0.0 and (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    trained = export.load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    ids = check_batch(trained.model.config.vocab_size)
+    assert torch.equal(logits(trained.model, ids), logits(module.model, ids))
