@@ -95,6 +95,7 @@ def test_alpaca_chat_template_is_byte_exact():
     from wct.data.instruct import PROMPT_NO_INPUT
 
     _, tok = load_model("tiny-llama")
+    tok.chat_template = "{{ messages[0]['content'] }}"  # a base template of its own is replaced by the trained one
     tok, name = export.with_chat_template(tok)
     assert name == "alpaca"
     chat = [{"role": "user", "content": "Name a colour."}]

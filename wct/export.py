@@ -193,9 +193,10 @@ def alpaca_chat_template() -> str:
 
 
 def with_chat_template(tokenizer):
-    """The tokenizer, given the Alpaca chat template if it has none (returns the template name used)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer, "tokenizer"
+    """The tokenizer with the Alpaca chat template the model was trained on (returns the template name).
+
+    It replaces any template the base tokenizer had: ``apply_chat_template`` on the export must render the prompts
+    the weak columns were tuned on, not the base model's chat format."""
     tokenizer.chat_template = alpaca_chat_template()
     return tokenizer, "alpaca"
 
