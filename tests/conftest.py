@@ -14,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors. It must be chosen before anything
+# (bitsandbytes, peft, wct.kernels) imports triton, so it is set here rather than in the kernel tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

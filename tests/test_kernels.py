@@ -1,7 +1,7 @@
 """OWQLinear's custom op and its torch / Triton backends against a float64 dequantize-matmul oracle.
 
-Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (set below, before any kernel is
-decorated); with CUDA the same parity tests run compiled on the GPU.
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (set in conftest.py, before anything
+imports triton); with CUDA the same parity tests run compiled on the GPU.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import wct.kernels as kernels  # noqa: E402
-from wct.errors import WCTError  # noqa: E402
-from wct.kernels import triton_backend  # noqa: E402
-from wct.nn.owq_linear import OWQLinear  # noqa: E402
-from wct.quant.pack import pack_linear  # noqa: E402
+import wct.kernels as kernels
+from wct.errors import WCTError
+from wct.kernels import triton_backend
+from wct.nn.owq_linear import OWQLinear
+from wct.quant.pack import pack_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_WEAK = [0, 1, 7, 40]  # 40: all inside the first 256-wide chunk of K
