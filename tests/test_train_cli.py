@@ -65,6 +65,18 @@ def test_default_task_offline(tmp_path):
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
 
 
+def test_missing_calibration_text_falls_back_to_the_task_rows(tmp_path, monkeypatch):
+    # a user's fresh clone has no ../shared/data: the default run calibrates on its own training rows instead
+    monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "wct-cache"))
+    p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent' / 'emma.txt'}", "calib.seqlen=32")
+    assert p.stdout.count("calibrating on the task's own rows (builtin, 400 rows)") == 1
+    (text,) = (tmp_path / "wct-cache" / "calib").glob("task-*.txt")
+    assert text.read_text().startswith("Below is an instruction that describes a task")
+    p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent.txt'}", "calib.fallback=error",
+              check=False)
+    assert p.returncode == 2 and "absent.txt" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_config_errors_are_clear(tmp_path):
     p = train("optim.lrr=1", check=False)
     assert p.returncode != 0 and "Key 'lrr' not in 'OptimConfig'" in p.stderr

@@ -46,6 +46,7 @@ class CalibConfig:
     n_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    fallback: str = "error"  # a local ``source`` that is missing: "error", or "task" (training: the task's text)
 
 
 @dataclass

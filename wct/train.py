@@ -82,6 +82,30 @@ def files_state(name: str) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
+def calibration_source(cfg: DictConfig) -> str:
+    """``calib.source``, or, when it names a local file that is not here and ``calib.fallback=task``, a text file of
+    the training rows rendered with the task's template (written once to the cache), announced by one WARNING.
+
+    The default calibration text lives in ``../shared/data`` beside a checkout; a user's fresh clone has none."""
+    from wct.data.instruct import format_prompt, load_rows
+    from wct.data.text import HUB_CORPORA
+    from wct.models import cache_dir
+
+    source = str(cfg.calib.source)
+    if source in HUB_CORPORA or Path(source).expanduser().exists() or cfg.calib.fallback != "task":
+        return source
+    d = cfg.task.data
+    rows, origin = load_rows(d.source, d.path, d.split, d.fields, d.fallback)
+    text = "\n\n".join(format_prompt(r["instruction"], r["input"]) + r["output"] for r in rows)
+    out = cache_dir() / "calib" / f"task-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+    if not out.is_file():
+        with atomic_file(out, "w") as fh:
+            fh.write(text)
+    print(f"WARNING: calibration text {source} not found; calibrating on the task's own rows ({origin}, "
+          f"{len(rows)} rows) instead. Pass calib.source=FILE for another text.")
+    return str(out)
+
+
 def quantized_base(cfg: DictConfig) -> Path:
     """The owq-pack folder of ``model.name`` quantized with ``quant`` on ``calib``, made once and cached under a
     hash of the three configs (and, for local models, their files' sizes and times)."""
@@ -92,9 +116,10 @@ def quantized_base(cfg: DictConfig) -> Path:
     from wct.quantize import model_tag
 
     qcfg = quant_config(cfg.quant)
+    source = calibration_source(cfg)
     key = json.dumps({
         "model": cfg.model.name,
-        "files": files_state(cfg.model.name) + files_state(cfg.calib.source),
+        "files": files_state(cfg.model.name) + files_state(source),
         "quant": OmegaConf.to_container(cfg.quant, resolve=True),
         "calib": OmegaConf.to_container(cfg.calib, resolve=True),
     }, sort_keys=True)
@@ -106,7 +131,7 @@ def quantized_base(cfg: DictConfig) -> Path:
         return out
     print(f"base: quantizing {cfg.model.name} with {qcfg.name} (cached afterwards in {out})")
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype)
-    calib = calibration_windows(tok, cfg.calib.source, cfg.calib.n_samples, cfg.calib.seqlen, cfg.calib.seed)
+    calib = calibration_windows(tok, source, cfg.calib.n_samples, cfg.calib.seqlen, cfg.calib.seed)
     report = quantize_model(model, calib, qcfg, progress=cfg.progress)
     print(report.summary())
     try:
