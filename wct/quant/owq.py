@@ -27,9 +27,10 @@ from wct.quant.blocks import (
     outside_blocks,
     sequential_groups,
 )
+from wct.quant.checkpoint import bit_summary, owq_layers
 from wct.quant.config import QuantConfig
 from wct.quant.gptq import GPTQ
-from wct.quant.pack import FORMAT_VERSION, pack_linear, stored_bits
+from wct.quant.pack import FORMAT_VERSION, pack_linear
 from wct.quant.quantizer import rtn
 
 
@@ -244,7 +245,7 @@ def quantize_model(
     model.eval()
     model.config.use_cache = False
     inps, kwargs = (None, {}) if cfg.method == "rtn" else _catch_block_inputs(model, blocks, calib, device)
-    n_weak, losses, sizes = {}, {}, []
+    n_weak, losses = {}, {}
     for i, block in enumerate(tqdm(blocks, desc=f"quantize {cfg.name}", unit="block", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
@@ -263,12 +264,11 @@ def quantize_model(
             for n in group:
                 layer = linears[n]
                 packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(layer, gptqs.get(n), counts[n], cfg, storage)
-                n_out, k = _weight(layer).shape
+                k = _weight(layer).shape[1]
                 parent, _, child = n.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child,
                         OWQLinear.from_packed(packed, cfg.bits, k))
                 n_weak[f"{prefix}.{i}.{n}"] = counts[n]
-                sizes.append((n_out, k, packed["scales"].shape[0], counts[n]))
             del gptqs
         if inps is not None and i + 1 < len(blocks):
             inps = _run_block(block, inps, kwargs)  # the quantized block feeds the next one
@@ -276,9 +276,8 @@ def quantize_model(
     model.train(was_training)
     model.config.use_cache = use_cache
 
-    total = sum(n * k for n, k, _, _ in sizes)
-    paper = cfg.bits + (16 - cfg.bits) * sum(n * o for n, _, _, o in sizes) / total
-    stored = sum(stored_bits(n, k, cfg.bits, g, o) * n * k for n, k, g, o in sizes) / total
+    bits = bit_summary(owq_layers(model))
+    paper, stored = bits["paper_bits"], bits["stored_bits"]
     report = QuantReport(
         cfg=cfg,
         n_weak=n_weak,
