@@ -33,11 +33,14 @@ import threading
 import time
 from pathlib import Path
 
-ROWS = {  # name: method, OWQ bits / weak columns or LoRA rank, learning rate
+ROWS = {  # name: method, OWQ bits / weak columns (k, or the target_bit allocation) or LoRA rank, learning rate
     "wct-w4-k8": {"method": "wct", "bits": 4, "k": 8, "lr": 1e-4},
     "wct-w4-k32": {"method": "wct", "bits": 4, "k": 32, "lr": 5e-5},
     "wct-w3-k8": {"method": "wct", "bits": 3, "k": 8, "lr": 1e-4},
     "wct-w3-k32": {"method": "wct", "bits": 3, "k": 32, "lr": 5e-5},
+    "wct-w4-k8-task": {"method": "wct", "bits": 4, "k": 8, "select": "task", "lr": 1e-4},
+    "wct-w3-k8-task": {"method": "wct", "bits": 3, "k": 8, "select": "task", "lr": 1e-4},
+    "wct-w4-t4.01": {"method": "wct", "bits": 4, "target_bit": 4.01, "lr": 2e-4},
     "qlora-r8": {"method": "qlora", "r": 8, "lr": 2e-4},
     "qlora-r64": {"method": "qlora", "r": 64, "lr": 2e-4},
     "lora-r8": {"method": "lora", "r": 8, "lr": 2e-4},
@@ -45,20 +48,29 @@ ROWS = {  # name: method, OWQ bits / weak columns or LoRA rank, learning rate
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def base_dir(args, bits: int, k: int) -> Path:
-    """The cached OWQ base (quantized on first use: Emma calibration, ``--calib-samples`` x 512 tokens)."""
+def base_dir(args, spec: dict) -> Path:
+    """The cached OWQ base of a WCT row, quantized on first use: ``--calib-samples`` x 512 Emma tokens calibrate;
+    with ``select: task`` the weak columns are chosen on as many 512-token windows of the training rows."""
     import torch
 
+    from wct.data.instruct import read_file, render_text
     from wct.data.text import calibration_windows
     from wct.models import load_model
     from wct.quant.checkpoint import save_quantized
     from wct.quant.owq import quantize_model
 
-    out = Path(args.bases_dir) / f"smollm2-owq-w{bits}-k{k}"
+    bits, k, target = spec["bits"], spec.get("k"), spec.get("target_bit")
+    task = spec.get("select") == "task"
+    out = Path(args.bases_dir) / f"smollm2-owq-w{bits}-{f'k{k}' if k else f't{target}'}{'-task' if task else ''}"
     if not (out / "model.safetensors").is_file():
         model, tok = load_model("smollm2-135m", dtype=torch.float32)
         calib = calibration_windows(tok, DATA / "janeausten" / "emma.txt", args.calib_samples, 512, 0)
-        quantize_model(model, calib, bits=bits, target_rank=k)
+        select = None
+        if task:
+            text = Path(args.bases_dir) / f"alpaca-libre-train-{args.train_rows}.txt"
+            text.write_text(render_text(read_file(DATA / "alpaca-libre" / "alpaca_libre.json")[: args.train_rows]))
+            select = calibration_windows(tok, text, args.calib_samples, 512, 0)
+        quantize_model(model, calib, bits=bits, target_rank=k, target_bit=target, select=select)
         save_quantized(model, tok, out)
     return out
 
@@ -123,7 +135,7 @@ def run_row(name: str, spec: dict, args) -> dict:
     torch.manual_seed(0)
     method = spec["method"]
     if method == "wct":
-        folder = base_dir(args, spec["bits"], spec["k"])
+        folder = base_dir(args, spec)
         model, tok = load_quantized(folder, dtype=torch.float32)
         prepare_wct(model, TuningConfig())
     else:
@@ -193,15 +205,15 @@ def _worker(name: str, spec: dict, args, queue) -> None:
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'row':<12} {'lr':>7} {'trainable':>11} {'peak MB':>8} {'RSS MB':>7} {'tok/s':>7} {'loss before':>11} " \
+    head = f"{'row':<15} {'lr':>7} {'trainable':>11} {'peak MB':>8} {'RSS MB':>7} {'tok/s':>7} {'loss before':>11} " \
            f"{'loss after':>10} {'export bytes':>13}"
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['row']:<12} {r['lr']:>7.0e} ERROR {r['error'][:90]}")
+            lines.append(f"{r['row']:<15} {r['lr']:>7.0e} ERROR {r['error'][:90]}")
             continue
         lines.append(
-            f"{r['row']:<12} {r['lr']:>7.0e} {r['trainable_params']:>11,} {r['peak_mem_mb']:>8.0f} "
+            f"{r['row']:<15} {r['lr']:>7.0e} {r['trainable_params']:>11,} {r['peak_mem_mb']:>8.0f} "
             f"{r['peak_rss_mb']:>7.0f} {r['tokens_per_s']:>7.1f} {r['loss_before']:>11.4f} {r['loss_after']:>10.4f} {r['export_bytes']:>13,}"
         )
     return "\n".join(lines)

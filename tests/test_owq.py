@@ -212,3 +212,46 @@ def test_bad_inputs_have_clear_errors():
 
     with pytest.raises(WCTError, match="no linear layers"):
         quantize_model(NoLinear(), torch.zeros(1, 4, dtype=torch.long), QuantConfig(), progress=False)
+
+
+def test_weak_columns_chosen_on_selection_data():
+    """``select`` windows choose the weak columns by their own Hessian (spec §1.6 on H^sel): block 0's q_proj keeps
+    the top-n of H^sel_jj·‖W - RTN(W)‖² computed here from the full-precision model; ``select=calib`` changes nothing."""
+    from wct.quant.gptq import GPTQ
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    calib = torch.randint(0, 64, (4, 16))
+    select = torch.randint(64, 128, (4, 16))
+    cfg = QuantConfig(bits=3, target_rank=4)
+
+    q = base.model.layers[0].self_attn.q_proj
+    ref = GPTQ(q.weight)
+    hook = q.register_forward_hook(lambda m, x, y: ref.add_batch(x[0]))
+    with torch.no_grad():
+        for j in range(select.shape[0]):
+            base(select[j : j + 1])
+    hook.remove()
+    expected = GPTQ.weak_columns(ref.sensitivity(3, cfg.sym, cfg.tuning, cfg.sens_grid), 4)
+
+    plain, same, chosen = (copy.deepcopy(base) for _ in range(3))
+    quantize_model(plain, calib, cfg, progress=False)
+    quantize_model(same, calib, cfg, progress=False, select=calib)
+    quantize_model(chosen, calib, cfg, progress=False, select=select)
+    assert torch.equal(chosen.model.layers[0].self_attn.q_proj.weak_idx, expected)
+    for a, b in zip(plain.state_dict().values(), same.state_dict().values()):
+        assert torch.equal(a, b)
+    idx = {name: [m.weak_idx for m in model.modules() if isinstance(m, OWQLinear)]
+           for name, model in (("plain", plain), ("chosen", chosen))}
+    assert sum(not torch.equal(a, b) for a, b in zip(idx["plain"], idx["chosen"])) >= 7
+    assert chosen.config.quantization_config["weak_selection"] == "select"
+
+
+def test_selection_data_errors():
+    calib = torch.randint(0, 128, (2, 16))
+    with pytest.raises(WCTError, match="cut both to one seqlen"):
+        quantize_model(tiny_llama(), calib, QuantConfig(target_rank=2), progress=False, select=calib[:, :8])
+    with pytest.raises(WCTError, match="quant.method=rtn does not keep"):
+        quantize_model(tiny_llama(), calib, QuantConfig(method="rtn"), progress=False, select=calib)
+    with pytest.raises(WCTError, match="selection set is empty"):
+        quantize_model(tiny_llama(), calib, QuantConfig(target_rank=2), progress=False, select=calib[:0])

@@ -137,6 +137,31 @@ def test_schedules():
         lr_lambda(OptimConfig(scheduler="step"), 10)
 
 
+def test_weak_columns_selected_on_the_task(base, tmp_path, monkeypatch):
+    """tuning=weak_task quantizes the base with the task rows' Hessians choosing the weak columns: another cached
+    base, recorded as such, with other columns than the calibration-selected one."""
+    import json
+
+    from wct.nn.owq_linear import OWQLinear
+    from wct.train import quantized_base
+
+    monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "wct-cache"))
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        tiny = ["model=tiny-llama", "quant.target_bit=null", "quant.target_rank=4", f"calib.source={FIXTURE}",
+                "calib.n_samples=2", "calib.seqlen=64", f"cache_dir={tmp_path / 'bases'}", f"task.data.path={FIXTURE}",
+                "task.val_size=4", "progress=false"]
+        folders = {t: quantized_base(compose("train", overrides=[*tiny, f"tuning={t}"])) for t in ("weak", "weak_task")}
+    assert folders["weak"] != folders["weak_task"] and "-task-" in folders["weak_task"].name
+    selection = json.loads((folders["weak_task"] / "config.json").read_text())["quantization_config"]["weak_selection"]
+    assert selection.startswith("task:task-") and (tmp_path / "wct-cache" / "calib" / selection[5:]).is_file()
+    idx = {t: [m.weak_idx for m in load_quantized(f)[0].modules() if isinstance(m, OWQLinear)] for t, f in folders.items()}
+    assert len(idx["weak"]) == 14 and any(not torch.equal(a, b) for a, b in zip(idx["weak"], idx["weak_task"]))
+    with pytest.raises(WCTError, match="tuning.select=task chooses the weak columns while the base is quantized"):
+        fit(config(tmp_path, base, "tuning=weak_task"))
+    with pytest.raises(WCTError, match="tuning.select='hessian' is unknown"):
+        fit(config(tmp_path, base, "tuning.select=hessian"))
+
+
 def test_tuning_norms_and_head(base, tmp_path):
     from wct.training.module import prepare_wct
     from wct.training.config import TuningConfig
@@ -152,7 +177,7 @@ def test_tuning_norms_and_head(base, tmp_path):
 
 
 @pytest.mark.parametrize("override", [
-    "task=json", "task=alpaca_libre", "tuning=weak_norms", "tuning=weak_lm_head", "optim=adamw8bit",
+    "task=json", "task=alpaca_libre", "tuning=weak_norms", "tuning=weak_lm_head", "tuning=weak_task", "optim=adamw8bit",
     "optim=paged_adamw8bit", "optim=cosine", "trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=fsdp",
     "logger=wandb", "callbacks=none", "debug=default", "debug=fdr", "debug=overfit", "experiment=smoke_tiny",
     "experiment=alpaca_smollm2_w3",

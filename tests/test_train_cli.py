@@ -69,7 +69,7 @@ def test_missing_calibration_text_falls_back_to_the_task_rows(tmp_path, monkeypa
     # a user's fresh clone has no ../shared/data: the default run calibrates on its own training rows instead
     monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "wct-cache"))
     p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent' / 'emma.txt'}", "calib.seqlen=32")
-    assert p.stdout.count("calibrating on the task's own rows (builtin, 400 rows)") == 1
+    assert p.stdout.count("calibrating on the task's own rows (builtin, 396 rows)") == 1
     (text,) = (tmp_path / "wct-cache" / "calib").glob("task-*.txt")
     assert text.read_text().startswith("Below is an instruction that describes a task")
     p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent.txt'}", "calib.fallback=error",

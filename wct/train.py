@@ -82,28 +82,38 @@ def files_state(name: str) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
-def calibration_source(cfg: DictConfig) -> str:
-    """``calib.source``, or, when it names a local file that is not here and ``calib.fallback=task``, a text file of
-    the training rows rendered with the task's template (written once to the cache), announced by one WARNING.
-
-    The default calibration text lives in ``../shared/data`` beside a checkout; a user's fresh clone has none."""
-    from wct.data.instruct import format_prompt, load_rows
-    from wct.data.text import HUB_CORPORA
+def task_text(cfg: DictConfig) -> tuple[Path, str, int]:
+    """(file, origin, rows): the task's training rows (its validation rows left out) rendered with its template,
+    written once to the cache; the text that calibrates when ``calib.fallback=task`` and that chooses the weak
+    columns when ``tuning.select=task``."""
+    from wct.data.instruct import load_rows, render_text, split_rows
     from wct.models import cache_dir
 
-    source = str(cfg.calib.source)
-    if source in HUB_CORPORA or Path(source).expanduser().exists() or cfg.calib.fallback != "task":
-        return source
-    d = cfg.task.data
+    t, d = cfg.task, cfg.task.data
     rows, origin = load_rows(d.source, d.path, d.split, d.fields, d.fallback)
-    text = "\n\n".join(format_prompt(r["instruction"], r["input"]) + r["output"] for r in rows)
+    rows, _ = split_rows(rows[: d.max_rows] if d.max_rows else rows, t.val_fraction, t.val_size, t.seed)
+    text = render_text(rows)
     out = cache_dir() / "calib" / f"task-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     if not out.is_file():
         with atomic_file(out, "w") as fh:
             fh.write(text)
+    return out, origin, len(rows)
+
+
+def calibration_source(cfg: DictConfig) -> str:
+    """``calib.source``, or, when it names a local file that is not here and ``calib.fallback=task``, the task's
+    text (:func:`task_text`), announced by one WARNING.
+
+    The default calibration text lives in ``../shared/data`` beside a checkout; a user's fresh clone has none."""
+    from wct.data.text import HUB_CORPORA
+
+    source = str(cfg.calib.source)
+    if source in HUB_CORPORA or Path(source).expanduser().exists() or cfg.calib.fallback != "task":
+        return source
+    path, origin, n = task_text(cfg)
     print(f"WARNING: calibration text {source} not found; calibrating on the task's own rows ({origin}, "
-          f"{len(rows)} rows) instead. Pass calib.source=FILE for another text.")
-    return str(out)
+          f"{n} rows) instead. Pass calib.source=FILE for another text.")
+    return str(path)
 
 
 def quantized_base(cfg: DictConfig) -> Path:
@@ -117,22 +127,32 @@ def quantized_base(cfg: DictConfig) -> Path:
 
     qcfg = quant_config(cfg.quant)
     source = calibration_source(cfg)
-    key = json.dumps({
+    select = task_text(cfg)[0] if cfg.tuning.select == "task" else None
+    key = {
         "model": cfg.model.name,
         "files": files_state(cfg.model.name) + files_state(source),
         "quant": OmegaConf.to_container(cfg.quant, resolve=True),
         "calib": OmegaConf.to_container(cfg.calib, resolve=True),
-    }, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    }
+    if select:  # the file's name holds the hash of the rendered rows
+        key["select"] = select.name
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "quantized"
-    out = root / f"{model_tag(cfg.model.name)}-{qcfg.name}-{digest}"
+    out = root / f"{model_tag(cfg.model.name)}-{qcfg.name}{'-task' if select else ''}-{digest}"
     if (out / "config.json").is_file():
         print(f"base: reusing the cached quantized model {out}")
         return out
     print(f"base: quantizing {cfg.model.name} with {qcfg.name} (cached afterwards in {out})")
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype)
-    calib = calibration_windows(tok, source, cfg.calib.n_samples, cfg.calib.seqlen, cfg.calib.seed)
-    report = quantize_model(model, calib, qcfg, progress=cfg.progress)
+    c = cfg.calib
+    calib = calibration_windows(tok, source, c.n_samples, c.seqlen, c.seed)
+    windows = None
+    if select:
+        windows = calibration_windows(tok, select, c.n_samples, c.seqlen, c.seed)
+        print(f"base: weak columns chosen on the Hessians of {c.n_samples} x {c.seqlen} tokens of the task's rows")
+    report = quantize_model(model, calib, qcfg, progress=cfg.progress, select=windows)
+    if select:
+        model.config.quantization_config["weak_selection"] = f"task:{select.name}"
     print(report.summary())
     try:
         save_quantized(model, tok, out)
@@ -149,7 +169,14 @@ def load_base(cfg: DictConfig):
     from wct.quant.checkpoint import load_quantized
     from wct.training.module import fingerprint, prepare_wct
 
-    method = cfg.method.name
+    method, select = cfg.method.name, cfg.tuning.select
+    if select not in ("calib", "task"):
+        raise WCTError(f"tuning.select={select!r} is unknown; use calib (the calibration text's Hessians choose the "
+                       "weak columns) or task (the task's rows choose them)")
+    if select == "task" and (method != "wct" or cfg.model.quantized):
+        raise WCTError("tuning.select=task chooses the weak columns while the base is quantized on the fly, so it "
+                       "needs method=wct with model.name and no model.quantized (a packed base has its columns fixed); "
+                       "drop model.quantized, or use tuning.select=calib")
     if method == "wct":
         base_dir = Path(cfg.model.quantized) if cfg.model.quantized else quantized_base(cfg)
         model, tok = load_quantized(base_dir, dtype=cfg.model.dtype)

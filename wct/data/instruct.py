@@ -49,6 +49,12 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def render_text(rows: Iterable[Mapping[str, str]]) -> str:
+    """The rows as one plain text (prompt + response per row, blank lines between): what the model reads in
+    training, for calibration or weak-column selection on the task."""
+    return "\n\n".join(format_prompt(r["instruction"], r.get("input", "")) + r["output"] for r in rows)
+
+
 def encode(tokenizer, row: Mapping[str, str], max_length: int, index: int | str = "?") -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` of one row: prompt tokens labelled -100, then ``output`` + EOS (truncated)."""
     if tokenizer.eos_token_id is None:

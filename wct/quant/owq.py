@@ -148,6 +148,22 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> 
     return torch.cat(outs)
 
 
+def _hessians(
+    block: nn.Module, layers: dict[str, nn.Module], inps: torch.Tensor, kwargs: dict[str, Any]
+) -> dict[str, GPTQ]:
+    """One :class:`GPTQ` per layer holding the Hessian of its inputs over ``inps`` run through ``block`` (§1.4)."""
+    if not layers:
+        return {}
+    gptqs = {n: GPTQ(_weight(m)) for n, m in layers.items()}
+    hooks = [m.register_forward_hook(lambda mod, x, y, g=gptqs[n]: g.add_batch(x[0])) for n, m in layers.items()]
+    try:
+        _run_block(block, inps, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return gptqs
+
+
 def _storage_dtype(model: nn.Module) -> torch.dtype:
     """Dtype of stored scales and weak columns: the model's 16-bit dtype, or fp16 for an fp32 model."""
     dtype = next(model.parameters()).dtype
@@ -155,9 +171,17 @@ def _storage_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _quantize_layer(
-    layer: nn.Module, gptq: GPTQ | None, n_weak: int, cfg: QuantConfig, storage: torch.dtype
+    layer: nn.Module,
+    gptq: GPTQ | None,
+    n_weak: int,
+    cfg: QuantConfig,
+    storage: torch.dtype,
+    chooser: GPTQ | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """Packed owq-pack v1 tensors of one layer and its GPTQ loss (spec §1.6-§1.8; RTN without ``gptq``)."""
+    """Packed owq-pack v1 tensors of one layer and its GPTQ loss (spec §1.6-§1.8; RTN without ``gptq``).
+
+    ``chooser``: a second Hessian (of other inputs, e.g. the task's) whose sensitivity picks the weak columns;
+    GPTQ's compensation and act-order still use ``gptq``'s."""
     w = _weight(layer).detach().float()
     weak = torch.zeros(0, dtype=torch.int32, device=w.device)
     loss = 0.0
@@ -167,7 +191,9 @@ def _quantize_layer(
         sens = None
         if n_weak:
             sens = gptq.sensitivity(cfg.bits, cfg.sym, cfg.tuning, cfg.sens_grid, cfg.frob_norm)
-            weak = GPTQ.weak_columns(sens, n_weak)
+            choice = sens if chooser is None else chooser.sensitivity(
+                cfg.bits, cfg.sym, cfg.tuning, cfg.sens_grid, cfg.frob_norm)
+            weak = GPTQ.weak_columns(choice, n_weak)
         q, scales, zeros = gptq.solve(
             weak,
             cfg.bits,
@@ -187,18 +213,32 @@ def _quantize_layer(
     return pack_linear(q, scales, zeros, weak, cfg.bits, bias, storage, storage), loss
 
 
-def _check_inputs(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, linears: dict[str, nn.Module]) -> None:
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-        raise WCTError("calib must be an integer tensor of token ids [n_samples, seqlen] (see wct.data.text)")
-    if calib.shape[0] == 0 or calib.shape[1] == 0:
+def _check_tokens(model: nn.Module, ids: torch.Tensor, what: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise WCTError(f"{what} must be an integer tensor of token ids [n_samples, seqlen] (see wct.data.text)")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise WCTError(
-            f"the calibration set is empty (shape {tuple(calib.shape)}): the calibration text is shorter than one "
+            f"the {what} set is empty (shape {tuple(ids.shape)}): its text is shorter than one "
             "window of seqlen tokens; use a longer text or a smaller seqlen"
         )
     vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and int(calib.max()) >= vocab:
-        raise WCTError(f"calibration token id {int(calib.max())} is outside the vocabulary ({vocab}); "
-                       "tokenize the calibration text with this model's tokenizer")
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise WCTError(f"{what} token id {int(ids.max())} is outside the vocabulary ({vocab}); "
+                       "tokenize its text with this model's tokenizer")
+
+
+def _check_inputs(
+    model: nn.Module, calib: torch.Tensor, select: torch.Tensor | None, cfg: QuantConfig, linears: dict[str, nn.Module]
+) -> None:
+    _check_tokens(model, calib, "calibration")
+    if select is not None:
+        _check_tokens(model, select, "selection")
+        if select.shape[1] != calib.shape[1]:
+            raise WCTError(f"the selection windows have {select.shape[1]} tokens and the calibration windows "
+                           f"{calib.shape[1]}; cut both to one seqlen")
+        if cfg.method != "owq":
+            raise WCTError(f"selection data chooses weak columns, which quant.method={cfg.method} does not keep; "
+                           "use method owq or drop the selection data")
     for name, layer in linears.items():
         k = _weight(layer).shape[1]
         if cfg.group_size > 0 and k % cfg.group_size:
@@ -215,6 +255,7 @@ def quantize_model(
     cfg: QuantConfig | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    select: torch.Tensor | None = None,
     **recipe: Any,
 ) -> QuantReport:
     """Quantize every linear of every decoder block of ``model`` in place (spec §1.1).
@@ -222,6 +263,10 @@ def quantize_model(
     ``calib``: token ids [n_samples, seqlen]. ``cfg``: the recipe, or give its fields as keywords
     (``quantize_model(model, calib, bits=3, target_bit=3.01)``). Each block runs on ``device`` (default: CPU) and
     goes back to where it was. Records ``model.config.quantization_config`` (a plain dict) for checkpointing.
+
+    ``select``: token ids [n, seqlen] of other text (the fine-tuning task's) whose Hessians choose the weak columns
+    instead of calib's: s_j = H^sel_jj·‖W_:,j − RTN(W)_:,j‖² (spec §1.6 on H^sel). Like calib they are propagated
+    through the already-quantized blocks; GPTQ's error compensation still runs on calib's Hessian.
     """
     start = time.time()
     if cfg is not None and recipe:
@@ -235,7 +280,7 @@ def quantize_model(
     device = torch.device(device or "cpu")
     prefix, blocks = find_blocks(model)
     first = find_linears(blocks[0])
-    _check_inputs(model, calib, cfg, first)
+    _check_inputs(model, calib, select, cfg, first)
     ratios = budget_ratios(first)
     layers = {n: (_weight(m).shape[1], layer_role(n), ratios[n]) for n, m in first.items()}
     counts = weak_counts(cfg, layers) if cfg.method == "owq" else dict.fromkeys(first, 0)
@@ -245,6 +290,7 @@ def quantize_model(
     model.eval()
     model.config.use_cache = False
     inps, kwargs = (None, {}) if cfg.method == "rtn" else _catch_block_inputs(model, blocks, calib, device)
+    sel_inps = None if select is None else _catch_block_inputs(model, blocks, select, device)[0]
     n_weak, losses = {}, {}
     for i, block in enumerate(tqdm(blocks, desc=f"quantize {cfg.name}", unit="block", disable=not progress)):
         home = next(block.parameters()).device
@@ -253,25 +299,25 @@ def quantize_model(
         groups = sequential_groups(list(linears)) if cfg.true_sequential else [list(linears)]
         for group in groups:
             gptqs: dict[str, GPTQ] = {}
+            choosers: dict[str, GPTQ] = {}
             if cfg.method != "rtn":
-                gptqs = {n: GPTQ(_weight(linears[n])) for n in group}
-                hooks = [
-                    linears[n].register_forward_hook(lambda m, x, y, g=gptqs[n]: g.add_batch(x[0])) for n in group
-                ]
-                _run_block(block, inps, kwargs)
-                for h in hooks:
-                    h.remove()
+                gptqs = _hessians(block, {n: linears[n] for n in group}, inps, kwargs)
+            if sel_inps is not None:
+                choosers = _hessians(block, {n: linears[n] for n in group if counts[n]}, sel_inps, kwargs)
             for n in group:
                 layer = linears[n]
-                packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(layer, gptqs.get(n), counts[n], cfg, storage)
+                packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
+                    layer, gptqs.get(n), counts[n], cfg, storage, choosers.get(n))
                 k = _weight(layer).shape[1]
                 parent, _, child = n.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child,
                         OWQLinear.from_packed(packed, cfg.bits, k))
                 n_weak[f"{prefix}.{i}.{n}"] = counts[n]
-            del gptqs
+            del gptqs, choosers
         if inps is not None and i + 1 < len(blocks):
             inps = _run_block(block, inps, kwargs)  # the quantized block feeds the next one
+            if sel_inps is not None:
+                sel_inps = _run_block(block, sel_inps, kwargs)
         block.to(home)
     model.train(was_training)
     model.config.use_cache = use_cache
@@ -300,5 +346,6 @@ def quantize_model(
         "paper_bits": paper,
         "stored_bits": stored,
         "recipe": asdict(cfg),
+        "weak_selection": "calib" if select is None else "select",
     }
     return report

@@ -43,12 +43,17 @@ class TaskConfig:
 
 @dataclass
 class TuningConfig:
-    """What trains: every OWQ ``weak_weight`` (fp32 master copies), plus norms and/or the output head."""
+    """What trains: every OWQ ``weak_weight`` (fp32 master copies), plus norms and/or the output head.
+
+    ``select``: which inputs' Hessians choose the weak columns when the base is quantized on the fly: ``calib``
+    (OWQ: the calibration text) or ``task`` (the task's training rows, rendered with its template; GPTQ still
+    compensates on the calibration Hessian)."""
 
     name: str = "weak"
     norms: bool = False
     lm_head: bool = False
     master_dtype: str = "float32"
+    select: str = "calib"
 
 
 @dataclass
