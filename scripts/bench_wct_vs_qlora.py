@@ -1,19 +1,22 @@
 """WCT vs QLoRA vs LoRA on SmolLM2-135M-Instruct, Alpaca-format instruction tuning on CPU or GPU.
 
-    python scripts/bench_wct_vs_qlora.py                                    # full: 7 rows, 100 steps x 16 x 256
-    python scripts/bench_wct_vs_qlora.py --steps 6 --seq-len 128 --global-batch 4 --micro-batch 2 --eval-rows 16
+    python scripts/bench_wct_vs_qlora.py                       # 11 rows, 30 steps x 8 seqs x <= 256 tokens
+    python scripts/bench_wct_vs_qlora.py --rows wct-w4-k8,qlora-r8 --steps 100 --global-batch 16 --eval-rows 300
 
-The reduced line took 8-12 min per row on 2 shared cores at load average 5-6 (WCT 9 tok/s, QLoRA 4 tok/s);
-on a quiet 2-core machine expect about 2-3x less. New OWQ bases take ~7 min each (cached afterwards).
+The defaults are sized for a quiet 2-core CPU: about 6-9 min per row (WCT ~130 tok/s, QLoRA ~80 tok/s at micro
+batch 4 x 256 tokens), ~70 min in all; each new OWQ base takes ~3 min more (cached afterwards in ``--bases-dir``).
 
 Data: ``alpaca-libre`` (shared data): the first ``--train-rows`` (2,528) rows train, the last ``--eval-rows`` of
 the final 300 are held out. Every row sees the same sequence length, steps, batch stream and hence tokens.
 
 Rows: WCT on OWQ bases of 4 and 3 bits with k = 8 and k = 32 weak columns per layer (``target_rank``; the bases
-are quantized once, calibrated on Emma, and cached in ``--bases-dir``), QLoRA r = 8 and r = 64 (NF4 base), LoRA
-r = 8 (fp32 base). Each row runs in a fresh process through the project's pipeline: ``wct.training.TuneModule``
-+ ``InstructDataModule`` on a Lightning Trainer (fp32, AdamW, constant lr, grad clip 0.3), then the row's
-export (``wct.export``: merged owq-pack folder for WCT, peft adapter for LoRA/QLoRA).
+are quantized once, calibrated on Emma, and cached in ``--bases-dir``); the same k = 8 bases with the weak columns
+chosen on the training rows' Hessians (``-task``, as ``tuning=weak_task``); WCT on the plain OWQ-4.01 allocation
+(2 columns in q/k/v/o/down, none in gate/up) and on k = 3 task-chosen columns (under a fifth of LoRA r = 8's
+parameters); QLoRA r = 8 and r = 64 (NF4 base), LoRA r = 8 (fp32 base).
+Each row runs in a fresh process through the project's pipeline: ``wct.training.TuneModule`` +
+``InstructDataModule`` on a Lightning Trainer (fp32, AdamW, constant lr, grad clip 0.3), then the row's export
+(``wct.export``: merged owq-pack folder for WCT, peft adapter for LoRA/QLoRA).
 
 Columns: trainable parameters; peak memory = the increase of the process's resident set size (RSS, sampled every
 20 ms) during training over the RSS after the base is loaded and prepared (CPU; on CUDA the peak allocated
@@ -41,6 +44,7 @@ ROWS = {  # name: method, OWQ bits / weak columns (k, or the target_bit allocati
     "wct-w4-k8-task": {"method": "wct", "bits": 4, "k": 8, "select": "task", "lr": 1e-4},
     "wct-w3-k8-task": {"method": "wct", "bits": 3, "k": 8, "select": "task", "lr": 1e-4},
     "wct-w4-t4.01": {"method": "wct", "bits": 4, "target_bit": 4.01, "lr": 2e-4},
+    "wct-w4-k3-task": {"method": "wct", "bits": 4, "k": 3, "select": "task", "lr": 1.5e-4},  # < 1/5 of r=8's
     "qlora-r8": {"method": "qlora", "r": 8, "lr": 2e-4},
     "qlora-r64": {"method": "qlora", "r": 64, "lr": 2e-4},
     "lora-r8": {"method": "lora", "r": 8, "lr": 2e-4},
@@ -222,12 +226,12 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per row")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per row")
     p.add_argument("--seq-len", type=int, default=256, help="max tokens per sequence (prompt + response)")
-    p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward")
     p.add_argument("--train-rows", type=int, default=2528, help="first rows of alpaca-libre used for training")
-    p.add_argument("--eval-rows", type=int, default=300, help="held-out rows (taken from the last 300)")
+    p.add_argument("--eval-rows", type=int, default=100, help="held-out rows (taken from the last 300)")
     p.add_argument("--calib-samples", type=int, default=32, help="512-token Emma windows to quantize a new base")
     p.add_argument("--bases-dir", default=str(Path(tempfile.gettempdir()) / "wct_bench" / "bases"))
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

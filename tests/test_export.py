@@ -75,6 +75,25 @@ def test_export_refuses_tensors_of_another_base(base_dir, tmp_path):
         set_weak_columns(other, {"model.layers.0.mlp.up_proj": torch.zeros(2, 128)})
 
 
+def test_layers_without_weak_columns_train_nothing_and_export(tmp_path):
+    """A target_bit base leaves some layers with n_o = 0 (here gate/up/down): training has no tensor for them,
+    and the export still writes the others and reloads with equal logits."""
+    model, tok = load_model("tiny-llama")
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, calib, bits=4, target_rank=2, layers=["q", "k", "v", "o"], progress=False)
+    base = save_quantized(model, tok, tmp_path / "base")
+    trained = trained_from(base)
+    trained.trained = {n: w for n, w in trained.trained.items() if w.shape[0]}  # what a checkpoint holds
+    assert len(trained.trained) == 8 and len(owq_layers(trained.model)) == 14
+    meta = export_wct(trained, tmp_path / "out")
+    reloaded, _ = load_quantized(tmp_path / "out")
+    for name, w in trained.trained.items():
+        assert torch.equal(owq_layers(reloaded)[name].weak_weight, w.half())
+    assert meta["max_abs_diff"] == 0.0
+    with pytest.raises(WCTError, match=r"missing \['model.layers.0.self_attn.k_proj'\]"):
+        set_weak_columns(reloaded, {n: w for n, w in trained.trained.items() if "0.self_attn.k_proj" not in n})
+
+
 def test_failed_check_leaves_no_folder(base_dir, tmp_path, monkeypatch):
     """A reload that does not reproduce the logits aborts the export: no folder, no temporary left behind."""
     trained = trained_from(base_dir)

@@ -124,12 +124,20 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_short_run(tmp_path):
-    """A few steps on the real SmolLM2-135M: the held-out loss falls."""
+    """A few steps on the real SmolLM2-135M with the default 4.01-bit allocation (gate/up keep no weak column):
+    the held-out loss falls, and ``python -m wct.export`` writes a folder of the base's size."""
     p = train("task=alpaca", f"paths.root_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "logger=csv",
-              "calib.n_samples=2", "calib.seqlen=256", "quant.target_bit=null", "quant.target_rank=8",
+              "calib.n_samples=2", "calib.seqlen=256", "quant.tuning=minmax",
               "task.max_length=192", "task.val_size=8", "task.global_batch_size=4", "trainer.max_steps=3",
               "trainer.val_check_interval=3",
-              "optim.lr=1e-4", "callbacks.samples=false", "trainer.enable_progress_bar=false")
+              "optim.lr=2e-4", "callbacks.samples=false", "trainer.enable_progress_bar=false")
+    assert "gate=0, up=0" in p.stdout
     (run,) = run_dirs(tmp_path / "outputs" / "train")
     results = json.loads((run / "results.json").read_text())
     assert results["metrics"]["val/loss"] < results["val_loss_before"], p.stdout[-2000:]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    e = subprocess.run([sys.executable, "-m", "wct.export", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert e.returncode == 0, e.stderr[-3000:]
+    (base,) = (tmp_path / "cache").glob("smollm2-135m-owq-w4-t4.01-*")
+    assert (run / "export-last" / "model.safetensors").stat().st_size == (base / "model.safetensors").stat().st_size

@@ -160,15 +160,17 @@ def set_weak_columns(model: nn.Module, weak: dict[str, torch.Tensor], dtype: tor
     """Write trained ``weak_weight`` tensors {layer name: [n_o, N]} into the OWQLinear layers of ``model``.
 
     ``dtype`` None keeps each layer's current dtype (the stored one for a loaded base); the values are cast.
-    Any layer missing, extra or of another shape means the tensors belong to another base: WCTError.
+    Layers without weak columns (n_o = 0, e.g. gate/up at 4.01 bits) train nothing and may be absent. A layer with
+    weak columns missing, an unknown layer or another shape means the tensors belong to another base: WCTError.
     """
     layers = owq_layers(model)
-    if set(weak) != set(layers):
-        missing, extra = sorted(set(layers) - set(weak)), sorted(set(weak) - set(layers))
+    missing = sorted(n for n, layer in layers.items() if layer.n_weak and n not in weak)
+    extra = sorted(set(weak) - set(layers))
+    if missing or extra:
         raise WCTError(f"the trained weak columns do not fit this base (missing {missing[:3]}, unknown {extra[:3]}); "
                        "export with the base the checkpoint was trained on")
-    for name, layer in layers.items():
-        w = weak[name]
+    for name, w in weak.items():
+        layer = layers[name]
         if w.shape != layer.weak_weight.shape:
             raise WCTError(f"{name}: trained weak_weight {tuple(w.shape)} vs base {tuple(layer.weak_weight.shape)}; "
                            "the checkpoint was trained on another base")
