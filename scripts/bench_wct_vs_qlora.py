@@ -214,10 +214,10 @@ def table(results: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['row']:<15} {r['lr']:>7.0e} ERROR {r['error'][:90]}")
+            lines.append(f"{r['row']:<15} {r['lr']:>7.1e} ERROR {r['error'][:90]}")
             continue
         lines.append(
-            f"{r['row']:<15} {r['lr']:>7.0e} {r['trainable_params']:>11,} {r['peak_mem_mb']:>8.0f} "
+            f"{r['row']:<15} {r['lr']:>7.1e} {r['trainable_params']:>11,} {r['peak_mem_mb']:>8.0f} "
             f"{r['peak_rss_mb']:>7.0f} {r['tokens_per_s']:>7.1f} {r['loss_before']:>11.4f} {r['loss_after']:>10.4f} {r['export_bytes']:>13,}"
         )
     return "\n".join(lines)
