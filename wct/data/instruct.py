@@ -122,10 +122,10 @@ def read_file(path: Path) -> list[Any]:
 
 def load_hub(name: str, split: str) -> list[Any] | None:
     """The rows of hub dataset ``name`` (or its local cache), or None when the hub is unreachable and uncached."""
-    from datasets import load_dataset
+    from wct.data.hub import load_hub_dataset
 
     try:
-        return list(load_dataset(name, split=split))
+        return list(load_hub_dataset(name, split=split))
     except (OSError, ValueError) as e:  # ConnectionError, offline mode and missing repos are OSErrors
         log.debug("load_dataset(%s) failed: %s", name, e)
         return None

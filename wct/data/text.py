@@ -39,7 +39,7 @@ C4_EVAL_WINDOWS = 256
 
 
 def _hub_documents(name: str, split: str) -> list[str]:
-    from datasets import load_dataset
+    from wct.data.hub import load_hub_dataset as load_dataset
 
     repo, config, field, _, files = HUB_CORPORA[name]
     if files is not None:
