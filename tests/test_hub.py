@@ -1,4 +1,5 @@
-"""wct.data.hub: an unreachable Hub is detected by one connect, and datasets then reads the cache without retries."""
+"""wct.data.hub: an unreachable Hub is detected by one connect; datasets and models then use the cache without
+retries."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import socket
 import time
 
 import datasets.config
+import pytest
 from huggingface_hub import constants
 
 from wct.data.hub import hub_reachable
 from wct.data.instruct import load_hub
+from wct.errors import WCTError
+from wct.models import load_model
 
 
 def closed_port() -> int:
@@ -38,3 +42,12 @@ def test_listening_endpoint_counts_as_reachable(monkeypatch):
         assert hub_reachable()
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
         assert not hub_reachable()  # offline mode wins without a connection attempt
+
+
+def test_hub_model_offline_fails_fast_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(WCTError, match="could not load 'wct-test/not-cached-anywhere' from the Hugging Face hub"):
+        load_model("wct-test/not-cached-anywhere")
+    assert time.perf_counter() - start < 10 and constants.HF_HUB_OFFLINE is False

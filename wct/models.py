@@ -104,8 +104,11 @@ def _from_pretrained(path: str):
 
 
 def _from_hub(repo_id: str):
+    from wct.data.hub import hub_or_cache
+
     try:
-        return _from_pretrained(repo_id)
+        with hub_or_cache():
+            return _from_pretrained(repo_id)
     except OSError as e:  # transformers reports unreachable hubs and missing repos as OSError subclasses
         raise WCTError(
             f"could not load {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). "

@@ -1,8 +1,8 @@
-"""``load_dataset`` that does not wait on an unreachable Hugging Face Hub.
+"""Hub access that does not wait on an unreachable Hugging Face Hub (datasets and models).
 
-Without network, ``datasets`` retries each request with back-off (about 25 s and a dozen WARNING lines per dataset)
-before falling back to the cache. One TCP connect to the endpoint decides first; when it fails the call runs in
-the libraries' offline mode, which reads the local cache directly or fails at once.
+Without network, ``datasets`` and ``transformers`` retry each request with back-off (about 25 s and a dozen WARNING
+lines per dataset) before falling back to the cache. One TCP connect to the endpoint decides first; when it fails
+the call runs in the libraries' offline mode, which reads the local cache directly or fails at once.
 """
 
 from __future__ import annotations
@@ -28,11 +28,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 @contextmanager
-def _offline() -> Iterator[None]:
-    """huggingface_hub's and datasets' offline switches on for the duration (they are read at call time)."""
+def hub_or_cache() -> Iterator[None]:
+    """Inside, hub calls go to the Hub when it is reachable, else straight to the local cache: huggingface_hub's
+    and datasets' offline switches (read at call time, also by transformers) are on for the duration."""
     import datasets.config
     from huggingface_hub import constants
 
+    if hub_reachable():
+        yield
+        return
     saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
@@ -42,11 +46,9 @@ def _offline() -> Iterator[None]:
 
 
 def load_hub_dataset(*args: Any, **kwargs: Any):
-    """``datasets.load_dataset(*args, **kwargs)``, from the cache without network retries when the Hub is not
-    reachable. Raises what ``load_dataset`` raises (OSError subclasses when neither the Hub nor a cache has it)."""
+    """``datasets.load_dataset(*args, **kwargs)`` under :func:`hub_or_cache`. Raises what ``load_dataset`` raises
+    (OSError subclasses when neither the Hub nor the cache has it)."""
     from datasets import load_dataset
 
-    if hub_reachable():
-        return load_dataset(*args, **kwargs)
-    with _offline():
+    with hub_or_cache():
         return load_dataset(*args, **kwargs)
