@@ -75,6 +75,32 @@ def test_export_refuses_tensors_of_another_base(base_dir, tmp_path):
         set_weak_columns(other, {"model.layers.0.mlp.up_proj": torch.zeros(2, 128)})
 
 
+def test_trained_norms_and_tied_head_are_exported(base_dir, tmp_path):
+    """tuning.norms / tuning.lm_head runs export too: the trained norms and the (tied) head are written in the
+    base's dtype, the file keeps the base's size, and the reload reproduces the trained model's logits."""
+    from wct.export import set_parameters, stored_dtypes
+
+    trained = trained_from(base_dir)
+    g = torch.Generator().manual_seed(5)
+    names = ["model.norm.weight", "model.layers.1.input_layernorm.weight", "model.embed_tokens.weight"]
+    params = dict(trained.model.named_parameters())
+    trained.extra = {n: params[n].detach().float() + 0.05 * torch.randn(params[n].shape, generator=g) for n in names}
+    set_parameters(trained.model, trained.extra, dtype=torch.float32)
+    meta = export_wct(trained, tmp_path / "out")
+    reloaded, _ = load_quantized(tmp_path / "out")
+    got = dict(reloaded.named_parameters())
+    stored = stored_dtypes(base_dir, names)  # the base file keeps the norms in fp16, the random embedding in fp32
+    assert stored["model.norm.weight"] == torch.float16 and stored["model.embed_tokens.weight"] == torch.float32
+    for n in names:  # rounded to the dtype the base file stores them in, as the weak columns are
+        assert torch.equal(got[n], trained.extra[n].to(stored[n]).to(got[n].dtype))
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight  # still tied
+    assert meta["max_abs_diff"] == 0.0 and meta["bytes"] == meta["base_bytes"]
+    assert meta["trained_parameters"] == sorted(names)
+    assert meta["trainable_params"] == sum(t.numel() for t in [*trained.trained.values(), *trained.extra.values()])
+    with pytest.raises(WCTError, match="model.norm.weight .* does not fit this base"):
+        set_parameters(reloaded, {"model.norm.weight": torch.zeros(3)})
+
+
 def test_layers_without_weak_columns_train_nothing_and_export(tmp_path):
     """A target_bit base leaves some layers with n_o = 0 (here gate/up/down): training has no tensor for them,
     and the export still writes the others and reloads with equal logits."""
@@ -191,6 +217,29 @@ def test_cli_export_of_a_training_checkpoint(wct_run, base_dir, tmp_path, capsys
     assert torch.equal(logits(reloaded, ids), logits(trained.model, ids))
     assert meta["bytes"] == (base_dir / WEIGHTS).stat().st_size
     assert (tmp_path / "exp" / "training_config.yaml").read_text().count("quantized") >= 1
+
+
+def test_cli_export_of_a_run_that_trained_norms_and_head(base_dir, tmp_path):
+    """tuning.norms + tuning.lm_head: the export holds every trained tensor and reloads to the trained logits."""
+    from test_baselines import train_config
+
+    from wct.export import load_trained, run
+    from wct.train import fit
+
+    fit(train_config(tmp_path / "run", f"model.quantized={base_dir}", "tuning=weak_norms", "tuning.lm_head=true",
+                     "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.validate_first=false",
+                     "optim.lr=1e-2"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    meta = run(export_config(f"ckpt_path={ckpt}", f"out={tmp_path / 'exp'}"))
+    assert "model.embed_tokens.weight" in meta["trained_parameters"] and meta["max_abs_diff"] == 0.0
+    trained, (reloaded, _) = load_trained(ckpt), load_quantized(tmp_path / "exp")
+    base, _ = load_quantized(base_dir)
+    stored = export.stored_dtypes(base_dir, list(trained.extra))
+    for name, t in trained.extra.items():
+        got = reloaded.get_parameter(name)
+        assert torch.equal(got, t.to(stored[name]).to(got.dtype))
+        assert not torch.equal(got, base.get_parameter(name))  # training changed it and the export kept it
+    assert meta["bytes"] == (base_dir / WEIGHTS).stat().st_size
 
 
 def test_cli_refuses_a_checkpoint_for_another_base(wct_run, tmp_path):

@@ -4,7 +4,8 @@
 
 WCT (ARCHITECTURE "Training contract", spec §8.14): the base named in the checkpoint is loaded (its fingerprint
 must match), each trained fp32 master ``weak_weight`` is cast to the dtype the base stores it in (fp16) and written
-into the packed model, and the result is saved with :func:`wct.quant.checkpoint.save_quantized`: same tensors,
+into the packed model (norms / output head trained with ``tuning.norms`` / ``tuning.lm_head`` likewise, in their
+stored dtype), and the result is saved with :func:`wct.quant.checkpoint.save_quantized`: same tensors,
 shapes and dtypes as the base, hence the same size. Then the folder is reloaded and its logits on a fixed batch
 are compared with the in-training model *with its weak columns rounded to the stored dtype*; they must be bitwise
 equal (max |diff| = 0). The difference to the fp32-master model (the rounding of the stored weak columns) is
@@ -59,7 +60,9 @@ class Trained:
     """A training checkpoint turned back into the model it trained.
 
     ``model``: the in-training model (WCT: base with the fp32 master weak columns; LoRA: the peft model).
-    ``trained``: the trained tensors by module-qualified name. ``config``: the resolved training config.
+    ``trained``: the trained tensors by module-qualified name (WCT: the weak columns by layer name).
+    ``extra``: WCT only, other trained parameters by parameter name (``tuning.norms`` / ``tuning.lm_head``).
+    ``config``: the resolved training config.
     """
 
     model: nn.Module
@@ -70,6 +73,7 @@ class Trained:
     base_dir: Path | None
     trained: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:
@@ -116,13 +120,12 @@ def load_trained(ckpt_path: str | Path) -> Trained:
             f"(fingerprint {found[:12]} vs {meta['fingerprint'][:12]}); export with the exact base "
             "of the run (same model / quant / calib)"
         )
+    extra: dict[str, torch.Tensor] = {}
     if method == "wct":
-        extra = sorted(n for n in state if not n.endswith(".weak_weight"))
-        if extra:
-            raise WCTError(f"the checkpoint also trained {extra[:3]} (tuning.norms / tuning.lm_head); the owq-pack "
-                           "export writes weak columns only: export a run with tuning=weak")
-        trained = {n.removesuffix(".weak_weight"): t for n, t in state.items()}
+        trained = {n.removesuffix(".weak_weight"): t for n, t in state.items() if n.endswith(".weak_weight")}
+        extra = {n: t for n, t in state.items() if not n.endswith(".weak_weight")}
         set_weak_columns(model, trained, dtype=torch.float32)
+        set_parameters(model, extra, dtype=torch.float32)
     else:
         model = prepare_lora_model(model, method, **{k: v for k, v in config["method"].items() if k != "name"})
         mismatch = {n for n, p in model.named_parameters() if p.requires_grad} ^ set(state)
@@ -139,7 +142,8 @@ def load_trained(ckpt_path: str | Path) -> Trained:
         metrics |= {"val/loss_before": summary.get("val_loss_before"), "steps": summary.get("steps")}
         metrics |= {k: v for k, v in summary.get("metrics", {}).items() if k.startswith(("val/", "perf/"))}
     base_dir = Path(meta["base_dir"]) if method == "wct" else None
-    return Trained(model, tok, method, config, str(meta.get("base_dir") or meta["base"]), base_dir, trained, metrics)
+    return Trained(model, tok, method, config, str(meta.get("base_dir") or meta["base"]), base_dir, trained, metrics,
+                   extra)
 
 
 def check_batch(vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -175,6 +179,28 @@ def set_weak_columns(model: nn.Module, weak: dict[str, torch.Tensor], dtype: tor
             raise WCTError(f"{name}: trained weak_weight {tuple(w.shape)} vs base {tuple(layer.weak_weight.shape)}; "
                            "the checkpoint was trained on another base")
         layer.weak_weight = nn.Parameter(w.detach().to(dtype or layer.weak_weight.dtype).clone(), requires_grad=False)
+
+
+def stored_dtypes(folder: Path, names: list[str]) -> dict[str, torch.dtype]:
+    """The dtype each named tensor has in ``folder``'s weights file (an fp32-loaded base may store fp16)."""
+    from safetensors import safe_open
+
+    codes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    with safe_open(str(folder / WEIGHTS), "pt") as f:
+        return {n: codes[f.get_slice(n).get_dtype()] for n in names}
+
+
+def set_parameters(model: nn.Module, params: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Write trained parameters {parameter name: tensor} (norms, output head) into ``model``, cast to ``dtype``
+    (None: each parameter's current dtype, the stored one for a loaded base). A tied output head is written once,
+    through the shared parameter. An unknown name or another shape: WCTError (tensors of another model)."""
+    own = dict(model.named_parameters())
+    for name, t in params.items():
+        if name not in own or own[name].shape != t.shape:
+            found = tuple(own[name].shape) if name in own else "no such parameter"
+            raise WCTError(f"trained parameter {name} {tuple(t.shape)} does not fit this base ({found}); export with "
+                           "the base the checkpoint was trained on")
+        own[name].data = t.detach().to(dtype or own[name].dtype).clone()
 
 
 def alpaca_chat_template() -> str:
@@ -255,6 +281,8 @@ def export_wct(trained: Trained, out: Path) -> dict:
     fp32_master = logits(trained.model, ids)
     model, _ = load_quantized(trained.base_dir, dtype=next(trained.model.parameters()).dtype)
     set_weak_columns(model, trained.trained)  # cast to the base's stored dtype: what the file will hold
+    stored = stored_dtypes(trained.base_dir, list(trained.extra))
+    set_parameters(model, {n: t.to(stored[n]) for n, t in trained.extra.items()})  # norms / head, likewise
     reference = logits(model, ids)
     tokenizer, template = with_chat_template(trained.tokenizer)
     layers = owq_layers(model)
@@ -264,7 +292,8 @@ def export_wct(trained: Trained, out: Path) -> dict:
         "method": "wct",
         "base": trained.base,
         "bits": model.config.quantization_config.get("bits"),
-        "trainable_params": sum(t.numel() for t in trained.trained.values()),
+        "trainable_params": sum(t.numel() for t in [*trained.trained.values(), *trained.extra.values()]),
+        "trained_parameters": sorted(trained.extra),
         "weak_dtype": str(next(iter(layers.values())).weak_weight.dtype).removeprefix("torch."),
         "template": template,
         "metrics": trained.metrics,
