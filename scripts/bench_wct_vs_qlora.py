@@ -234,6 +234,7 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=100, help="held-out rows (taken from the last 300)")
     p.add_argument("--calib-samples", type=int, default=32, help="512-token Emma windows to quantize a new base")
     p.add_argument("--bases-dir", default=str(Path(tempfile.gettempdir()) / "wct_bench" / "bases"))
+    p.add_argument("--lr", type=float, default=None, help="learning rate for every chosen row (default: each row's)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default="bench_wct_vs_qlora.json")
     args = p.parse_args()
@@ -247,7 +248,8 @@ def main() -> None:
     results = []
     for name in names:
         queue = ctx.Queue()
-        proc = ctx.Process(target=_worker, args=(name, ROWS[name], args, queue))
+        spec = ROWS[name] | ({"lr": args.lr} if args.lr else {})
+        proc = ctx.Process(target=_worker, args=(name, spec, args, queue))
         proc.start()
         results.append(queue.get() | {"loadavg": os.getloadavg()})
         proc.join()
