@@ -144,13 +144,15 @@ def test_weak_columns_selected_on_the_task(base, tmp_path, monkeypatch):
 
     from wct.nn.owq_linear import OWQLinear
     from wct.train import quantized_base
+    from wct.training.datamodule import task_rows
 
     monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "wct-cache"))
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         tiny = ["model=tiny-llama", "quant.target_bit=null", "quant.target_rank=4", f"calib.source={FIXTURE}",
                 "calib.n_samples=2", "calib.seqlen=64", f"cache_dir={tmp_path / 'bases'}", f"task.data.path={FIXTURE}",
                 "task.val_size=4", "progress=false"]
-        folders = {t: quantized_base(compose("train", overrides=[*tiny, f"tuning={t}"])) for t in ("weak", "weak_task")}
+        cfgs = {t: compose("train", overrides=[*tiny, f"tuning={t}"]) for t in ("weak", "weak_task")}
+        folders = {t: quantized_base(c, task_rows(c.task)) for t, c in cfgs.items()}
     assert folders["weak"] != folders["weak_task"] and "-task-" in folders["weak_task"].name
     selection = json.loads((folders["weak_task"] / "config.json").read_text())["quantization_config"]["weak_selection"]
     assert selection.startswith("task:task-") and (tmp_path / "wct-cache" / "calib" / selection[5:]).is_file()

@@ -82,27 +82,26 @@ def files_state(name: str) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
-def task_text(cfg: DictConfig) -> tuple[Path, str, int]:
-    """(file, origin, rows): the task's training rows (its validation rows left out) rendered with its template,
-    written once to the cache; the text that calibrates when ``calib.fallback=task`` and that chooses the weak
-    columns when ``tuning.select=task``."""
-    from wct.data.instruct import load_rows, render_text, split_rows
+def task_text(cfg: DictConfig, rows: list[dict[str, str]]) -> tuple[Path, int]:
+    """(file, rows in it): the task's training rows (``rows`` without the validation split) rendered with its
+    template, written once to the cache; the text that calibrates when ``calib.fallback=task`` and that chooses
+    the weak columns when ``tuning.select=task``."""
+    from wct.data.instruct import render_text, split_rows
     from wct.models import cache_dir
 
-    t, d = cfg.task, cfg.task.data
-    rows, origin = load_rows(d.source, d.path, d.split, d.fields, d.fallback)
-    rows, _ = split_rows(rows[: d.max_rows] if d.max_rows else rows, t.val_fraction, t.val_size, t.seed)
-    text = render_text(rows)
+    t = cfg.task
+    train, _ = split_rows(rows, t.val_fraction, t.val_size, t.seed)
+    text = render_text(train)
     out = cache_dir() / "calib" / f"task-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     if not out.is_file():
         with atomic_file(out, "w") as fh:
             fh.write(text)
-    return out, origin, len(rows)
+    return out, len(train)
 
 
-def calibration_source(cfg: DictConfig) -> str:
-    """``calib.source``, or, when it names a local file that is not here and ``calib.fallback=task``, the task's
-    text (:func:`task_text`), announced by one WARNING.
+def calibration_source(cfg: DictConfig, data: tuple[list[dict[str, str]], str]) -> str:
+    """``calib.source``, or, when it names a local file that is not here and ``calib.fallback=task``, the text of
+    the task's rows ``data`` = (rows, origin) (:func:`task_text`), announced by one WARNING.
 
     The default calibration text lives in ``../shared/data`` beside a checkout; a user's fresh clone has none."""
     from wct.data.text import HUB_CORPORA
@@ -110,15 +109,17 @@ def calibration_source(cfg: DictConfig) -> str:
     source = str(cfg.calib.source)
     if source in HUB_CORPORA or Path(source).expanduser().exists() or cfg.calib.fallback != "task":
         return source
-    path, origin, n = task_text(cfg)
+    rows, origin = data
+    path, n = task_text(cfg, rows)
     print(f"WARNING: calibration text {source} not found; calibrating on the task's own rows ({origin}, "
           f"{n} rows) instead. Pass calib.source=FILE for another text.")
     return str(path)
 
 
-def quantized_base(cfg: DictConfig) -> Path:
+def quantized_base(cfg: DictConfig, data: tuple[list[dict[str, str]], str]) -> Path:
     """The owq-pack folder of ``model.name`` quantized with ``quant`` on ``calib``, made once and cached under a
-    hash of the three configs (and, for local models, their files' sizes and times)."""
+    hash of the three configs (and, for local models, their files' sizes and times). ``data``: the task's
+    ``(rows, origin)`` (:func:`wct.training.datamodule.task_rows`), for task calibration or selection."""
     from wct.data.text import calibration_windows
     from wct.models import cache_dir, load_model
     from wct.quant.checkpoint import save_quantized
@@ -126,8 +127,8 @@ def quantized_base(cfg: DictConfig) -> Path:
     from wct.quantize import model_tag
 
     qcfg = quant_config(cfg.quant)
-    source = calibration_source(cfg)
-    select = task_text(cfg)[0] if cfg.tuning.select == "task" else None
+    source = calibration_source(cfg, data)
+    select = task_text(cfg, data[0])[0] if cfg.tuning.select == "task" else None
     key = {
         "model": cfg.model.name,
         "files": files_state(cfg.model.name) + files_state(source),
@@ -162,9 +163,9 @@ def quantized_base(cfg: DictConfig) -> Path:
     return out
 
 
-def load_base(cfg: DictConfig):
+def load_base(cfg: DictConfig, data: tuple[list[dict[str, str]], str]):
     """``(model, tokenizer, meta)``: the model to train with only its trainable tensors requiring grad, and the
-    checkpoint metadata (base name, folder, fingerprint)."""
+    checkpoint metadata (base name, folder, fingerprint). ``data``: the task's ``(rows, origin)``."""
     from wct.models import load_model
     from wct.quant.checkpoint import load_quantized
     from wct.training.module import fingerprint, prepare_wct
@@ -178,7 +179,7 @@ def load_base(cfg: DictConfig):
                        "needs method=wct with model.name and no model.quantized (a packed base has its columns fixed); "
                        "drop model.quantized, or use tuning.select=calib")
     if method == "wct":
-        base_dir = Path(cfg.model.quantized) if cfg.model.quantized else quantized_base(cfg)
+        base_dir = Path(cfg.model.quantized) if cfg.model.quantized else quantized_base(cfg, data)
         model, tok = load_quantized(base_dir, dtype=cfg.model.dtype)
         meta = {"base": str(cfg.model.quantized or cfg.model.name), "base_dir": str(base_dir.resolve()),
                 "fingerprint": fingerprint(model)}
@@ -292,7 +293,7 @@ def fit(cfg: DictConfig):
 
     from wct import kernels
     from wct.training.callbacks import AtomicCheckpointIO, LossPlot
-    from wct.training.datamodule import InstructDataModule
+    from wct.training.datamodule import InstructDataModule, task_rows
     from wct.training.module import TuneModule, logical_params, lr_lambda, make_optimizer
 
     start = time.time()
@@ -302,13 +303,14 @@ def fit(cfg: DictConfig):
     ckpt_path = resolve_ckpt(cfg.ckpt_path, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     kernels.configure(kernel=cfg.trainer.kernel)
-    model, tok, meta = load_base(cfg)
+    data = task_rows(cfg.task)  # loaded once: training, and task calibration / column selection
+    model, tok, meta = load_base(cfg, data)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
 
-    dm = InstructDataModule(cfg.task, tok, cfg.trainer.max_steps, cfg.trainer.max_epochs)
+    dm = InstructDataModule(cfg.task, tok, cfg.trainer.max_steps, cfg.trainer.max_epochs, rows=data)
     dm.load()
     config = OmegaConf.to_container(cfg, resolve=True) | {"data_origin": dm.origin}
     with atomic_file(run_dir / "config.yaml", "w") as f:

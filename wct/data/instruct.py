@@ -153,11 +153,12 @@ def load_rows(
             f"could not load the instruction dataset {source!r} (hub unreachable and not cached); pass a local "
             "file with task.data.path=/path/to/data.json (.json, .jsonl or .parquet)"
         )
+    rows = builtin_rows()
     log.warning(
         "WARNING: dataset %s is not reachable offline and not cached; training on wct's built-in generated "
-        "Alpaca-format set (%d rows). Pass task.data.path=FILE for real data.", source, len(builtin_rows())
+        "Alpaca-format set (%d rows). Pass task.data.path=FILE for real data.", source, len(rows)
     )
-    return builtin_rows(), BUILTIN
+    return rows, BUILTIN
 
 
 def split_rows(rows: list[dict], val_fraction: float, val_size: int | None, seed: int) -> tuple[list, list]:

@@ -52,12 +52,21 @@ class StreamSampler(Sampler[list[int]]):
         return self.total
 
 
-class InstructDataModule(L.LightningDataModule):
-    """Rows of ``task.data`` split into train / val, encoded once in :meth:`setup`."""
+def task_rows(task: TaskConfig) -> tuple[list[dict[str, str]], str]:
+    """``(rows, origin)`` of ``task.data``: loaded (:func:`wct.data.instruct.load_rows`), cut to ``max_rows``."""
+    d = task.data
+    rows, origin = load_rows(d.source, d.path, d.split, d.fields, d.fallback)
+    return (rows[: d.max_rows] if d.max_rows else rows), origin
 
-    def __init__(self, task: TaskConfig, tokenizer, max_steps: int | None = None, max_epochs: float | None = None):
+
+class InstructDataModule(L.LightningDataModule):
+    """Rows of ``task.data`` (or the ``(rows, origin)`` of :func:`task_rows` when the caller already loaded them)
+    split into train / val, encoded once in :meth:`setup`."""
+
+    def __init__(self, task: TaskConfig, tokenizer, max_steps: int | None = None, max_epochs: float | None = None,
+                 rows: tuple[list[dict[str, str]], str] | None = None):
         super().__init__()
-        self.task, self.tokenizer = task, tokenizer
+        self.task, self.tokenizer, self.rows = task, tokenizer, rows
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.origin = ""
         self.train_set: list[dict] = []
@@ -69,9 +78,7 @@ class InstructDataModule(L.LightningDataModule):
         """Load, split and encode the rows (idempotent); prints the first rendered example with its mask."""
         if self.train_set:
             return
-        d = self.task.data
-        rows, self.origin = load_rows(d.source, d.path, d.split, d.fields, d.fallback)
-        rows = rows[: d.max_rows] if d.max_rows else rows
+        rows, self.origin = self.rows or task_rows(self.task)
         encoded = encode_rows(self.tokenizer, rows, self.task.max_length)  # errors name the row of the source
         self.train_set, self.val_set = split_rows(encoded, self.task.val_fraction, self.task.val_size, self.task.seed)
         print(f"data: {self.origin}: {len(self.train_set)} training / {len(self.val_set)} validation rows")
