@@ -70,13 +70,17 @@ def render(tokenizer, prompt: str, input: str = "", template: str = "alpaca") ->
 @torch.no_grad()
 def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, add_special_tokens: bool = True) -> str:
-    """The continuation of ``text`` (special tokens dropped), greedy unless ``do_sample``.
+    """The continuation of ``text`` (special tokens dropped), greedy unless ``do_sample`` (then seeded by
+    ``seed``; greedy decoding leaves the global RNG alone, so it can run inside training). ``model`` is put back
+    in the train/eval mode it came in.
 
     ``add_special_tokens``: as training tokenized the prompt (``wct.data.instruct.encode``); False for text
     rendered by a chat template, which already holds its special tokens."""
     if max_new_tokens < 1:
         raise WCTError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    torch.manual_seed(seed)
+    if do_sample:
+        torch.manual_seed(seed)
+    was_training = model.training
     model.eval()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
     ids = ids.to(next(model.parameters()).device)
@@ -90,6 +94,7 @@ def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: 
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         **sampling,
     )
+    model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -28,6 +28,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
 
 
+def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether micro-batch ``batch_idx`` is the last of its gradient-accumulation group."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
 class Throughput(L.Callback):
     """``perf/tokens_per_s`` (non-padding tokens per second of training, shown in the progress bar) and
     ``perf/peak_mem_gb``, once per optimizer step."""
@@ -41,7 +46,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens += int(batch["attention_mask"].sum()) * trainer.world_size
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+        if ends_optimizer_step(trainer, batch_idx):
             rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
             pl_module.log("perf/tokens_per_s", rate, on_step=True, prog_bar=True)
             pl_module.log("perf/peak_mem_gb", peak_memory_gb(pl_module.device), on_step=True)
@@ -62,7 +67,7 @@ class LossGuard(L.Callback):
             raise WCTError(f"training loss became {loss} at step {step}; stopped. Lower optim.lr, keep "
                            "optim.grad_clip on, or train in 32-bit (trainer.precision=32-true)")
         mean = trainer.callback_metrics.get("train/loss")
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or mean is None:
+        if not ends_optimizer_step(trainer, batch_idx) or mean is None:
             return
         if len(self.first) < self.warmup:
             self.first.append(float(mean))
@@ -84,23 +89,15 @@ class SampleGenerations(L.Callback):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, list(prompts), max_new_tokens
         self.file = Path(run_dir) / "samples.csv"
 
-    @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         from wct.data.instruct import format_prompt
+        from wct.generate import generate
 
         if trainer.sanity_checking or not self.prompts or trainer.global_rank != 0:
             return
-        model, rows = pl_module.model, []
-        was_training = model.training
-        model.eval()
-        for prompt in self.prompts:
-            ids = self.tokenizer(format_prompt(prompt), return_tensors="pt").input_ids.to(pl_module.device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                 eos_token_id=self.tokenizer.eos_token_id)
-            rows.append([trainer.global_step, prompt, self.tokenizer.decode(out[0, ids.shape[1]:],
-                                                                          skip_special_tokens=True)])
-        model.train(was_training)
+        rows = [[trainer.global_step, prompt,
+                 generate(pl_module.model, self.tokenizer, format_prompt(prompt), self.max_new_tokens)]
+                for prompt in self.prompts]
         new = not self.file.exists()
         self.file.parent.mkdir(parents=True, exist_ok=True)
         with self.file.open("a", newline="") as f:
@@ -155,7 +152,7 @@ class LossPlot(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = trainer.callback_metrics.get("train/loss")
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and loss is not None:
+        if ends_optimizer_step(trainer, batch_idx) and loss is not None:
             self.history["train/loss"].append((trainer.global_step, float(loss)))
 
     def on_validation_end(self, trainer, pl_module) -> None:  # after the module's epoch-end logging
