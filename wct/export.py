@@ -267,6 +267,19 @@ Or: `python -m wct.generate model.name={meta['path']} prompt="..."`. Training co
 """
 
 
+def export_meta(trained: Trained, out: Path, template: str) -> dict:
+    """The ``wct_export.json`` fields every export has; each method adds its own."""
+    return {
+        "name": out.name,
+        "path": str(out.resolve()),
+        "method": trained.method,
+        "base": trained.base,
+        "trainable_params": sum(t.numel() for t in [*trained.trained.values(), *trained.extra.values()]),
+        "template": template,
+        "metrics": trained.metrics,
+    }
+
+
 def _write_common(tmp: Path, trained: Trained, meta: dict) -> None:
     (tmp / "training_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(trained.config)))
     (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -286,17 +299,10 @@ def export_wct(trained: Trained, out: Path) -> dict:
     reference = logits(model, ids)
     tokenizer, template = with_chat_template(trained.tokenizer)
     layers = owq_layers(model)
-    meta = {
-        "name": out.name,
-        "path": str(out.resolve()),
-        "method": "wct",
-        "base": trained.base,
+    meta = export_meta(trained, out, template) | {
         "bits": model.config.quantization_config.get("bits"),
-        "trainable_params": sum(t.numel() for t in [*trained.trained.values(), *trained.extra.values()]),
         "trained_parameters": sorted(trained.extra),
         "weak_dtype": str(next(iter(layers.values())).weak_weight.dtype).removeprefix("torch."),
-        "template": template,
-        "metrics": trained.metrics,
         "max_abs_diff_fp32_master": (reference - fp32_master).abs().max().item(),
     }
     with atomic_dir(out) as tmp:
@@ -323,15 +329,8 @@ def export_adapter(trained: Trained, out: Path) -> dict:
     model, ids = trained.model, check_batch(trained.model.config.vocab_size)
     reference = logits(model, ids)
     tokenizer, template = with_chat_template(trained.tokenizer)
-    meta = {
-        "name": out.name,
-        "path": str(out.resolve()),
-        "method": trained.method,
-        "base": trained.base,
+    meta = export_meta(trained, out, template) | {
         "bits": "nf4" if trained.method == "qlora" else None,
-        "trainable_params": sum(t.numel() for t in trained.trained.values()),
-        "template": template,
-        "metrics": trained.metrics,
         "lora": {k: trained.config["method"][k] for k in ("r", "alpha", "dropout", "target_modules")},
     }
     with atomic_dir(out) as tmp:
