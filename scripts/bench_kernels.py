@@ -4,7 +4,7 @@ CPU (always): SmolLM2-135M forward of 1×512 tokens, FP32 model vs the OWQ-4.01 
 fit on one 128-token window: the weights' values do not matter for speed; weak columns as at 4.01 bits) on the
 torch backend with the dense cache off and on (target: within 1.5× of FP32), with the logits of both packed runs compared.
 
-GPU (needs CUDA; kernels.md §5): Llama-7B/8B layer shapes K×N ∈ {4096×4096, 4096×14336, 14336×4096},
+GPU (needs CUDA; docs/kernels.md): Llama-7B/8B layer shapes K×N ∈ {4096×4096, 4096×14336, 14336×4096},
 M ∈ {1, 4, 16, 64, 256, 2048}, 3/4-bit per-row, n_o = 0 and at b+0.01 / b+0.1 paper bits; each backend, torch fp16
 F.linear and bitsandbytes NF4. CUDA events over weight copies rotated through ≥ 2× L2; achieved GB/s from the bytes
 model against a measured device-to-device copy; speedups over fp16 and NF4; weak-column overhead vs n_o = 0;
@@ -28,7 +28,7 @@ import wct.kernels as kernels
 from wct.errors import WCTError, cli_errors
 from wct.io import atomic_file
 from wct.nn.owq_linear import OWQLinear
-from wct.quant.pack import pack_linear, stored_bits
+from wct.pack import pack_linear, stored_bits
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K = in, N = out)
 GPU_M = [1, 4, 16, 64, 256, 2048]
@@ -88,7 +88,7 @@ def _random_layer(k: int, n: int, bits: int, n_o: int, device: str) -> OWQLinear
 
 
 def _n_weak(k: int, bits: int, extra: float) -> int:
-    """n_o giving paper bits b + extra: b + (16 - b)·n_o/K (spec §1.5)."""
+    """n_o giving paper bits b + extra: b + (16 - b)·n_o/K (docs/algorithm.md §1.5)."""
     return round(extra * k / (16 - bits))
 
 

@@ -1,7 +1,7 @@
 """Benchmark: perplexity, bits, checkpoint size and quantization time of FP / RTN / GPTQ / OWQ on SmolLM2-135M.
 
 Calibration: ``--n-samples`` random ``--seqlen``-token windows of Emma (seed 0). Evaluation: the first
-``--eval-windows`` non-overlapping windows of Pride and Prejudice (offline.md §4). Each row is a recipe file of
+``--eval-windows`` non-overlapping windows of Pride and Prejudice (docs/algorithm.md §1.10). Each row is a recipe file of
 conf/quant/; every quantized model is saved as an owq-pack checkpoint, reloaded, and evaluated from the reload.
 
     python scripts/bench_quant.py                                   # full: 128 x 512 calibration, 40 windows
@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from wct.config import CONF_DIR, quant_config, quant_schema
+from wct.config import CONF_DIR, quant_schema
 from wct.data.text import calibration_windows, eval_tokens
 from wct.errors import WCTError
-from wct.evaluate import perplexity
+from wct.evaluation.perplexity import perplexity
 from wct.io import atomic_file
 from wct.models import load_model
-from wct.quant.checkpoint import bit_summary, load_quantized, owq_layers, save_quantized
+from wct.quant.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
 
 ROWS = "fp,rtn-w4,rtn-w3,gptq-w4,gptq-w3,owq-w4-t4.01,owq-w3-t3.01,owq-w3-t3.1,owq-w3-t3.01-g128"
@@ -39,7 +39,7 @@ DATA = Path(os.environ.get("WCT_DATA_DIR", Path(__file__).resolve().parents[2] /
 def recipe(name: str):
     """The QuantConfig of conf/quant/<name>.yaml (validated as the CLI does)."""
     node = OmegaConf.merge(OmegaConf.structured(quant_schema()), OmegaConf.load(Path(CONF_DIR) / "quant" / f"{name}.yaml"))
-    return quant_config(node)
+    return OmegaConf.to_object(node)
 
 
 def bench_row(name: str, args, calib: torch.Tensor, tokens: torch.Tensor, work: Path) -> dict:
@@ -59,7 +59,7 @@ def bench_row(name: str, args, calib: torch.Tensor, tokens: torch.Tensor, work: 
         "ppl": ppl,
         "paper_bits": report.paper_bits,
         "stored_bits": report.stored_bits,
-        "low_bit_fraction": bit_summary(owq_layers(model))["low_bit_fraction"],
+        "low_bit_fraction": report.low_bit_fraction,
         "checkpoint_bytes": sum(f.stat().st_size for f in out.iterdir()),
         "quantize_seconds": report.seconds,
         "weak_by_role": report.weak_by_role,

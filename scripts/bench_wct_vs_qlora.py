@@ -128,10 +128,11 @@ def run_row(name: str, spec: dict, args) -> dict:
 
     from wct.baselines import prepare_lora_model
     from wct.data.instruct import read_file
-    from wct.export import Trained, export_adapter, export_wct
+    from wct.exporting import export_adapter, export_wct
+    from wct.runs import Trained
     from wct.models import load_model
     from wct.quant.checkpoint import load_quantized
-    from wct.training.config import OptimConfig, TaskConfig, TuningConfig
+    from wct.config import OptimConfig, TaskConfig, TuningConfig
     from wct.training.datamodule import InstructDataModule
     from wct.training.module import TuneModule, prepare_wct
 

@@ -114,7 +114,7 @@ def train_config(run_dir: Path, *overrides: str):
             "model=tiny-llama", "logger=csv", f"task.data.path={FIXTURE}", "task.max_length=512",
             "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2", "trainer.precision=32-true",
             "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint_every_n_steps=3", "callbacks.samples=false", f"paths.run_dir={run_dir}",
+            "callbacks.checkpoint.every_n_train_steps=3", "++callbacks.samples=null", f"paths.run_dir={run_dir}",
             "optim.lr=1e-2", *overrides,
         ])
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import wct.export as export
+import wct.exporting as export
+import wct.runs as runs
 from wct.errors import WCTError
-from wct.export import Trained, check_batch, export_wct, logits, set_weak_columns
+from wct.exporting import check_batch, export_wct, logits
+from wct.runs import Trained, set_weak_columns
 from wct.models import load_model
 from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
@@ -78,7 +80,7 @@ def test_export_refuses_tensors_of_another_base(base_dir, tmp_path):
 def test_trained_norms_and_tied_head_are_exported(base_dir, tmp_path):
     """tuning.norms / tuning.lm_head runs export too: the trained norms and the (tied) head are written in the
     base's dtype, the file keeps the base's size, and the reload reproduces the trained model's logits."""
-    from wct.export import set_parameters, stored_dtypes
+    from wct.runs import set_parameters, stored_dtypes
 
     trained = trained_from(base_dir)
     g = torch.Generator().manual_seed(5)
@@ -171,7 +173,7 @@ def test_adapter_export_reloads_with_equal_logits(method, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "wct_export.json", "README.md"} <= {
         p.name for p in out.iterdir()}
     assert meta["max_abs_diff"] == 0.0 and meta["trainable_params"] == sum(t.numel() for t in trained.values())
-    base = export.load_base_for_adapter("tiny-llama", method, config)
+    base = runs.load_base_for_adapter("tiny-llama", method, config)
     ids = check_batch(base.config.vocab_size)
     plain = logits(base, ids)
     reloaded = PeftModel.from_pretrained(base, out)
@@ -202,7 +204,8 @@ def wct_run(base_dir, tmp_path_factory) -> Path:
 
 
 def test_cli_export_of_a_training_checkpoint(wct_run, base_dir, tmp_path, capsys):
-    from wct.export import load_trained, run
+    from wct.export import run
+    from wct.runs import load_trained
 
     meta = run(export_config(f"ckpt_path={wct_run}", f"out={tmp_path / 'exp'}"))
     assert "max abs diff 0.0" in capsys.readouterr().out
@@ -223,7 +226,8 @@ def test_cli_export_of_a_run_that_trained_norms_and_head(base_dir, tmp_path):
     """tuning.norms + tuning.lm_head: the export holds every trained tensor and reloads to the trained logits."""
     from test_baselines import train_config
 
-    from wct.export import load_trained, run
+    from wct.export import run
+    from wct.runs import load_trained
     from wct.train import fit
 
     fit(train_config(tmp_path / "run", f"model.quantized={base_dir}", "tuning=weak_norms", "tuning.lm_head=true",
@@ -234,7 +238,7 @@ def test_cli_export_of_a_run_that_trained_norms_and_head(base_dir, tmp_path):
     assert "model.embed_tokens.weight" in meta["trained_parameters"] and meta["max_abs_diff"] == 0.0
     trained, (reloaded, _) = load_trained(ckpt), load_quantized(tmp_path / "exp")
     base, _ = load_quantized(base_dir)
-    stored = export.stored_dtypes(base_dir, list(trained.extra))
+    stored = runs.stored_dtypes(base_dir, list(trained.extra))
     for name, t in trained.extra.items():
         got = reloaded.get_parameter(name)
         assert torch.equal(got, t.to(stored[name]).to(got.dtype))
@@ -254,7 +258,7 @@ def test_cli_refuses_a_checkpoint_for_another_base(wct_run, tmp_path):
     ckpt["wct"]["base_dir"] = str(other_dir)
     torch.save(ckpt, tmp_path / "moved.ckpt")
     with pytest.raises(WCTError, match="not the one this checkpoint was trained on"):
-        export.load_trained(tmp_path / "moved.ckpt")
+        runs.load_trained(tmp_path / "moved.ckpt")
     with pytest.raises(SystemExit) as e:
         run(export_config(f"ckpt_path={tmp_path / 'moved.ckpt'}", f"out={tmp_path / 'exp'}"))
     assert e.value.code == 2 and not (tmp_path / "exp").exists()
@@ -265,9 +269,10 @@ def test_cli_refuses_a_checkpoint_for_another_base(wct_run, tmp_path):
 def test_generate_from_a_training_checkpoint(wct_run):
     from test_generate import config, greedy_reference
 
-    from wct.generate import render, run
+    from wct.generate import run
+    from wct.generation import render
 
-    trained = export.load_trained(wct_run)
+    trained = runs.load_trained(wct_run)
     expected = greedy_reference(trained.model, trained.tokenizer, render(trained.tokenizer, "Hi.", "", "alpaca"), 4)
     assert run(config(f"ckpt_path={wct_run}", "prompt=Hi.", "max_new_tokens=4")) == expected
 
@@ -284,6 +289,6 @@ def test_cli_export_of_an_adapter_checkpoint(method, tmp_path, capsys):
     meta = run(export_config(f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'a'}"))
     assert "peft adapter, not a merged model" in capsys.readouterr().out
     assert meta["max_abs_diff"] == 0.0 and (tmp_path / "a" / "adapter_model.safetensors").is_file()
-    trained = export.load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    trained = runs.load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt")
     ids = check_batch(trained.model.config.vocab_size)
     assert torch.equal(logits(trained.model, ids), logits(module.model, ids))

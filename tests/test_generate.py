@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 
 from wct.config import CONF_DIR
 from wct.errors import WCTError
-from wct.generate import generate, render, run
+from wct.generate import run
+from wct.generation import generate, render
 from wct.models import load_model
 from wct.quant.checkpoint import save_quantized
 from wct.quant.owq import quantize_model
@@ -74,7 +75,8 @@ def test_cli_errors():
 def test_cli_adapter_export_folder(tmp_path):
     """An exported LoRA adapter folder: base + adapter are rebuilt, the Alpaca template is used (tuned model)."""
     from wct.baselines import prepare_lora_model
-    from wct.export import Trained, export_adapter
+    from wct.exporting import export_adapter
+    from wct.runs import Trained
 
     model, tok = load_model("tiny-llama")
     lora = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": "all-linear"}

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from wct.errors import WCTError
 from wct.quant.gptq import GPTQ
-from wct.quant.pack import dequantize_full, pack_linear
+from wct.pack import dequantize_full, pack_linear
 from wct.quant.quantizer import fake_quantize, fit, fit_minmax
 
 F64 = torch.float64
@@ -81,7 +82,7 @@ def test_weak_columns_absorb_the_error_compensation(act_order):
 
     o = weak.long()
     n = torch.tensor([c for c in range(20) if c not in o.tolist()])
-    s, z = fit(w[:, n], 3, False, "mse", 30)  # fitted on the non-weak columns only (spec §1.7)
+    s, z = fit(w[:, n], 3, False, "mse", 30)  # fitted on the non-weak columns only (docs/algorithm.md §1.7)
     assert torch.allclose(scales[0], s) and torch.equal(zeros[0], z.long())
     h = damped(gq.H)
     schur = h[n][:, n] - h[n][:, o] @ torch.linalg.solve(h[o][:, o], h[o][:, n])
@@ -167,3 +168,28 @@ def test_owq_reconstructs_layer_output_better_than_rtn():
     err = lambda q: ((w - q) @ x.t()).pow(2).sum().item()  # noqa: E731
     assert err(q_owq) < err(q_gptq) < err(q_rtn)
     assert err(q_owq) < 0.5 * err(q_rtn)
+
+
+def test_not_positive_definite_hessian_is_a_clear_error():
+    w, _, gq = layer()
+    gq.H = -torch.eye(w.shape[1], dtype=F64)  # damping by 1% of a negative mean diagonal cannot rescue it
+    with pytest.raises(WCTError, match="not positive definite even after damping"):
+        gq.solve(torch.zeros(0, dtype=torch.int32), 4)
+
+
+def test_fp32_solve_with_fp16_scales_matches_float64():
+    """The production setting (fp32 weights and Hessian, scales rounded to fp16 storage) lands on the stored
+    grid and reconstructs the layer output as well as the float64 solve of the same problem."""
+    w, x, gq64 = layer(n=16, k=32, tokens=128, seed=3)
+    weak = GPTQ.weak_columns(gq64.sensitivity(3, False, "mse", 20, True), 2)
+    gq32 = GPTQ(w.float())
+    gq32.add_batch(x.float().view(2, 64, 32))
+    q32, s32, z32 = gq32.solve(weak, 3, grid=30, scale_dtype=torch.float16)
+    q64, _, _ = gq64.solve(weak, 3, grid=30, scale_dtype=torch.float16)
+    assert q32.dtype == torch.float32 and torch.equal(s32.half().float(), s32.float())  # fp16-representable
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[weak.long()] = False
+    codes = q32[:, keep].double() / s32.double().t() + z32.double().t()
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().min() >= 0 and codes.round().max() <= 7
+    err = lambda q: ((w - q.double()) @ x.t()).norm()  # noqa: E731
+    assert err(q32) <= 1.01 * err(q64)

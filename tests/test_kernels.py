@@ -16,7 +16,7 @@ import wct.kernels as kernels
 from wct.errors import WCTError
 from wct.kernels import triton_backend
 from wct.nn.owq_linear import OWQLinear
-from wct.quant.pack import pack_linear
+from wct.pack import pack_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_WEAK = [0, 1, 7, 40]  # 40: all inside the first 256-wide chunk of K
@@ -196,7 +196,7 @@ for case in sys.argv[1:]:
 
 
 def test_triton_kernels_aot_compile_for_sm80_sm90():
-    """Compile to PTX/cubin without a GPU (kernels.md §4): tile-shape and layout rules the interpreter skips.
+    """Compile to PTX/cubin without a GPU (docs/kernels.md): tile-shape and layout rules the interpreter skips.
     A subprocess, because kernels decorated under TRITON_INTERPRET=1 cannot be compiled."""
     import subprocess
     import sys

@@ -12,7 +12,7 @@ import wct.kernels as kernels
 from wct.kernels import cuda_backend
 from wct.kernels.__main__ import main as kernels_cli
 from wct.kernels.sources import source_dir
-from wct.quant.pack import dequantize_dense
+from wct.pack import dequantize_dense
 
 from test_kernels import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
 

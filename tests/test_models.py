@@ -31,7 +31,7 @@ def test_byte_tokenizer_roundtrip():
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (256, 257, 258)
 
 
-def test_local_folder_and_owq_folder(tmp_path):
+def test_local_folder_and_owq_folder(tmp_path, rtn_pack):
     model, tok = load_model("tiny-llama")
     model.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
@@ -41,12 +41,14 @@ def test_local_folder_and_owq_folder(tmp_path):
         assert torch.equal(loaded(x).logits, model(x).logits)
     assert tok2("abc").input_ids == tok("abc").input_ids
 
-    from tests.test_checkpoint import rtn_pack
+    from wct.loading import load_any
     from wct.quant.checkpoint import owq_layers, save_quantized
 
     rtn_pack(model, 4)
     save_quantized(model, tok, tmp_path / "owq")
-    q, _ = load_model(tmp_path / "owq")
+    with pytest.raises(WCTError, match="owq-pack folder"):  # the full-precision loader would build random weights
+        load_model(tmp_path / "owq")
+    q, _ = load_any(tmp_path / "owq")
     assert len(owq_layers(q)) == 14
     with torch.no_grad():
         assert torch.equal(q(x).logits, model(x).logits)

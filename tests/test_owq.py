@@ -30,7 +30,7 @@ OPT_6_7B = {
     "bits,target,attn,up,down",
     [(3, 3.01, 6, 2, 6), (3, 3.05, 28, 10, 28), (3, 3.1, 54, 20, 54), (4, 4.01, 6, 2, 6)],
 )
-def test_weak_counts_llama_7b(bits, target, attn, up, down):  # spec §1.5 worked values
+def test_weak_counts_llama_7b(bits, target, attn, up, down):  # docs/algorithm.md §1.5 worked values
     n = weak_counts(QuantConfig(bits=bits, target_bit=target), LLAMA_7B)
     assert [n[f"self_attn.{p}_proj"] for p in "qkvo"] == [attn] * 4
     assert (n["mlp.up_proj"], n["mlp.gate_proj"], n["mlp.down_proj"]) == (up, up, down)
@@ -99,18 +99,37 @@ def test_block_introspection():
     assert layer_role("transformer.h.0.attn.c_proj") == "o" and layer_role("transformer.h.0.mlp.c_proj") == "fc2"
 
 
-def fake_quant_twin(model: nn.Module) -> nn.Module:
-    """The same model with each OWQLinear replaced by an nn.Linear holding its dequantized weight."""
+def fake_quant_twin(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The same model with each OWQLinear replaced by an nn.Linear holding ``weights[name]``: the fake-quantized
+    weight the quantizer produced before packing (weak columns rounded to their fp16 storage), so a wrong
+    packing or dequantization cannot agree with it by construction."""
     twin = copy.deepcopy(model)
     for name, mod in list(twin.named_modules()):
         if isinstance(mod, OWQLinear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            lin.weight.data = mod.dequantize(torch.float32)
+            lin.weight.data = weights[name].float()
             if mod.bias is not None:
                 lin.bias.data = mod.bias.float()
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, lin)
+            twin.set_submodule(name, lin)
     return twin
+
+
+def record_fake_quant(monkeypatch) -> list[torch.Tensor]:
+    """Spy on the OWQ driver's ``pack_linear``: the fake-quantized weights [N, K] it is given, in call order,
+    with the weak columns rounded to the dtype they are stored in."""
+    import wct.quant.owq as driver
+
+    seen, real = [], driver.pack_linear
+
+    def spy(weight, scales, zeros, weak_idx, bits, bias=None, weak_dtype=torch.float16, scale_dtype=torch.float16):
+        w = weight.detach().clone().float()
+        idx = weak_idx.long()
+        w[:, idx] = w[:, idx].to(weak_dtype).float()
+        seen.append(w)
+        return real(weight, scales, zeros, weak_idx, bits, bias, weak_dtype, scale_dtype)
+
+    monkeypatch.setattr(driver, "pack_linear", spy)
+    return seen
 
 
 CASES = [
@@ -126,7 +145,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("family,recipe", CASES)
-def test_quantize_model_end_to_end(family, recipe):
+def test_quantize_model_end_to_end(family, recipe, monkeypatch):
+    fake_weights = record_fake_quant(monkeypatch)
     model = TINY[family]()
     n_linears = len(find_linears(find_blocks(model)[1][0]))
     calib = torch.randint(0, 128, (4, 24))
@@ -144,8 +164,36 @@ def test_quantize_model_end_to_end(family, recipe):
     assert report.stored_bits > report.paper_bits >= cfg.bits
     with torch.no_grad():
         packed = model(calib).logits
-        fake = fake_quant_twin(model)(calib).logits
+        fake = fake_quant_twin(model, dict(zip(report.n_weak, fake_weights, strict=True)))(calib).logits
     assert torch.allclose(packed, fake, atol=1e-5, rtol=1e-5)
+
+
+def test_each_block_is_calibrated_on_the_quantized_previous_block(monkeypatch):
+    """Block i's Hessians come from the outputs of the *quantized* blocks before it (docs/algorithm.md §1.1):
+    the hidden states block 1 was calibrated on equal those entering block 1 of the finished quantized model,
+    and differ from those of the full-precision model."""
+    import wct.quant.owq as driver
+
+    model, calib = tiny_llama(), torch.randint(0, 128, (3, 16))
+    fp = copy.deepcopy(model)
+    seen, real = [], driver._hessians
+    monkeypatch.setattr(driver, "_hessians", lambda block, layers, inps, kw: seen.append(inps.clone()) or real(
+        block, layers, inps, kw))
+    quantize_model(model, calib, QuantConfig(bits=3, target_bit=3.1), progress=False)
+    assert len(seen) == 2  # one Hessian pass per block
+
+    def block1_inputs(m: nn.Module) -> torch.Tensor:
+        got = []
+        hook = m.model.layers[1].register_forward_pre_hook(lambda mod, args, kwargs: got.append(
+            (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+        with torch.no_grad():
+            m(calib)
+        hook.remove()
+        return got[0]
+
+    quantized, full = block1_inputs(model), block1_inputs(fp)
+    assert torch.allclose(seen[1].reshape(quantized.shape), quantized, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seen[1].reshape(full.shape), full, atol=1e-3, rtol=1e-3)
 
 
 def test_owq_beats_rtn_on_model_output():
@@ -204,6 +252,12 @@ def test_bad_inputs_have_clear_errors():
         quantize_model(model, torch.zeros(2, 16, dtype=torch.long), QuantConfig(group_size=48), progress=False)
     with pytest.raises(WCTError, match="token ids"):
         quantize_model(model, torch.zeros(2, 16), QuantConfig(), progress=False)
+    with pytest.raises(WCTError, match="token id 130 is outside the vocabulary"):
+        quantize_model(model, torch.full((2, 16), 130), QuantConfig(), progress=False)
+    with pytest.raises(WCTError, match="would keep 64 of its 64 input columns in FP16"):
+        quantize_model(model, torch.zeros(2, 16, dtype=torch.long), QuantConfig(target_rank=64), progress=False)
+    with pytest.raises(WCTError, match="either quant.target_bit or quant.target_rank"):
+        quantize_model(model, torch.zeros(2, 16, dtype=torch.long), bits=3, target_bit=3.1, target_rank=4)
 
     class NoLinear(nn.Module):
         def __init__(self):
@@ -215,7 +269,7 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_weak_columns_chosen_on_selection_data():
-    """``select`` windows choose the weak columns by their own Hessian (spec §1.6 on H^sel): block 0's q_proj keeps
+    """``select`` windows choose the weak columns by their own Hessian (docs/algorithm.md §1.6 on H^sel): block 0's q_proj keeps
     the top-n of H^sel_jj·‖W - RTN(W)‖² computed here from the full-precision model; ``select=calib`` changes nothing."""
     from wct.quant.gptq import GPTQ
 

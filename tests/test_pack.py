@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from wct.quant.pack import (
+from wct.pack import (
     dequantize_full,
     pack_codes,
     pack_linear,
@@ -71,7 +71,7 @@ def test_pack_linear_weak_columns_exact_and_dense_zero():
 
 
 def test_stored_bits_llama7b_301():
-    # spec §2.1: LLaMA-7B "3.01" packs at about 3.017 bits per linear weight (16-bit scale + 4-bit zero there;
+    # docs/owq-pack.md §2.1: LLaMA-7B "3.01" packs at about 3.017 bits per linear weight (16-bit scale + 4-bit zero there;
     # we store an 8-bit zero, which adds ~0.001 bits at d=4096)
     d, ff = 4096, 11008
     layers = [(d, d, 6)] * 4 + [(ff, d, 2)] * 2 + [(d, ff, 6)]

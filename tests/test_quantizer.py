@@ -6,7 +6,7 @@ from wct.quant.quantizer import dequantize, fake_quantize, fit, fit_minmax, fit_
 
 
 def brute_force_mse(row: torch.Tensor, bits: int, sym: bool, grid: int) -> tuple[float, float]:
-    """Spec §1.7 written out one candidate at a time (float64): first strict minimum of mean |x - x̂|^2.4."""
+    """docs/algorithm.md §1.7 written out one candidate at a time (float64): first strict minimum of mean |x - x̂|^2.4."""
     maxq = 2**bits - 1
     xmin, xmax = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
     if xmin == 0 and xmax == 0:

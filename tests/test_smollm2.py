@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from wct.data.text import calibration_windows, eval_tokens
-from wct.evaluate import perplexity
+from wct.evaluation.perplexity import perplexity
 from wct.models import load_model, smollm2_dir
 from wct.quant.checkpoint import load_quantized, save_quantized
 from wct.quant.config import QuantConfig

@@ -10,7 +10,7 @@ import torch
 
 from wct.data.text import calibration_windows, eval_tokens, load_text, tokenize
 from wct.errors import WCTError
-from wct.evaluate import perplexity
+from wct.evaluation.perplexity import perplexity
 from wct.models import tiny_llama
 
 TEXT = "".join(f"Chapter {i}. It is a truth universally acknowledged, number {i * 7 % 13}.\n" for i in range(60))
@@ -28,7 +28,7 @@ def test_calibration_windows_protocol(book):
     ids = tokenize(tok, TEXT)
     w = calibration_windows(tok, book, n_samples=5, seqlen=32, seed=0)
     assert w.shape == (5, 32) and w.dtype == torch.long
-    rng = random.Random(0)  # spec §1.2: window starts from random.randint(0, T - seqlen - 1), seed 0
+    rng = random.Random(0)  # docs/algorithm.md §1.2: window starts from random.randint(0, T - seqlen - 1), seed 0
     for row in w:
         i = rng.randint(0, ids.numel() - 33)
         assert torch.equal(row, ids[i : i + 32])

@@ -17,7 +17,7 @@ from wct.models import load_model
 from wct.quant.checkpoint import load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
 from wct.train import fit
-from wct.training.config import OptimConfig
+from wct.config import OptimConfig
 from wct.training.module import lr_lambda, make_optimizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_tiny.json"
@@ -42,7 +42,7 @@ def config(run_dir: Path, base: Path, *overrides: str):
             f"model.quantized={base}", "logger=csv", f"task.data.path={FIXTURE}", "task.max_length=512",
             "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2", "trainer.precision=32-true",
             "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint_every_n_steps=2", "callbacks.samples=false", f"paths.run_dir={run_dir}",
+            "callbacks.checkpoint.every_n_train_steps=2", "++callbacks.samples=null", f"paths.run_dir={run_dir}",
             "optim.lr=1e-3", *overrides,
         ])
 
@@ -69,10 +69,12 @@ def test_only_weak_columns_change(base, tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "results.json").is_file()
 
 
-def test_resume_gives_the_same_loss_curve(base, tmp_path):
-    _, straight = fit(config(tmp_path / "a", base))
-    fit(config(tmp_path / "b", base, "trainer.max_steps=2"))
-    _, resumed = fit(config(tmp_path / "c", base, f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}"))
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16-mixed: the training default
+def test_resume_gives_the_same_loss_curve(base, tmp_path, precision):
+    p = f"trainer.precision={precision}"
+    _, straight = fit(config(tmp_path / "a", base, p))
+    fit(config(tmp_path / "b", base, "trainer.max_steps=2", p))
+    _, resumed = fit(config(tmp_path / "c", base, f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}", p))
     a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     c = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)
     history_a, history_c = a["callbacks"]["LossPlot"]["history"], c["callbacks"]["LossPlot"]["history"]
@@ -143,16 +145,18 @@ def test_weak_columns_selected_on_the_task(base, tmp_path, monkeypatch):
     import json
 
     from wct.nn.owq_linear import OWQLinear
-    from wct.train import quantized_base
+    from wct.config import TrainApp, to_app
+    from wct.training.base import quantized_base
     from wct.training.datamodule import task_rows
 
     monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "wct-cache"))
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         tiny = ["model=tiny-llama", "quant.target_bit=null", "quant.target_rank=4", f"calib.source={FIXTURE}",
                 "calib.n_samples=2", "calib.seqlen=64", f"cache_dir={tmp_path / 'bases'}", f"task.data.path={FIXTURE}",
-                "task.val_size=4", "progress=false"]
+                "task.val_size=4", "progress=false", f"paths.run_dir={tmp_path}"]
         cfgs = {t: compose("train", overrides=[*tiny, f"tuning={t}"]) for t in ("weak", "weak_task")}
-        folders = {t: quantized_base(c, task_rows(c.task)) for t, c in cfgs.items()}
+        apps = {t: to_app(c, TrainApp) for t, c in cfgs.items()}
+        folders = {t: quantized_base(a, task_rows(a.task)) for t, a in apps.items()}
     assert folders["weak"] != folders["weak_task"] and "-task-" in folders["weak_task"].name
     selection = json.loads((folders["weak_task"] / "config.json").read_text())["quantization_config"]["weak_selection"]
     assert selection.startswith("task:task-") and (tmp_path / "wct-cache" / "calib" / selection[5:]).is_file()
@@ -166,7 +170,7 @@ def test_weak_columns_selected_on_the_task(base, tmp_path, monkeypatch):
 
 def test_tuning_norms_and_head(base, tmp_path):
     from wct.training.module import prepare_wct
-    from wct.training.config import TuningConfig
+    from wct.config import TuningConfig
 
     model, _ = load_quantized(base)
     names = prepare_wct(model, TuningConfig(norms=True, lm_head=True))

@@ -21,7 +21,7 @@ _LAZY = {  # heavy modules (transformers, datasets) load on first use
     "QuantReport": "wct.quant.owq",
     "save_quantized": "wct.quant.checkpoint",
     "load_quantized": "wct.quant.checkpoint",
-    "load_model": "wct.models",
+    "load_model": "wct.loading",
 }
 
 __all__ = ["OWQLinear", "QuantConfig", *_LAZY]
@@ -30,5 +30,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        attr = "load_any" if name == "load_model" else name
+        return getattr(importlib.import_module(_LAZY[name]), attr)
     raise AttributeError(f"module 'wct' has no attribute {name!r}")

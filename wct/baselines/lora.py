@@ -1,6 +1,6 @@
 """LoRA and QLoRA baselines: a peft LoRA adapter on a full-precision or a bitsandbytes NF4 base.
 
-QLoRA (Dettmers et al., 2023; owq-spec §7): NF4 weights with double quantization, LoRA on every linear layer,
+QLoRA (Dettmers et al., 2023; docs/algorithm.md §3): NF4 weights with double quantization, LoRA on every linear layer,
 r = 64, alpha = 16, dropout 0.1. The NF4 base is built in memory by swapping each ``nn.Linear`` of the decoder
 (the output embedding stays as loaded) for a ``bnb.nn.Linear4bit``, so any base :func:`wct.models.load_model` can
 read (hub id, local dir, GGUF) works; ``is_loaded_in_4bit`` is then set as transformers' bnb loader sets it, so peft
@@ -35,7 +35,6 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype | None = None) -> 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
     for name, lin in targets:
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         q = bnb.nn.Linear4bit(
             lin.in_features,
             lin.out_features,
@@ -50,7 +49,7 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype | None = None) -> 
         )
         q.bias = None if lin.bias is None else nn.Parameter(lin.bias.data, requires_grad=False)
         q.support_avx512bf16_for_cpu = False  # keep the training layout in eval too (module docstring)
-        setattr(parent, name.rpartition(".")[2], q.to(lin.weight.device))  # .to() quantizes
+        model.set_submodule(name, q.to(lin.weight.device))  # .to() quantizes
     model.is_loaded_in_4bit = True
     return len(targets)
 

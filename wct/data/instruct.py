@@ -1,6 +1,6 @@
 """Instruction data: the Stanford Alpaca template, prompt-masked tokenization, loading, splitting, collation.
 
-Template (ecosystem.md §1.9): ``PROMPT_INPUT`` when a row's ``input`` is non-empty, else ``PROMPT_NO_INPUT``,
+Template (docs/algorithm.md §3.2): ``PROMPT_INPUT`` when a row's ``input`` is non-empty, else ``PROMPT_NO_INPUT``,
 byte-exact as in stanford_alpaca's ``train.py``; both end with ``### Response:`` and no trailing space or newline.
 The target is ``output`` + EOS, the labels are -100 on every prompt token (loss on the response and EOS only).
 

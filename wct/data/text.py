@@ -3,7 +3,7 @@
 ``source`` is ``wikitext2``, ``ptb``, ``c4`` (Hugging Face hub, or its local ``datasets`` cache) or the path of a
 UTF-8 text file or of a folder whose ``*.txt`` files are read in name order and joined with a blank line.
 
-Protocols (owq-spec §1.2 and §1.10):
+Protocols (docs/algorithm.md §1.2 and §1.10):
 
 * calibration: ``random.Random(seed)``; for c4 each sample draws random documents until one is longer than
   ``seqlen`` tokens and takes a random ``seqlen`` window of it; every other source is tokenized as one text
@@ -107,7 +107,7 @@ def _too_short(source: str | Path, n: int, seqlen: int, need: str) -> WCTError:
 def calibration_windows(
     tokenizer, source: str | Path, n_samples: int = 128, seqlen: int = 2048, seed: int = 0
 ) -> torch.Tensor:
-    """``n_samples`` random windows of ``seqlen`` tokens, LongTensor [n_samples, seqlen] (spec §1.2)."""
+    """``n_samples`` random windows of ``seqlen`` tokens, LongTensor [n_samples, seqlen] (docs/algorithm.md §1.2)."""
     if n_samples < 1 or seqlen < 2:
         raise WCTError(f"calibration needs n_samples >= 1 and seqlen >= 2 (got {n_samples}, {seqlen})")
     rng = random.Random(seed)
@@ -132,7 +132,7 @@ def calibration_windows(
 
 
 def eval_tokens(tokenizer, source: str | Path, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
-    """Evaluation tokens [n_windows * seqlen] of ``source`` (spec §1.10), cut to whole non-overlapping windows.
+    """Evaluation tokens [n_windows * seqlen] of ``source`` (docs/algorithm.md §1.10), cut to whole non-overlapping windows.
 
     ``max_windows`` keeps only the first windows (c4 is always capped at 256, as in the reference).
     """

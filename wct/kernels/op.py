@@ -1,7 +1,7 @@
 """The ``torch.library`` custom ops behind OWQLinear: ``wct::owq_linear`` (forward) and ``wct::owq_linear_dx``.
 
 Registered with fake implementations and autograd so ``torch.compile`` traces them and CUDA graphs capture them.
-Autograd (kernels.md §3.4): forward saves only X_o = x[..., idx] (plus references to the frozen inputs);
+Autograd (docs/kernels.md): forward saves only X_o = x[..., idx] (plus references to the frozen inputs);
 backward gives dX = dY·W_full through ``wct::owq_linear_dx`` on the same backend, and
 dW_o = X_oᵀ·dY [n_o, N] summed over batch and tokens, accumulated in fp32, in ``weak_weight``'s dtype.
 Packed tensors, indices, bias and the dense cache get no gradient.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wct.quant.pack import dequantize_dense, dequantize_full, plane_layout
+from wct.pack import dequantize_dense, dequantize_full, plane_layout
 
 
 def _planes(planes: list[torch.Tensor], bits: int) -> dict[str, torch.Tensor]:

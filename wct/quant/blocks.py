@@ -1,4 +1,4 @@
-"""Find a causal LM's decoder blocks and their linear layers by introspection (spec §1.3, §8.1).
+"""Find a causal LM's decoder blocks and their linear layers by introspection (docs/algorithm.md §1.3).
 
 No per-family tables beyond short role names: the blocks are the longest ``nn.ModuleList`` of same-class
 modules; their linears are every ``nn.Linear`` (or transformers ``Conv1D``) inside; a layer is "attention" when
@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from wct.errors import WCTError
 
-# last name component -> short role (spec §1.3 `--layers` names); anything else keeps its own name
+# last name component -> short role (docs/algorithm.md §1.3 `--layers` names); anything else keeps its own name
 _ROLES = {
     "q_proj": "q",
     "k_proj": "k",
@@ -92,7 +92,7 @@ def layer_role(name: str) -> str:
 
 
 def budget_ratios(linears: dict[str, nn.Module]) -> dict[str, float]:
-    """Share of the FP16 budget per layer (spec §1.3): attention 1; MLP 0.375 in a gated (LLaMA-like) block,
+    """Share of the FP16 budget per layer (docs/algorithm.md §1.3): attention 1; MLP 0.375 in a gated (LLaMA-like) block,
     0.25 otherwise (OPT/BLOOM/Falcon)."""
     gated = any(layer_role(n).startswith("gate") for n in linears)
     mlp = 0.375 if gated else 0.25
@@ -100,7 +100,7 @@ def budget_ratios(linears: dict[str, nn.Module]) -> dict[str, float]:
 
 
 def sequential_groups(names: list[str]) -> list[list[str]]:
-    """True-sequential order (spec §1.3): attention inputs [q,k,v], the other attention layers [o], the MLP
+    """True-sequential order (docs/algorithm.md §1.3): attention inputs [q,k,v], the other attention layers [o], the MLP
     inputs [up,gate] / [fc1], then the rest [down] / [fc2]; empty stages are dropped."""
 
     def stage(n: str) -> int:

@@ -2,7 +2,7 @@
 
 A checkpoint folder holds ``model.safetensors`` (every tensor of the model once: OWQLinear planes, scales, zeros,
 weak_idx, weak_weight, bias, plus the unquantized embeddings, norms and head), ``config.json`` (the Hugging Face
-config with ``quantization_config``, see :func:`quantization_metadata`), the tokenizer files and
+config with ``quantization_config``, see :func:`describe_quantization`), the tokenizer files and
 ``generation_config.json``. Only safetensors is ever read from it.
 
 Unquantized floating tensors are stored in fp16 when that is lossless (a model loaded from an fp16 checkpoint),
@@ -24,8 +24,9 @@ from torch import nn
 
 from wct.errors import WCTError
 from wct.io import atomic_dir
+from wct.models import as_dtype, is_owq_checkpoint, load_model
 from wct.nn.owq_linear import OWQLinear
-from wct.quant.pack import FORMAT_VERSION, SUPPORTED_BITS, pack_codes, stored_bits
+from wct.pack import FORMAT_VERSION, SUPPORTED_BITS, pack_codes, stored_bits
 
 WEIGHTS = "model.safetensors"
 QUANT_METHOD = "owq"
@@ -37,7 +38,7 @@ def owq_layers(model: nn.Module) -> dict[str, OWQLinear]:
 
 
 def bit_summary(layers: dict[str, OWQLinear]) -> dict[str, float]:
-    """Bits per weight of the quantized linears (ARCHITECTURE "Bits, honestly"; spec §2.1).
+    """Bits per weight of the quantized linears (docs/owq-pack.md §2.1).
 
     ``paper_bits`` = b + (16 − b) · (FP16 weak weights / weights); ``stored_bits`` = what the packed tensors cost
     (codes incl. weak placeholders and K padding, scales, zeros, indices, FP16 weak columns) per weight;
@@ -60,10 +61,18 @@ def bit_summary(layers: dict[str, OWQLinear]) -> dict[str, float]:
     }
 
 
-def quantization_metadata(model: nn.Module) -> dict:
-    """``config.json["quantization_config"]``: the recipe the quantizer recorded in
-    ``model.config.quantization_config`` (kept as is) with the layer facts read from the modules themselves:
-    quant_method, format_version, bits, group_size (-1 = per row), per-layer n_weak, paper_bits, stored_bits."""
+def weak_by_type(n_weak: dict[str, int]) -> dict[str, list[int]]:
+    """The distinct weak-column counts of each layer type (the last name component), in first-seen order."""
+    out: dict[str, set[int]] = {}
+    for name, n in n_weak.items():
+        out.setdefault(name.rsplit(".", 1)[-1], set()).add(n)
+    return {t: sorted(v) for t, v in out.items()}
+
+
+def describe_quantization(model: nn.Module, recipe: dict | None = None) -> dict:
+    """``config.json["quantization_config"]`` of ``model``, the one place it is composed: ``recipe`` (default: what
+    ``model.config.quantization_config`` holds, kept as is) with the layer facts read from the modules themselves
+    (quant_method, format_version, bits, group_size (-1 = per row), per-layer n_weak) and :func:`bit_summary`."""
     layers = owq_layers(model)
     if not layers:
         raise WCTError("the model has no OWQLinear layers; quantize it first (wct.quantize_model)")
@@ -73,7 +82,7 @@ def quantization_metadata(model: nn.Module) -> dict:
         raise WCTError(f"owq-pack v1 stores one bits and group size per checkpoint; the model mixes bits {bits} "
                        f"and group sizes {groups}")
     bits, group_size = bits.pop(), groups.pop() if groups else -1
-    meta = dict(getattr(model.config, "quantization_config", None) or {})
+    meta = dict(recipe if recipe is not None else getattr(model.config, "quantization_config", None) or {})
     meta.update(
         quant_method=QUANT_METHOD,
         format_version=FORMAT_VERSION,
@@ -84,6 +93,16 @@ def quantization_metadata(model: nn.Module) -> dict:
     )
     meta.setdefault("sym", False)
     return meta
+
+
+def _described(model: nn.Module) -> bool:
+    """Whether ``model.config.quantization_config`` already describes the model's OWQ layers (set by
+    :func:`describe_quantization` through quantize_model or by a load), so saving can reuse it."""
+    qc = getattr(model.config, "quantization_config", None) or {}
+    layers = owq_layers(model)
+    return (qc.get("quant_method") == QUANT_METHOD and "stored_bits" in qc and bool(layers)
+            and qc.get("n_weak") == {n: m.n_weak for n, m in layers.items()}
+            and {qc.get("bits")} == {m.bits for m in layers.values()})
 
 
 def _tensor_key(t: torch.Tensor) -> tuple | None:
@@ -117,7 +136,7 @@ def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: 
     ``dtype``: storage dtype of unquantized floating tensors wherever it is lossless (module docstring). The
     written file is read back and compared tensor by tensor before the folder is renamed into place.
     """
-    meta = quantization_metadata(model)
+    meta = model.config.quantization_config if _described(model) else describe_quantization(model)
     owq_prefixes = tuple(f"{name}." for name in owq_layers(model))
     state, _ = _unique_state(model)
     tensors = {
@@ -140,11 +159,6 @@ def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _skeleton(config):
@@ -212,8 +226,6 @@ def load_quantized(
     (None keeps the stored dtypes), OWQLinear tensors keep their stored dtypes. Reloads are bit-exact."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from wct.models import as_dtype
-
     path, dtype = Path(path), as_dtype(dtype)
     config = _read_config(path)
     meta = config["quantization_config"]
@@ -229,7 +241,7 @@ def load_quantized(
                            "the checkpoint is corrupt")
         group = linear.in_features // scales.shape[0]  # tensors are assigned below: dtypes come from the file
         layer = OWQLinear(linear.in_features, linear.out_features, meta["bits"], group, n_weak, f"{name}.bias" in tensors)
-        _set_module(model, name, layer)
+        model.set_submodule(name, layer)
     owq_prefixes = tuple(f"{name}." for name in meta["n_weak"])
     if dtype is not None:
         tensors = {n: t if n.startswith(owq_prefixes) or not t.is_floating_point() else t.to(dtype)
@@ -244,11 +256,11 @@ def load_quantized(
     return model.eval(), tokenizer
 
 
-# --------------------------------------------------------------------------- reference OWQ checkpoints (spec §2.2)
+# --------------------------------------------------------------------------- reference OWQ checkpoints (docs/owq-pack.md §2.2)
 
 
 def unpack_reference_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Codes [K, N] of a reference ``QuantLinear.qweight`` [K/32·b, N] (spec §2.2).
+    """Codes [K, N] of a reference ``QuantLinear.qweight`` [K/32·b, N] (docs/owq-pack.md §2.2).
 
     Both layouts are little-endian bit streams of 32 codes per b words: code i of a run of 32 occupies stream bits
     [b·i, b·i + b), so 4-bit is 8 codes per word and 3-bit straddles words at codes 10 and 21.
@@ -301,8 +313,6 @@ def import_reference(path: str | os.PathLike, base: str, dtype: torch.dtype | st
     the architecture and tokenizer). The file is read with ``torch.load(weights_only=True)``: tensors, dicts and
     ``SimpleNamespace(n_out=...)`` only. Save the result with :func:`save_quantized` to get owq-pack v1.
     """
-    from wct.models import as_dtype, load_model
-
     path = Path(path)
     if not path.is_file():
         raise WCTError(f"reference OWQ checkpoint {path} not found; pass the .pth written by its main.py --save")
@@ -329,18 +339,13 @@ def import_reference(path: str | os.PathLike, base: str, dtype: torch.dtype | st
         except AttributeError:
             raise WCTError(f"{path}: layer {name} does not exist in {base}; this is a checkpoint of another model"
                            ) from None
-        _set_module(model, name, _reference_layer(sd, name, linear, bits, path))
+        model.set_submodule(name, _reference_layer(sd, name, linear, bits, path))
         for buf in ("qweight", "scales", "zeros", "bias", "oweight", "outlieridx"):
             sd.pop(f"{name}.{buf}", None)
     dtype = as_dtype(dtype)
     rest = {key: t.to(dtype) if dtype is not None and t.is_floating_point() else t for key, t in sd.items()}
     rest.update({f"{name}.{k}": v for name, m in owq_layers(model).items() for k, v in m.state_dict().items()})
     _load_state(model, rest, path)
-    model.config.quantization_config = {
-        "method": "owq",
-        "bits": bits,
-        "group_size": -1,
-        "sym": False,
-        "imported_from": f"reference OWQ checkpoint {path.name}",
-    }
+    model.config.quantization_config = describe_quantization(
+        model, {"method": "owq", "sym": False, "imported_from": f"reference OWQ checkpoint {path.name}"})
     return model.eval(), tok

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wct.errors import WCTError
-from wct.quant.pack import SUPPORTED_BITS
+from wct.pack import SUPPORTED_BITS
 
 
 @dataclass
 class QuantConfig:
-    """One OWQ / GPTQ / RTN recipe (spec §1.9 defaults).
+    """One OWQ / GPTQ / RTN recipe (docs/algorithm.md §1.9 defaults).
 
-    method: "owq" (weak columns + GPTQ + tuned quantizer), "gptq" (no weak columns, min-max unless tuning says
-    otherwise), "rtn" (round to nearest). Weak-column count from ``target_bit`` (spec §1.5) or ``target_rank``.
+    method: "owq" (weak columns + GPTQ), "gptq" (no weak columns), "rtn" (round to nearest). ``tuning`` picks the
+    quantizer for every method: "mse" (the |e|^2.4 clipping search; the Python default) or "minmax" (what the
+    reference code uses for plain GPTQ/RTN: the ``gptq-*`` / ``rtn-*`` presets set it; docs/algorithm.md §2).
+    Weak-column count from ``target_bit`` (docs/algorithm.md §1.5) or ``target_rank``.
     """
 
     method: str = "owq"
@@ -51,17 +53,27 @@ class QuantConfig:
             raise WCTError(f"quant.target_rank={self.target_rank} must be >= 0")
         if self.method != "owq" and (self.target_bit not in (None, float(self.bits)) or self.target_rank):
             raise WCTError(f"quant.method={self.method} keeps no weak columns; drop target_bit/target_rank or use owq")
-        if self.group_size not in (-1, 0) and self.group_size < 1:
+        if self.group_size != -1 and self.group_size < 1:
             raise WCTError(f"quant.group_size={self.group_size} must be -1 (per row) or a positive group width")
+        for key in ("grid", "sens_grid", "blocksize"):
+            if getattr(self, key) < 1:
+                raise WCTError(f"quant.{key}={getattr(self, key)} must be >= 1")
+        if not 0 <= self.percdamp < 1:
+            raise WCTError(f"quant.percdamp={self.percdamp} must lie in [0, 1) (a fraction of the mean diag(H))")
         if not self.name:
             self.name = self.default_name()
 
     def default_name(self) -> str:
-        tag = f"{self.method}-w{self.bits}"
-        if self.target_bit is not None:
-            tag += f"-t{self.target_bit:g}"
-        if self.target_rank is not None:
-            tag += f"-k{self.target_rank}"
-        if self.group_size > 0:
-            tag += f"-g{self.group_size}"
-        return tag
+        return recipe_name(self.method, self.bits, self.target_bit, self.target_rank, self.group_size)
+
+
+def recipe_name(method: str, bits: int, target_bit: float | None, target_rank: int | None, group_size: int) -> str:
+    """The label of a recipe in run and output names, e.g. ``owq-w3-t3.01``, ``owq-w3-k8``, ``gptq-w4-g64``."""
+    tag = f"{method}-w{bits}"
+    if target_bit is not None:
+        tag += f"-t{target_bit:g}"
+    if target_rank is not None:
+        tag += f"-k{target_rank}"
+    if group_size > 0:
+        tag += f"-g{group_size}"
+    return tag

@@ -1,4 +1,4 @@
-"""GPTQ/OPTQ for one linear layer with OWQ's weak columns permuted last (spec §1.4, §1.6, §1.8).
+"""GPTQ/OPTQ for one linear layer with OWQ's weak columns permuted last (docs/algorithm.md §1.4, §1.6, §1.8).
 
 Notation: W is [N = out, K = in], X the layer inputs, H = (2/N_seq)·Σ x xᵀ [K, K]. Quantizing column c to q_c
 and letting the not-yet-quantized columns F absorb the error is the OBS step
@@ -33,10 +33,10 @@ class GPTQ:
         self.dtype = dtype
         self.H = torch.zeros(self.columns, self.columns, dtype=dtype, device=weight.device)
         self.nsamples = 0
-        self.loss = 0.0  # Σ (w - q)² / U_cc² / 2 of the last solve (spec §1.8 step 9)
+        self.loss = 0.0  # Σ (w - q)² / U_cc² / 2 of the last solve (docs/algorithm.md §1.8 step 9)
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Fold the inputs ``x`` [..., K] of one forward call into H (spec §1.4).
+        """Fold the inputs ``x`` [..., K] of one forward call into H (docs/algorithm.md §1.4).
 
         A 3-D ``x`` counts x.shape[0] sequences, otherwise one. H stays the running mean
         H_n = n_old/n · H_old + (2/n)·XᵀX, i.e. H = (2/N_seq)·Σ_tokens x xᵀ once all sequences are in.
@@ -51,7 +51,7 @@ class GPTQ:
     def sensitivity(
         self, bits: int, sym: bool = False, tuning: str = "mse", grid: int = 40, frob_norm: bool = True
     ) -> torch.Tensor:
-        """s_j = H_jj · Σ_i (W_ij - RTN(W)_ij)² on the raw diagonal, or H_jj alone (spec §1.6 steps 1-2).
+        """s_j = H_jj · Σ_i (W_ij - RTN(W)_ij)² on the raw diagonal, or H_jj alone (docs/algorithm.md §1.6 steps 1-2).
 
         RTN(W) uses a temporary per-row quantizer fitted on the whole W (``grid`` = 40 for the MSE search).
         """
@@ -64,13 +64,14 @@ class GPTQ:
 
     @staticmethod
     def weak_columns(sensitivity: torch.Tensor, n: int) -> torch.Tensor:
-        """The ``n`` most sensitive columns, sorted ascending, int32 (spec §1.6 step 3)."""
+        """The ``n`` most sensitive columns, sorted ascending, int32 (docs/algorithm.md §1.6 step 3)."""
         return torch.topk(sensitivity, n).indices.sort().values.to(torch.int32)
 
     def solve(
         self,
         weak_idx: torch.Tensor,
         bits: int,
+        *,
         sym: bool = False,
         tuning: str = "mse",
         grid: int = 100,
@@ -82,7 +83,7 @@ class GPTQ:
         order_key: torch.Tensor | None = None,
         scale_dtype: torch.dtype | None = torch.float16,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quantize all columns but ``weak_idx`` with error feedback into every later column (spec §1.8).
+        """Quantize all columns but ``weak_idx`` with error feedback into every later column (docs/algorithm.md §1.8).
 
         Per row (``group_size`` -1 or K) the quantizer is fitted once on the non-weak columns with ``grid`` steps.
         With groups, the group of original column k is k // G; its parameters are fitted (``group_grid`` steps) on

@@ -1,4 +1,4 @@
-"""Block-sequential OWQ / GPTQ / RTN quantization of a causal LM (spec §1.1, §8.3).
+"""Block-sequential OWQ / GPTQ / RTN quantization of a causal LM (docs/algorithm.md §1.1).
 
 Block 0's inputs are caught once; then, block by block on ``device``: Hessians of the block's linears from the
 calibration inputs (all linears in one group, or true-sequential groups), weak columns + GPTQ per linear, each
@@ -27,23 +27,24 @@ from wct.quant.blocks import (
     outside_blocks,
     sequential_groups,
 )
-from wct.quant.checkpoint import bit_summary, owq_layers
+from wct.quant.checkpoint import describe_quantization
 from wct.quant.config import QuantConfig
 from wct.quant.gptq import GPTQ
-from wct.quant.pack import FORMAT_VERSION, pack_linear
+from wct.pack import pack_linear
 from wct.quant.quantizer import rtn
 
 
 @dataclass
 class QuantReport:
-    """What :func:`quantize_model` did. ``paper_bits`` = b + (16 - b)·(FP16 weights / all weights) (spec §1.5);
-    ``stored_bits`` counts codes incl. placeholders, scales, zeros, indices and FP16 columns (spec §2.1)."""
+    """What :func:`quantize_model` did. ``paper_bits`` = b + (16 - b)·(FP16 weights / all weights) (docs/algorithm.md §1.5);
+    ``stored_bits`` counts codes incl. placeholders, scales, zeros, indices and FP16 columns (docs/owq-pack.md §2.1)."""
 
     cfg: QuantConfig
     n_weak: dict[str, int]  # qualified layer name -> number of weak columns
     weak_by_role: dict[str, int]  # layer type -> weak columns per layer (same in every block)
     paper_bits: float
     stored_bits: float
+    low_bit_fraction: float
     seconds: float
     loss: dict[str, float] = field(default_factory=dict)  # GPTQ's Σ (w - q)²/U_cc²/2 per layer (0 for RTN)
 
@@ -56,7 +57,7 @@ class QuantReport:
 
 
 def weak_counts(cfg: QuantConfig, layers: dict[str, tuple[int, str, float]]) -> dict[str, int]:
-    """Weak columns per layer from ``layers`` = {name: (in_features, role, budget ratio)} of one block (spec §1.5).
+    """Weak columns per layer from ``layers`` = {name: (in_features, role, budget ratio)} of one block (docs/algorithm.md §1.5).
 
     target_bit T with b bits: r = 12·(T - b) / ((16 - b)·L), L = number of enabled layer types;
     n = round(in·r·ratio), bumped to even. target_rank k: exactly k per enabled layer. Disabled types (not in
@@ -151,7 +152,7 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> 
 def _hessians(
     block: nn.Module, layers: dict[str, nn.Module], inps: torch.Tensor, kwargs: dict[str, Any]
 ) -> dict[str, GPTQ]:
-    """One :class:`GPTQ` per layer holding the Hessian of its inputs over ``inps`` run through ``block`` (§1.4)."""
+    """One :class:`GPTQ` per layer holding the Hessian of its inputs over ``inps`` run through ``block`` (docs/algorithm.md §1.4)."""
     if not layers:
         return {}
     gptqs = {n: GPTQ(_weight(m)) for n, m in layers.items()}
@@ -178,7 +179,8 @@ def _quantize_layer(
     storage: torch.dtype,
     chooser: GPTQ | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """Packed owq-pack v1 tensors of one layer and its GPTQ loss (spec §1.6-§1.8; RTN without ``gptq``).
+    """Packed owq-pack v1 tensors of one layer and its GPTQ loss (docs/algorithm.md §1.6-§1.8; RTN without
+    ``gptq``).
 
     ``chooser``: a second Hessian (of other inputs, e.g. the task's) whose sensitivity picks the weak columns;
     GPTQ's compensation and act-order still use ``gptq``'s."""
@@ -197,16 +199,16 @@ def _quantize_layer(
         q, scales, zeros = gptq.solve(
             weak,
             cfg.bits,
-            cfg.sym,
-            cfg.tuning,
-            cfg.grid,
-            cfg.group_size,
-            cfg.sens_grid,
-            cfg.percdamp,
-            cfg.blocksize,
-            cfg.act_order,
-            sens,
-            storage,
+            sym=cfg.sym,
+            tuning=cfg.tuning,
+            grid=cfg.grid,
+            group_size=cfg.group_size,
+            group_grid=cfg.sens_grid,  # QuantConfig.sens_grid: the grid of the sensitivity pass and of group refits
+            percdamp=cfg.percdamp,
+            blocksize=cfg.blocksize,
+            act_order=cfg.act_order,
+            order_key=sens,  # with weak columns, act-order goes by sensitivity (docs/algorithm.md §1.8)
+            scale_dtype=storage,
         )
         loss = gptq.loss
     bias = layer.bias.detach() if layer.bias is not None else None
@@ -256,17 +258,19 @@ def quantize_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     select: torch.Tensor | None = None,
+    selection_label: str = "select",
     **recipe: Any,
 ) -> QuantReport:
-    """Quantize every linear of every decoder block of ``model`` in place (spec §1.1).
+    """Quantize every linear of every decoder block of ``model`` in place (docs/algorithm.md §1.1).
 
     ``calib``: token ids [n_samples, seqlen]. ``cfg``: the recipe, or give its fields as keywords
     (``quantize_model(model, calib, bits=3, target_bit=3.01)``). Each block runs on ``device`` (default: CPU) and
     goes back to where it was. Records ``model.config.quantization_config`` (a plain dict) for checkpointing.
 
     ``select``: token ids [n, seqlen] of other text (the fine-tuning task's) whose Hessians choose the weak columns
-    instead of calib's: s_j = H^sel_jj·‖W_:,j − RTN(W)_:,j‖² (spec §1.6 on H^sel). Like calib they are propagated
-    through the already-quantized blocks; GPTQ's error compensation still runs on calib's Hessian.
+    instead of calib's: s_j = H^sel_jj·‖W_:,j − RTN(W)_:,j‖² (docs/algorithm.md §1.6 on H^sel). Like calib they are
+    propagated through the already-quantized blocks; GPTQ's error compensation still runs on calib's Hessian.
+    ``selection_label`` names that text in ``quantization_config["weak_selection"]``.
     """
     start = time.time()
     if cfg is not None and recipe:
@@ -309,9 +313,7 @@ def quantize_model(
                 packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
                     layer, gptqs.get(n), counts[n], cfg, storage, choosers.get(n))
                 k = _weight(layer).shape[1]
-                parent, _, child = n.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, child,
-                        OWQLinear.from_packed(packed, cfg.bits, k))
+                block.set_submodule(n, OWQLinear.from_packed(packed, cfg.bits, k))
                 n_weak[f"{prefix}.{i}.{n}"] = counts[n]
             del gptqs, choosers
         if inps is not None and i + 1 < len(blocks):
@@ -322,30 +324,22 @@ def quantize_model(
     model.train(was_training)
     model.config.use_cache = use_cache
 
-    bits = bit_summary(owq_layers(model))
-    paper, stored = bits["paper_bits"], bits["stored_bits"]
-    report = QuantReport(
+    meta = describe_quantization(model, {
+        "method": cfg.method,
+        "target_bit": cfg.target_bit,
+        "target_rank": cfg.target_rank,
+        "sym": cfg.sym,
+        "recipe": asdict(cfg),
+        "weak_selection": "calib" if select is None else selection_label,
+    })
+    model.config.quantization_config = meta
+    return QuantReport(
         cfg=cfg,
         n_weak=n_weak,
         weak_by_role={layer_role(n): counts[n] for n in first},
-        paper_bits=paper,
-        stored_bits=stored,
+        paper_bits=meta["paper_bits"],
+        stored_bits=meta["stored_bits"],
+        low_bit_fraction=meta["low_bit_fraction"],
         seconds=time.time() - start,
         loss=losses,
     )
-    model.config.quantization_config = {
-        "quant_method": "owq",
-        "format_version": FORMAT_VERSION,
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "sym": cfg.sym,
-        "target_bit": cfg.target_bit,
-        "target_rank": cfg.target_rank,
-        "method": cfg.method,
-        "n_weak": n_weak,
-        "paper_bits": paper,
-        "stored_bits": stored,
-        "recipe": asdict(cfg),
-        "weak_selection": "calib" if select is None else "select",
-    }
-    return report

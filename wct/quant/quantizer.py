@@ -1,6 +1,6 @@
 """Uniform b-bit quantizer fitted per row (or per group of a row's columns): min-max and the tuned MSE search.
 
-Spec §1.7. Codes are unsigned in [0, 2^b - 1] with an integer zero-point z:
+docs/algorithm.md §1.7. Codes are unsigned in [0, 2^b - 1] with an integer zero-point z:
 
     q = clamp(round(w / s) + z, 0, 2^b - 1),        ŵ = s · (q - z)
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-NORM = 2.4  # exponent of the MSE search objective: mean |w - ŵ|^2.4 (spec §1.7)
-MIN_STEP = 1e-8  # floor of a candidate step width (spec §1.7)
+NORM = 2.4  # exponent of the MSE search objective: mean |w - ŵ|^2.4 (docs/algorithm.md §1.7)
+MIN_STEP = 1e-8  # floor of a candidate step width (docs/algorithm.md §1.7)
 CHUNK_ELEMS = 1 << 18  # elements of one [grid chunk, rows, C] temporary in the MSE search
 ROW_SLAB_ELEMS = 1 << 22  # rows are searched in slabs of at most this many elements
 EXTREMES = 32  # values taken from each end of a row for the MSE search's lower bound
@@ -40,7 +40,7 @@ def zero_inclusive_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def params_from_range(
     xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero-point of the range [xmin, xmax] (spec §1.7, min-max formulas and the final recompute).
+    """Scale and zero-point of the range [xmin, xmax] (docs/algorithm.md §1.7, min-max formulas and the final recompute).
 
     asymmetric: s = (m+ - m-) / (2^b - 1),  z = clamp(-round(m- / s), 0, 2^b - 1)   with m± the zero-inclusive range
     symmetric:  s = max(|m-|, m+) / 2^(b-1),  z = 2^(b-1)
@@ -75,7 +75,7 @@ def _errors(x: torch.Tensor, step: torch.Tensor, zp: int | None, bits: int) -> t
 def fit_mse(
     w: torch.Tensor, bits: int, sym: bool = False, grid: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tuned per-row fit: the range minimizing mean |w - ŵ|^2.4 over a grid (spec §1.7, "quantization
+    """Tuned per-row fit: the range minimizing mean |w - ŵ|^2.4 over a grid (docs/algorithm.md §1.7, "quantization
     configuration search including truncation").
 
     asymmetric: widths w_i = R·i/grid (R = xmax - xmin, i = 1..grid), steps Δ_i = max(w_i / (2^b - 1), 1e-8), and

@@ -1,7 +1,1 @@
-"""Training: the LightningModule, DataModule, callbacks and structured configs of ``python -m wct.train``."""
-
-from wct.training.config import TrainApp
-from wct.training.datamodule import InstructDataModule
-from wct.training.module import TuneModule, fingerprint, prepare_wct
-
-__all__ = ["InstructDataModule", "TrainApp", "TuneModule", "fingerprint", "prepare_wct"]
+"""Training: the LightningModule, DataModule, callbacks, base caching and one training run of ``python -m wct.train``."""

@@ -73,7 +73,7 @@ class LossGuard(L.Callback):
             self.first.append(float(mean))
         elif float(mean) > self.max_ratio * (ref := sum(self.first) / len(self.first)):
             raise WCTError(f"training loss exploded at step {step}: {float(mean):.4g} > {self.max_ratio} x the first "
-                           f"steps' mean {ref:.4g}; stopped. Lower optim.lr or raise callbacks.max_loss_ratio")
+                           f"steps' mean {ref:.4g}; stopped. Lower optim.lr or raise callbacks.loss_guard.max_ratio")
 
     def state_dict(self) -> dict[str, Any]:
         return {"first": self.first}
@@ -83,20 +83,21 @@ class LossGuard(L.Callback):
 
 
 class SampleGenerations(L.Callback):
-    """Greedy answers to fixed prompts (Alpaca template) at each validation: a W&B table and ``samples.csv``."""
+    """Greedy answers to fixed prompts (Alpaca template) at each validation: a W&B table and ``samples.csv``.
+    The tokenizer is the datamodule's (``trainer.datamodule.tokenizer``)."""
 
-    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, run_dir: str | Path) -> None:
-        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, list(prompts), max_new_tokens
+    def __init__(self, prompts: list[str], max_new_tokens: int, run_dir: str | Path) -> None:
+        self.prompts, self.max_new_tokens = list(prompts), max_new_tokens
         self.file = Path(run_dir) / "samples.csv"
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         from wct.data.instruct import format_prompt
-        from wct.generate import generate
+        from wct.generation import generate
 
         if trainer.sanity_checking or not self.prompts or trainer.global_rank != 0:
             return
-        rows = [[trainer.global_step, prompt,
-                 generate(pl_module.model, self.tokenizer, format_prompt(prompt), self.max_new_tokens)]
+        tok = trainer.datamodule.tokenizer
+        rows = [[trainer.global_step, prompt, generate(pl_module.model, tok, format_prompt(prompt), self.max_new_tokens)]
                 for prompt in self.prompts]
         new = not self.file.exists()
         self.file.parent.mkdir(parents=True, exist_ok=True)

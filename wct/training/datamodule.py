@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from wct.data.instruct import collate, encode_rows, load_rows, show_example, split_rows
 from wct.errors import WCTError
-from wct.training.config import TaskConfig
+from wct.config import TaskConfig
 
 
 class StreamSampler(Sampler[list[int]]):

@@ -126,7 +126,7 @@ def pack_linear(
     """Pack a fake-quantized weight [N, K] (grid values off the weak columns, free values on them).
 
     ``scales``/``zeros`` are [K/G, N] (G = group size; one row for per-row quantization). Codes are recovered as
-    round(W / s) + z (spec §8.10), clamped to the code range; weak columns are set to the zero-point.
+    round(W / s) + z (docs/owq-pack.md §3), clamped to the code range; weak columns are set to the zero-point.
     Returns the owq-pack v1 tensors of one layer.
     """
     n, k = weight.shape

@@ -1,0 +1,116 @@
+"""The package's import structure (docs/architecture.md §1): no import cycles between wct's modules or subpackages, no library
+module importing an entry point, no entry point importing another. Imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "wct"
+ENTRY_POINTS = {"wct.quantize", "wct.evaluate", "wct.train", "wct.export", "wct.generate"}
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the wct modules it imports (``from wct.x import y`` counts as wct.x.y when that is a module, as
+    import-linter's graph counts it)."""
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                            for a in node.names}
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph collapsed to wct's subpackages and top-level modules (wct.quant, wct.nn, wct.models, ...)."""
+    unit = lambda m: ".".join(m.split(".")[:2])  # noqa: E731
+    out: dict[str, set[str]] = {}
+    for src, dsts in graph.items():
+        out.setdefault(unit(src), set()).update(unit(d) for d in dsts if unit(d) != unit(src))
+    return out
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every cycle between modules or between subpackages, and every import of an entry point (by a library
+    module or by another entry point)."""
+    found = [f"cycle: {' <-> '.join(c)}" for c in cycles(graph)]
+    found += [f"package cycle: {' <-> '.join(c)}" for c in cycles(package_graph(graph))]
+    found += [f"{src} imports the entry point {dst}" for src, dsts in sorted(graph.items()) for dst in sorted(dsts)
+              if dst in ENTRY_POINTS]
+    return found
+
+
+def test_the_package_has_no_cycles_and_no_upward_imports():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 30 and "wct.quant.owq" in graph["wct.training.base"]  # the graph is really read
+    found = violations(graph)
+    print("\n".join(found) or f"{len(graph)} modules, {sum(map(len, graph.values()))} imports: no cycle, no "
+          "upward import")
+    assert found == []
+
+
+def copy_package(tmp_path: Path) -> Path:
+    root = tmp_path / "wct"
+    for p in PACKAGE.rglob("*.py"):
+        (root / p.relative_to(PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
+        (root / p.relative_to(PACKAGE)).write_text(p.read_text())
+    return root
+
+
+@pytest.mark.parametrize("planted, target, expected", [
+    ("wct/pack.py", "wct.nn.owq_linear", "cycle: "),  # pack is imported by nn.owq_linear
+    ("wct/generate.py", "wct.export", "wct.generate imports the entry point wct.export"),
+    ("wct/training/run.py", "wct.train", "wct.training.run imports the entry point wct.train"),
+])
+def test_the_check_fails_on_a_planted_violation(tmp_path, planted, target, expected):
+    root = copy_package(tmp_path)
+    before = violations(import_graph(root))
+    path = tmp_path / planted
+    path.write_text(path.read_text() + f"\n\ndef _planted():\n    import {target}  # noqa\n")
+    new = [v for v in violations(import_graph(root)) if v not in before]
+    hits = [v for v in new if v.startswith(expected)]
+    assert hits and (expected != "cycle: " or {"wct.pack", target} <= set(hits[0][7:].split(" <-> ")))

@@ -1,0 +1,1 @@
+"""Evaluation of loaded models: perplexity on text corpora (``perplexity``)."""

@@ -1,0 +1,192 @@
+"""Exports of trained runs, reloaded and checked before they are declared written.
+
+WCT (docs/architecture.md §4): the base named in the checkpoint is loaded (its fingerprint
+must match), each trained fp32 master ``weak_weight`` is cast to the dtype the base stores it in (fp16) and written
+into the packed model (norms / output head trained with ``tuning.norms`` / ``tuning.lm_head`` likewise, in their
+stored dtype), and the result is saved with :func:`wct.quant.checkpoint.save_quantized`: same tensors,
+shapes and dtypes as the base, hence the same size. Then the folder is reloaded and its logits on a fixed batch
+are compared with the in-training model *with its weak columns rounded to the stored dtype*; they must be bitwise
+equal (max |diff| = 0). The difference to the fp32-master model (the rounding of the stored weak columns) is
+reported too. Only then does the folder appear under its final name (``wct.io.atomic_dir``).
+
+LoRA / QLoRA: the adapter is written in peft format (``adapter_config.json`` + ``adapter_model.safetensors``) and
+checked the same way (base + reloaded adapter vs the in-training model). It is not merged: merging into an NF4
+base rounds the update into 4 bits and changes the model.
+
+Every export also holds the tokenizer (with a chat template: the tokenizer's own, else the Alpaca template), the
+generation config, the resolved training config (``training_config.yaml``), ``wct_export.json`` (method, base,
+template, checks) and a model card ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from wct.errors import WCTError
+from wct.io import atomic_dir
+from wct.loading import EXPORT_META
+from wct.nn.modes import eval_mode
+from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
+from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
+
+CHECK_TOKENS = 32  # tokens per row of the logits check batch
+
+
+def check_batch(vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """The fixed token batch [2, CHECK_TOKENS] the exported and the in-training model are compared on."""
+    return torch.randint(0, vocab_size, (2, CHECK_TOKENS), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with eval_mode(model):
+        return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
+
+
+def alpaca_chat_template() -> str:
+    """Jinja chat template that renders [user] + generation prompt byte-exactly as the Alpaca no-input prompt
+    (``wct.data.instruct.PROMPT_NO_INPUT``) and an assistant turn as its response + EOS, as training saw them."""
+    from wct.data.instruct import PROMPT_NO_INPUT
+
+    head, _, tail = PROMPT_NO_INPUT.partition("{instruction}")
+    cut = tail.index("### Response:")
+    q = json.dumps  # JSON string literals are valid Jinja string literals
+    return (
+        "{% for m in messages %}"
+        f"{{% if m['role'] == 'user' %}}{{{{ {q(head)} + m['content'] + {q(tail[:cut])} }}}}"
+        f"{{% elif m['role'] == 'assistant' %}}{{{{ {q(tail[cut:])} + m['content'] + eos_token }}}}{{% endif %}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ {q(tail[cut:])} }}}}{{% endif %}}"
+    )
+
+
+def with_chat_template(tokenizer):
+    """The tokenizer with the Alpaca chat template the model was trained on (returns the template name).
+
+    It replaces any template the base tokenizer had: ``apply_chat_template`` on the export must render the prompts
+    the weak columns were tuned on, not the base model's chat format."""
+    tokenizer.chat_template = alpaca_chat_template()
+    return tokenizer, "alpaca"
+
+
+def model_card(meta: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in meta["metrics"].items()) or "| (none recorded) | |"
+    usage = (
+        f"import wct\nmodel, tok = wct.load_quantized('{meta['path']}')"
+        if meta["method"] == "wct"
+        else f"from wct.loading import load_adapter_export  # base {meta['base']} + this adapter\n"
+        f"model, tok = load_adapter_export('{meta['path']}')"
+    )
+    return f"""# {meta['name']}
+
+Fine-tuned with **{meta['method']}** (wct) on the base `{meta['base']}`.
+
+| item | value |
+| --- | --- |
+| method | {meta['method']} |
+| base | {meta['base']} |
+| bits | {meta.get('bits', 'full precision')} |
+| trainable parameters | {meta['trainable_params']:,} |
+| chat template | {meta['template']} |
+| export check: max abs logit diff vs in-training model (stored dtype) | {meta['max_abs_diff']} |
+| max abs logit diff vs fp32 master weights (storage rounding) | {meta.get('max_abs_diff_fp32_master', 'n/a')} |
+
+## Training metrics
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Use
+
+```python
+{usage}
+```
+
+Or: `python -m wct.generate model.name={meta['path']} prompt="..."`. Training config: `training_config.yaml`.
+"""
+
+
+def export_meta(trained: Trained, out: Path, template: str) -> dict:
+    """The ``wct_export.json`` fields every export has; each method adds its own."""
+    return {
+        "name": out.name,
+        "path": str(out.resolve()),
+        "method": trained.method,
+        "base": trained.base,
+        "trainable_params": sum(t.numel() for t in [*trained.trained.values(), *trained.extra.values()]),
+        "template": template,
+        "metrics": trained.metrics,
+    }
+
+
+def _write_common(tmp: Path, trained: Trained, meta: dict) -> None:
+    (tmp / "training_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(trained.config)))
+    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(model_card(meta))
+
+
+def export_wct(trained: Trained, out: Path) -> dict:
+    """Write the merged owq-pack folder at ``out`` (module docstring); returns the export metadata."""
+    if trained.base_dir is None:
+        raise WCTError("this checkpoint names no owq-pack base folder; WCT export writes the trained columns into it")
+    ids = check_batch(trained.model.config.vocab_size)
+    fp32_master = logits(trained.model, ids)
+    model, _ = load_quantized(trained.base_dir, dtype=next(trained.model.parameters()).dtype)
+    set_weak_columns(model, trained.trained)  # cast to the base's stored dtype: what the file will hold
+    stored = stored_dtypes(trained.base_dir, list(trained.extra))
+    set_parameters(model, {n: t.to(stored[n]) for n, t in trained.extra.items()})  # norms / head, likewise
+    reference = logits(model, ids)
+    tokenizer, template = with_chat_template(trained.tokenizer)
+    layers = owq_layers(model)
+    meta = export_meta(trained, out, template) | {
+        "bits": model.config.quantization_config.get("bits"),
+        "trained_parameters": sorted(trained.extra),
+        "weak_dtype": str(next(iter(layers.values())).weak_weight.dtype).removeprefix("torch."),
+        "max_abs_diff_fp32_master": (reference - fp32_master).abs().max().item(),
+    }
+    with atomic_dir(out) as tmp:
+        save_quantized(model, tokenizer, tmp)
+        reloaded, _ = load_quantized(tmp, dtype=next(model.parameters()).dtype)
+        diff = (logits(reloaded, ids) - reference).abs().max().item()
+        if diff != 0:
+            raise WCTError(f"the exported model's logits differ from the in-training model's by {diff:g} (must be 0); "
+                           "nothing was written. Report this as a bug")
+        meta["max_abs_diff"] = diff
+        meta["bytes"] = (tmp / WEIGHTS).stat().st_size
+        meta["base_bytes"] = (trained.base_dir / WEIGHTS).stat().st_size
+        if meta["bytes"] != meta["base_bytes"]:
+            raise WCTError(f"the export's {WEIGHTS} has {meta['bytes']} bytes, the base's {meta['base_bytes']}; they "
+                           "must hold the same tensors. Report this as a bug")
+        _write_common(tmp, trained, meta)
+    return meta
+
+
+def export_adapter(trained: Trained, out: Path) -> dict:
+    """Write the peft adapter folder at ``out`` (not merged: module docstring); returns the export metadata."""
+    from peft import PeftModel
+
+    model, ids = trained.model, check_batch(trained.model.config.vocab_size)
+    reference = logits(model, ids)
+    tokenizer, template = with_chat_template(trained.tokenizer)
+    meta = export_meta(trained, out, template) | {
+        "bits": "nf4" if trained.method == "qlora" else None,
+        "lora": {k: trained.config["method"][k] for k in ("r", "alpha", "dropout", "target_modules")},
+    }
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        base_model = load_base_for_adapter(trained.base, trained.method, trained.config)
+        diff = (logits(PeftModel.from_pretrained(base_model, tmp), ids) - reference).abs().max().item()
+        if diff != 0:
+            raise WCTError(f"base + reloaded adapter differ from the in-training model by {diff:g} (must be 0); "
+                           "nothing was written. Report this as a bug")
+        meta["max_abs_diff"] = diff
+        meta["bytes"] = sum(f.stat().st_size for f in tmp.glob("adapter_model.*"))
+        _write_common(tmp, trained, meta)
+    return meta

@@ -1,0 +1,65 @@
+"""Prompt rendering and generation for any loaded causal LM (base, owq-pack folder, export, training checkpoint)."""
+
+from __future__ import annotations
+
+import torch
+
+from wct.errors import WCTError
+from wct.nn.modes import eval_mode
+
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+
+
+def render(tokenizer, prompt: str, input: str = "", template: str = "alpaca") -> str:
+    """The text fed to the model for ``prompt`` (and the Alpaca ``input`` field) under ``template``."""
+    from wct.data.instruct import format_prompt
+
+    if template == "alpaca":
+        return format_prompt(prompt, input)
+    if input:
+        raise WCTError(f"input=... is only used by template=alpaca (got template={template}); fold it into the prompt")
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise WCTError("this tokenizer has no chat template; use template=alpaca or template=none")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    if template == "none":
+        return prompt
+    raise WCTError(f"template={template!r} is unknown; use one of {', '.join(TEMPLATES)}")
+
+
+def resolve_template(template: str, tokenizer, tuned: bool, has_input: bool) -> str:
+    """``auto`` → alpaca for a model wct trained (that is what it was tuned on) or when an Alpaca ``input`` is
+    given, else the tokenizer's chat template when it has one, else alpaca; other names pass through."""
+    if template != "auto":
+        return template
+    return "alpaca" if tuned or has_input or not getattr(tokenizer, "chat_template", None) else "chat"
+
+
+@torch.no_grad()
+def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, add_special_tokens: bool = True) -> str:
+    """The continuation of ``text`` (special tokens dropped), greedy unless ``do_sample`` (then seeded by
+    ``seed``; greedy decoding leaves the global RNG alone, so it can run inside training). ``model`` is put back
+    in the train/eval mode it came in.
+
+    ``add_special_tokens``: as training tokenized the prompt (``wct.data.instruct.encode``); False for text
+    rendered by a chat template, which already holds its special tokens."""
+    if max_new_tokens < 1:
+        raise WCTError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if do_sample:
+        torch.manual_seed(seed)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
+    ids = ids.to(next(model.parameters()).device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with eval_mode(model):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **sampling,
+        )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,81 @@
+"""The one loader of the verbs: whatever ``model.*`` (and ``ckpt_path``) name, as ``(model, tokenizer)``.
+
+An owq-pack folder (a quantized base or a WCT export) loads with :func:`wct.quant.checkpoint.load_quantized`, a
+peft adapter folder written by ``python -m wct.export`` with its base (:func:`load_adapter_export`), a training
+checkpoint with :func:`wct.runs.load_trained`, anything else (built-in name, HF folder, GGUF, hub id) with
+:func:`wct.models.load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from wct.errors import WCTError
+from wct.models import load_model
+from wct.quant.checkpoint import is_owq_checkpoint, load_quantized
+
+EXPORT_META = "wct_export.json"  # written by wct.exporting into every export
+
+
+@dataclass
+class Loaded:
+    """A model ready to use. ``label``: a short name for tables; ``tuned``: trained by wct (a checkpoint or an
+    export), so the template it was trained with is the right default for prompting it."""
+
+    model: nn.Module
+    tokenizer: Any
+    label: str
+    tuned: bool
+
+
+def load_adapter_export(path: str | os.PathLike):
+    """(model, tokenizer) of a peft adapter folder written by wct.export: its base (NF4 for QLoRA) + the adapter."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from wct.runs import load_base_for_adapter
+
+    path = Path(path)
+    if not (path / EXPORT_META).is_file():
+        raise WCTError(f"{path} is a peft adapter without {EXPORT_META} (not written by wct.export); its base is "
+                       "unknown. Export it with python -m wct.export, or load it with peft yourself")
+    meta = json.loads((path / EXPORT_META).read_text())
+    config = OmegaConf.to_container(OmegaConf.load(path / "training_config.yaml"), resolve=True)
+    base = load_base_for_adapter(meta["base"], meta["method"], config)
+    return PeftModel.from_pretrained(base, path), AutoTokenizer.from_pretrained(path)
+
+
+def load_any(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
+             device: torch.device | str | None = None):
+    """``(model, tokenizer)`` of an owq-pack folder, a wct adapter export, or anything :func:`load_model` takes."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and is_owq_checkpoint(path):
+        return load_quantized(path, dtype=dtype, device=device)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return load_adapter_export(path)
+    return load_model(name_or_path, dtype=dtype, device=device)
+
+
+def load_for_use(model_cfg, ckpt_path: str | None = None) -> Loaded:
+    """The model a verb runs: ``ckpt_path`` (a training checkpoint: base + trained tensors), else
+    ``model.quantized`` (an owq-pack folder), else ``model.name``."""
+    if ckpt_path:
+        from wct.runs import load_trained
+
+        trained = load_trained(ckpt_path)
+        return Loaded(trained.model, trained.tokenizer, Path(ckpt_path).parent.parent.name, True)
+    if model_cfg.quantized:
+        path = Path(model_cfg.quantized)
+        model, tok = load_quantized(path, dtype=model_cfg.dtype)
+    else:
+        path = Path(model_cfg.name)
+        model, tok = load_any(model_cfg.name, dtype=model_cfg.dtype)
+    return Loaded(model, tok, path.name, (path / EXPORT_META).is_file())
