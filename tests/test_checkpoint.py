@@ -11,7 +11,6 @@ from safetensors import safe_open
 
 from wct.errors import WCTError
 from wct.models import tiny_llama
-from wct.nn.owq_linear import OWQLinear
 from wct.quant.checkpoint import (
     bit_summary,
     import_reference,
@@ -20,7 +19,7 @@ from wct.quant.checkpoint import (
     save_quantized,
     unpack_reference_codes,
 )
-from wct.pack import pack_linear, unpack_codes
+from wct.pack import unpack_codes
 
 
 def logits(model, seed: int = 1) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 
 from wct.errors import WCTError
 from wct.io import atomic_dir
-from wct.models import as_dtype, is_owq_checkpoint, load_model
+from wct.models import as_dtype, load_model
 from wct.nn.owq_linear import OWQLinear
 from wct.pack import FORMAT_VERSION, SUPPORTED_BITS, pack_codes, stored_bits
 
