@@ -1,9 +1,13 @@
 // CUDA kernels for owq-pack v1 layers, torch-free with extern "C" launchers (loaded by wct/kernels/cuda_backend.py).
 //
-// owq_gemv    : decode GEMV for M <= OWQ_GEMV_MAX_M rows. One thread per output column n (coalesced plane reads),
-//               blockIdx.y splits K into chunks of k_per_split (a multiple of 32) whose activations are staged in
-//               shared memory as fp32. Accumulation in fp32; the weak columns (any number) are a tail of the last
-//               split. Partials go to a workspace [splits, M, N] summed by owq_reduce in split order: deterministic.
+// owq_gemv    : decode GEMV for M <= OWQ_GEMV_MAX_M rows, templated on bits and M (no runtime m-chain, no local
+//               arrays). blockIdx.y splits K into chunks of k_per_split staged in shared memory; the weak columns
+//               are spread over the splits (x[idx] staged as fp32). Split-K is fused and deterministic: every
+//               split writes its fp32 partial to ws [splits, M, N], and the last block of a column tile (a
+//               __threadfence + atomicAdd ticket) sums the partials in split order, adds the bias and casts.
+//   fast    : fp16 activations and scales, N % 4 == 0, 16-byte aligned planes: 4 columns per thread from 128-bit
+//             loads, LOP3/0x6400 fp16x2 decode, HSUB2 zero, HFMA2 with x staged as half2 in pair order.
+//   general : every other case (fp32/bf16, ragged N, unaligned): one column per thread, exponent-trick decode.
 // owq_dequant : deq(W_q) with the weak rows of W_o scattered in, as a scratch [K, N] for one GEMM (large M, dX).
 // Launchers return the cudaError_t of the launch (0 = success). dtype codes: 0 float, 1 half, 2 bfloat16.
 #include <cuda_runtime.h>
@@ -11,52 +15,120 @@
 #include "owq_dequant.cuh"
 
 #define OWQ_THREADS 256
+#define OWQ_FAST_THREADS 128
 
-template <typename T, typename S>
-__global__ void owq_gemv_kernel(const T* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
-                                const int32_t* __restrict__ pb, const S* __restrict__ scales,
-                                const uint8_t* __restrict__ zeros, const int32_t* __restrict__ idx,
-                                const T* __restrict__ wo, float* __restrict__ ws, int M, int N, int K, int n_o,
-                                int group, int k_per_split, int bits) {
-  extern __shared__ float xs[];  // [M][k_per_split]
-  const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  const int split = blockIdx.y;
-  const int k_lo = split * k_per_split;
-  const int len = min(K, k_lo + k_per_split) - k_lo;
-  for (int i = threadIdx.x; i < M * len; i += blockDim.x) {
-    const int m = i / len, kk = i % len;
-    xs[m * k_per_split + kk] = owq_to_float(x[m * stride_x + k_lo + kk]);
+// Write or reduce a block's results. acc[c][m] is the partial of column n0 + c, row m over this split's rows.
+// With one split the block writes y; otherwise the partials go to ws and the tile's last block (counters[tile]
+// counts arrivals, and is reset by that block for the next launch) sums them in split order: deterministic.
+template <int M, int COLS, typename T>
+__device__ __forceinline__ void owq_finish(float (&acc)[COLS][M], int64_t n0, int N, const T* bias, float* ws,
+                                           int* counters, T* y) {
+  const int split = blockIdx.y, splits = gridDim.y;
+  const bool live = n0 < N;
+  if (splits > 1) {
+    if (live)
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int c = 0; c < COLS; ++c)
+          if (COLS == 1 || n0 + c < N) ws[(static_cast<int64_t>(split) * M + m) * N + n0 + c] = acc[c][m];
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+    if (!live) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int c = 0; c < COLS; ++c) {
+        float s = 0.f;
+        for (int p = 0; p < splits; ++p) s += __ldcg(ws + (static_cast<int64_t>(p) * M + m) * N + n0 + c);
+        acc[c][m] = s;
+      }
   }
+  if (!live) return;
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) {
+    const float b = bias != nullptr ? owq_to_float(bias[n0 + c]) : 0.f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) y[static_cast<int64_t>(m) * N + n0 + c] = owq_from_float<T>(acc[c][m] + b);
+  }
+}
+
+// Stage this split's weak activations x[m, idx[o]] (o in [o_lo, o_hi)) as fp32 into xo [M][ldo].
+template <int M, typename T>
+__device__ __forceinline__ void owq_stage_weak(const T* x, int64_t stride_x, const int32_t* idx, int o_lo, int o_hi,
+                                               float* xo, int ldo) {
+  for (int i = threadIdx.x; i < M * (o_hi - o_lo); i += blockDim.x) {
+    const int m = i / (o_hi - o_lo), o = o_lo + i % (o_hi - o_lo);
+    xo[m * ldo + o - o_lo] = owq_to_float(x[m * stride_x + idx[o]]);
+  }
+}
+
+template <int BITS, int M>
+__global__ void __launch_bounds__(OWQ_FAST_THREADS)
+    owq_gemv_fast(const __half* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
+                  const int32_t* __restrict__ pb, const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                  const int32_t* __restrict__ idx, const __half* __restrict__ wo, const __half* __restrict__ bias,
+                  float* __restrict__ ws, int* __restrict__ counters, __half* __restrict__ y, int N, int K, int n_o,
+                  int group, int k_per_split, int o_per_split) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* xs = reinterpret_cast<__half*>(smem);                   // [M][k_per_split], pair order
+  float* xo = reinterpret_cast<float*>(xs + M * k_per_split);  // [M][o_per_split]
+  constexpr int R = OwqStep<BITS>::ROWS;
+  const int k_lo = blockIdx.y * k_per_split;
+  const int len = min(K, k_lo + k_per_split) - k_lo, len_pad = (len + R - 1) / R * R;
+  const int o_lo = owq_weak_bound(n_o, blockIdx.y, gridDim.y), o_hi = owq_weak_bound(n_o, blockIdx.y + 1, gridDim.y);
+  owq_stage_x_pairs<BITS>(x, stride_x, M, k_lo, len, len_pad, k_per_split, xs, threadIdx.x, blockDim.x);
+  owq_stage_weak<M>(x, stride_x, idx, o_lo, o_hi, xo, o_per_split);
   __syncthreads();
-  if (n >= N) return;
-  float acc[OWQ_GEMV_MAX_M];
-#pragma unroll
-  for (int m = 0; m < OWQ_GEMV_MAX_M; ++m) acc[m] = 0.f;
-  owq_column_dot(pa, pb, scales, zeros, N, n, k_lo, len, group, bits, xs, k_per_split, M, acc);
-  if (split == gridDim.y - 1) owq_weak_tail(x, stride_x, idx, wo, n_o, N, n, M, acc);
-#pragma unroll
-  for (int m = 0; m < OWQ_GEMV_MAX_M; ++m)
-    if (m < M) ws[(static_cast<int64_t>(split) * M + m) * N + n] = acc[m];
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * OWQ_COLS;
+  float acc[OWQ_COLS][M] = {};
+  if (n0 < N) {
+    owq_fast_columns<BITS, M>(pa, pb, scales, zeros, N, n0, k_lo, k_lo + len_pad, group, xs, k_per_split, acc);
+    owq_weak_columns<M, OWQ_COLS>(wo, N, n0, o_lo, o_hi, xo, o_per_split, acc);
+  }
+  owq_finish<M, OWQ_COLS>(acc, n0, N, bias, ws, counters, y);
 }
 
-template <typename T>
-__global__ void owq_reduce_kernel(const float* __restrict__ ws, const T* __restrict__ bias, T* __restrict__ y,
-                                  int splits, int M, int N) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t mn = static_cast<int64_t>(M) * N;
-  if (i >= mn) return;
-  float s = 0.f;
-  for (int p = 0; p < splits; ++p) s += ws[p * mn + i];
-  if (bias != nullptr) s += owq_to_float(bias[i % N]);
-  y[i] = owq_from_float<T>(s);
+template <int BITS, int M, typename T, typename S>
+__global__ void __launch_bounds__(OWQ_THREADS)
+    owq_gemv_general(const T* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
+                     const int32_t* __restrict__ pb, const S* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                     const int32_t* __restrict__ idx, const T* __restrict__ wo, const T* __restrict__ bias,
+                     float* __restrict__ ws, int* __restrict__ counters, T* __restrict__ y, int N, int K, int n_o,
+                     int group, int k_per_split, int o_per_split) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* xs = reinterpret_cast<float*>(smem);  // [M][k_per_split]
+  float* xo = xs + M * k_per_split;            // [M][o_per_split]
+  const int k_lo = blockIdx.y * k_per_split;
+  const int len = min(K, k_lo + k_per_split) - k_lo, len_pad = (len + 31) / 32 * 32;
+  const int o_lo = owq_weak_bound(n_o, blockIdx.y, gridDim.y), o_hi = owq_weak_bound(n_o, blockIdx.y + 1, gridDim.y);
+  for (int i = threadIdx.x; i < M * len_pad; i += blockDim.x) {
+    const int m = i / len_pad, kk = i % len_pad;
+    xs[m * k_per_split + kk] = kk < len ? owq_to_float(x[m * stride_x + k_lo + kk]) : 0.f;
+  }
+  owq_stage_weak<M>(x, stride_x, idx, o_lo, o_hi, xo, o_per_split);
+  __syncthreads();
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float acc[1][M] = {};
+  if (n < N) {
+    owq_general_column<BITS, M>(pa, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group, xs, k_per_split, acc);
+    owq_weak_columns<M, 1>(wo, N, n, o_lo, o_hi, xo, o_per_split, acc);
+  }
+  owq_finish<M, 1>(acc, n, N, bias, ws, counters, y);
 }
 
-template <typename T, typename S>
+template <int BITS, typename T, typename S>
 __global__ void owq_dequant_kernel(const int32_t* __restrict__ pa, const int32_t* __restrict__ pb,
                                    const S* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                                   T* __restrict__ out, int N, int K, int group, int bits) {
+                                   T* __restrict__ out, int N, int K, int group) {
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n < N) owq_dequant_block(pa, pb, scales, zeros, N, n, blockIdx.y * 32, K, group, bits, out);
+  if (n < N) owq_dequant_block<BITS>(pa, pb, scales, zeros, N, n, blockIdx.y * 32, K, group, out);
 }
 
 template <typename T>
@@ -67,31 +139,102 @@ __global__ void owq_scatter_weak_kernel(const int32_t* __restrict__ idx, const T
   if (n < N) out[static_cast<int64_t>(idx[o]) * N + n] = wo[static_cast<int64_t>(o) * N + n];
 }
 
-template <typename T, typename S>
-static int gemv(const void* x, int64_t stride_x, const void* pa, const void* pb, const void* scales, const void* zeros,
-                const void* idx, const void* wo, const void* bias, void* ws, void* y, int M, int N, int K, int n_o,
-                int group, int bits, int splits, int k_per_split, cudaStream_t stream) {
-  if (M < 1 || M > OWQ_GEMV_MAX_M || k_per_split % 32 || group % 32 && group < K) return cudaErrorInvalidValue;
-  const dim3 grid((N + OWQ_THREADS - 1) / OWQ_THREADS, splits);
-  const size_t smem = sizeof(float) * M * k_per_split;
-  owq_gemv_kernel<T, S><<<grid, OWQ_THREADS, smem, stream>>>(
-      static_cast<const T*>(x), stride_x, static_cast<const int32_t*>(pa), static_cast<const int32_t*>(pb),
-      static_cast<const S*>(scales), static_cast<const uint8_t*>(zeros), static_cast<const int32_t*>(idx),
-      static_cast<const T*>(wo), static_cast<float*>(ws), M, N, K, n_o, group, k_per_split, bits);
-  const int64_t mn = static_cast<int64_t>(M) * N;
-  owq_reduce_kernel<T><<<(mn + OWQ_THREADS - 1) / OWQ_THREADS, OWQ_THREADS, 0, stream>>>(
-      static_cast<const float*>(ws), static_cast<const T*>(bias), static_cast<T*>(y), splits, M, N);
+#ifdef OWQ_BUDGET_ONLY
+// Only the M = 1 fast kernels, for the static check (wct/kernels/budget.py): seconds to compile instead of minutes.
+#define OWQ_FAST_ARGS                                                                                        \
+  const __half*, int64_t, const int32_t*, const int32_t*, const __half*, const uint8_t*, const int32_t*,     \
+      const __half*, const __half*, float*, int*, __half*, int, int, int, int, int, int
+template __global__ void owq_gemv_fast<3, 1>(OWQ_FAST_ARGS);
+template __global__ void owq_gemv_fast<4, 1>(OWQ_FAST_ARGS);
+#else
+static bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Call F<M, rest...>(a) for the runtime row count a.M in 1..OWQ_GEMV_MAX_M.
+#define OWQ_M_CASES(F, ...)                                                                        \
+  switch (a.M) {                                                                                   \
+    case 1: return F<1, __VA_ARGS__>(a); case 2: return F<2, __VA_ARGS__>(a);                      \
+    case 3: return F<3, __VA_ARGS__>(a); case 4: return F<4, __VA_ARGS__>(a);                      \
+    case 5: return F<5, __VA_ARGS__>(a); case 6: return F<6, __VA_ARGS__>(a);                      \
+    case 7: return F<7, __VA_ARGS__>(a); case 8: return F<8, __VA_ARGS__>(a);                      \
+    default: return cudaErrorInvalidValue;                                                         \
+  }
+
+struct OwqGemvArgs {
+  const void *x, *pa, *pb, *scales, *zeros, *idx, *wo, *bias;
+  void *ws, *counters, *y;
+  int64_t stride_x;
+  int M, N, K, n_o, group, bits, splits, k_per_split;
+  cudaStream_t stream;
+};
+
+static int owq_o_per_split(const OwqGemvArgs& a) { return (a.n_o + a.splits - 1) / a.splits; }
+
+template <int M, int BITS>
+static int launch_fast(const OwqGemvArgs& a) {
+  const int o_per = owq_o_per_split(a);
+  const size_t smem = sizeof(__half) * M * a.k_per_split + sizeof(float) * M * o_per;
+  const dim3 grid((a.N / OWQ_COLS + OWQ_FAST_THREADS - 1) / OWQ_FAST_THREADS, a.splits);
+  owq_gemv_fast<BITS, M><<<grid, OWQ_FAST_THREADS, smem, a.stream>>>(
+      static_cast<const __half*>(a.x), a.stride_x, static_cast<const int32_t*>(a.pa),
+      static_cast<const int32_t*>(a.pb), static_cast<const __half*>(a.scales), static_cast<const uint8_t*>(a.zeros),
+      static_cast<const int32_t*>(a.idx), static_cast<const __half*>(a.wo), static_cast<const __half*>(a.bias),
+      static_cast<float*>(a.ws), static_cast<int*>(a.counters), static_cast<__half*>(a.y), a.N, a.K, a.n_o, a.group,
+      a.k_per_split, o_per);
   return cudaGetLastError();
+}
+
+template <int M, int BITS, typename T, typename S>
+static int launch_general(const OwqGemvArgs& a) {
+  const int o_per = owq_o_per_split(a);
+  const size_t smem = sizeof(float) * M * (a.k_per_split + o_per);
+  const dim3 grid((a.N + OWQ_THREADS - 1) / OWQ_THREADS, a.splits);
+  owq_gemv_general<BITS, M, T, S><<<grid, OWQ_THREADS, smem, a.stream>>>(
+      static_cast<const T*>(a.x), a.stride_x, static_cast<const int32_t*>(a.pa), static_cast<const int32_t*>(a.pb),
+      static_cast<const S*>(a.scales), static_cast<const uint8_t*>(a.zeros), static_cast<const int32_t*>(a.idx),
+      static_cast<const T*>(a.wo), static_cast<const T*>(a.bias), static_cast<float*>(a.ws),
+      static_cast<int*>(a.counters), static_cast<T*>(a.y), a.N, a.K, a.n_o, a.group, a.k_per_split, o_per);
+  return cudaGetLastError();
+}
+
+template <int BITS> static int fast_m(const OwqGemvArgs& a) { OWQ_M_CASES(launch_fast, BITS) }
+template <int BITS, typename T, typename S> static int general_m(const OwqGemvArgs& a) {
+  OWQ_M_CASES(launch_general, BITS, T, S)
+}
+
+// Whether the fast path takes these arguments (fp16 x and scales, 4-column and 128-bit alignment, steps that
+// divide the groups and the split length).
+static bool fast_ok(const OwqGemvArgs& a, int act, int scale_is_float) {
+  const int rows = a.bits == 3 ? 32 : 32 / a.bits;
+  return act == 1 && !scale_is_float && a.N % OWQ_COLS == 0 && aligned(a.pa, 16) && aligned(a.pb, 16) &&
+         aligned(a.scales, 8) && aligned(a.zeros, 4) && aligned(a.wo, 8) && a.group % rows == 0 &&
+         a.k_per_split % rows == 0;
+}
+
+template <typename T, typename S>
+static int gemv_general(const OwqGemvArgs& a) {
+  switch (a.bits) {
+    case 2: return general_m<2, T, S>(a);
+    case 3: return general_m<3, T, S>(a);
+    case 4: return general_m<4, T, S>(a);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T, typename S>
 static int dequant(const void* pa, const void* pb, const void* scales, const void* zeros, const void* idx,
                    const void* wo, void* out, int N, int K, int n_o, int group, int bits, cudaStream_t stream) {
-  if (group % 32 && group < K) return cudaErrorInvalidValue;
   const dim3 grid((N + OWQ_THREADS - 1) / OWQ_THREADS, (K + 31) / 32);
-  owq_dequant_kernel<T, S><<<grid, OWQ_THREADS, 0, stream>>>(
-      static_cast<const int32_t*>(pa), static_cast<const int32_t*>(pb), static_cast<const S*>(scales),
-      static_cast<const uint8_t*>(zeros), static_cast<T*>(out), N, K, group, bits);
+  const auto args = [&](auto kernel) {
+    kernel<<<grid, OWQ_THREADS, 0, stream>>>(static_cast<const int32_t*>(pa), static_cast<const int32_t*>(pb),
+                                             static_cast<const S*>(scales), static_cast<const uint8_t*>(zeros),
+                                             static_cast<T*>(out), N, K, group);
+  };
+  switch (bits) {
+    case 2: args(owq_dequant_kernel<2, T, S>); break;
+    case 3: args(owq_dequant_kernel<3, T, S>); break;
+    case 4: args(owq_dequant_kernel<4, T, S>); break;
+    default: return cudaErrorInvalidValue;
+  }
   if (n_o > 0)
     owq_scatter_weak_kernel<T><<<dim3((N + OWQ_THREADS - 1) / OWQ_THREADS, n_o), OWQ_THREADS, 0, stream>>>(
         static_cast<const int32_t*>(idx), static_cast<const T*>(wo), static_cast<T*>(out), N);
@@ -111,18 +254,43 @@ static int dequant(const void* pa, const void* pb, const void* scales, const voi
 
 extern "C" {
 
+// y [M, N] = x [M, K] (row stride stride_x) · W_fullᵀ + bias. `group` is the group size (>= the padded K for one
+// group). ws holds [splits, M, N] fp32 partials when splits > 1; counters (int32, zero before the first launch,
+// left zero by every launch) one entry per column tile: ceil(N / 256) suffice. path: 0 fastest that applies,
+// 1 the general kernel. Returns a cudaError_t.
 int owq_gemv(int act, int scale_is_float, const void* x, int64_t stride_x, const void* pa, const void* pb,
              const void* scales, const void* zeros, const void* idx, const void* wo, const void* bias, void* ws,
-             void* y, int M, int N, int K, int n_o, int group, int bits, int splits, int k_per_split, void* stream) {
-  OWQ_DISPATCH(gemv, x, stride_x, pa, pb, scales, zeros, idx, wo, bias, ws, y, M, N, K, n_o, group, bits, splits,
-               k_per_split, static_cast<cudaStream_t>(stream))
+             void* counters, void* y, int M, int N, int K, int n_o, int group, int bits, int splits, int k_per_split,
+             int path, void* stream) {
+  const OwqGemvArgs a{x, pa, pb, scales, zeros, idx, wo, bias, ws, counters, y, stride_x, M, N, K, n_o, group, bits,
+                      splits, k_per_split, static_cast<cudaStream_t>(stream)};
+  if (M < 1 || M > OWQ_GEMV_MAX_M || k_per_split % 32 || group % 32 || splits < 1 ||
+      static_cast<int64_t>(splits - 1) * k_per_split >= K)
+    return cudaErrorInvalidValue;
+  if (path == 0 && fast_ok(a, act, scale_is_float)) {
+    switch (bits) {
+      case 2: return fast_m<2>(a);
+      case 3: return fast_m<3>(a);
+      case 4: return fast_m<4>(a);
+      default: return cudaErrorInvalidValue;
+    }
+  }
+  OWQ_DISPATCH(gemv_general, a)
 }
 
 int owq_dequant(int act, int scale_is_float, const void* pa, const void* pb, const void* scales, const void* zeros,
                 const void* idx, const void* wo, void* out, int N, int K, int n_o, int group, int bits, void* stream) {
+  if (group % 32) return cudaErrorInvalidValue;
   OWQ_DISPATCH(dequant, pa, pb, scales, zeros, idx, wo, out, N, K, n_o, group, bits, static_cast<cudaStream_t>(stream))
 }
 
 int owq_gemv_max_m() { return OWQ_GEMV_MAX_M; }
 
+// Shared memory bytes a launch with these arguments needs on the general path (the larger of the two paths); the
+// caller keeps it within the 48 KiB a launch may use without opting in.
+int owq_gemv_smem(int M, int k_per_split, int n_o, int splits) {
+  return static_cast<int>(sizeof(float) * M * (k_per_split + (n_o + splits - 1) / splits));
+}
+
 }  // extern "C"
+#endif  // OWQ_BUDGET_ONLY

@@ -1,13 +1,23 @@
-// owq-pack v1 unpack / dequantize helpers shared by the CUDA kernels and the host-run check (owq_host_check.cu).
+// owq-pack v1 decode helpers shared by the CUDA kernels (owq_cuda.cu) and the host-run check (owq_host_check.cu).
 //
-// Codes are packed along K in int32 bit planes [K*w/32, N] (N contiguous): element k of column n sits in row
-// k / (32/w) at bit offset (k % (32/w)) * w. A 3-bit code is a 2-bit plane (bits 0-1) plus a 1-bit plane (bit 2);
-// 2- and 4-bit codes are one plane. W[n, k] = scale[g, n] * (code[k, n] - zero[g, n]) with g = k / group.
-// Everything here is __host__ __device__: the kernels in owq_cuda.cu are thin wrappers around these functions, and
-// tests run them on the CPU (owq_host_check.cu) against the Python packer and a float64 product.
+// Codes are packed along K in int32 bit planes [Kp*w/32, N] (N contiguous, Kp = K rounded up to 32): element k of
+// column n sits in row k / (32/w) at bit offset (k % (32/w)) * w. A 3-bit code is a 2-bit plane (bits 0-1) plus a
+// 1-bit plane (bit 2); 2- and 4-bit codes are one plane. W[n, k] = scale[g, n] * (code[k, n] - zero[g, n]),
+// g = k / group (docs/owq-pack.md). Everything here is __host__ __device__ so the CPU runs the kernels' own decode
+// (docs/kernels.md):
+//
+// - fast path (fp16 activations and scales): a word's codes are decoded in pairs into fp16x2 by one LOP3 with the
+//   0x6400 magic number ((code | 0x6400) is the half 1024 + code), the zero point (as 1024 + z, built the same
+//   way once per group) is removed by one exact HSUB2, and HFMA2 multiplies by x staged in shared memory as half2
+//   in the same pair order (owq_slot), so the stored format is unchanged. Pairs: 4 bits (k, k+4), 2 bits (k, k+8),
+//   3 bits (k, k+8) in each 2-bit word with the 1-bit plane aligned by one PRMT per word.
+// - general path (any dtype, any width): codes to fp32 by the exponent trick, (code | 0x4B000000) as a float is
+//   2^23 + code, minus (2^23 + z): exact, with no int→float conversion.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,6 +34,7 @@ template <> OWQ_HD __half owq_from_float<__half>(float v) { return __float2half_
 template <> OWQ_HD __nv_bfloat16 owq_from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Code of element k of column n read from the planes (a: 2-, 3-bit low or 4-bit plane; b: the 3-bit high plane).
+// The scalar reference the word decoders below are checked against.
 OWQ_HD uint32_t owq_code(const int32_t* a, const int32_t* b, int64_t n_cols, int64_t k, int64_t n, int bits) {
   if (bits == 3) {
     uint32_t lo = (static_cast<uint32_t>(a[(k >> 4) * n_cols + n]) >> ((k & 15) * 2)) & 3u;
@@ -34,74 +45,317 @@ OWQ_HD uint32_t owq_code(const int32_t* a, const int32_t* b, int64_t n_cols, int
   return (static_cast<uint32_t>(a[(k / per_word) * n_cols + n]) >> ((k % per_word) * bits)) & ((1u << bits) - 1u);
 }
 
-// The 32 codes of rows k0..k0+31 (k0 % 32 == 0) of column n, from one 1-bit word, two 2-bit words or four
-// 4-bit words: the word-at-a-time decode of the GEMV.
-OWQ_HD void owq_decode32(const int32_t* a, const int32_t* b, int64_t n_cols, int64_t k0, int64_t n, int bits,
-                         uint32_t codes[32]) {
-  if (bits == 3) {
-    const uint32_t lo0 = a[(k0 >> 4) * n_cols + n], lo1 = a[((k0 >> 4) + 1) * n_cols + n];
-    const uint32_t hi = b[(k0 >> 5) * n_cols + n];
-#pragma unroll
-    for (int j = 0; j < 32; ++j) codes[j] = (((j < 16 ? lo0 : lo1) >> ((j & 15) * 2)) & 3u) | (((hi >> j) & 1u) << 2);
-    return;
-  }
-  const int per_word = 32 / bits;
-  const uint32_t mask = (1u << bits) - 1u;
-  for (int w = 0; w < bits; ++w) {
-    const uint32_t word = a[(k0 / per_word + w) * n_cols + n];
-    for (int j = 0; j < per_word; ++j) codes[w * per_word + j] = (word >> (j * bits)) & mask;
+// ---------------------------------------------------------------------------------------------------------------
+// Bit operations: LOP3 and PRMT (PTX instructions on the device, their definitions on the host).
+
+// lop3.b32 with lookup table LUT: bit i of the result is LUT[(a_i << 2) | (b_i << 1) | c_i].
+template <int LUT>
+OWQ_HD uint32_t owq_lop3(uint32_t a, uint32_t b, uint32_t c) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(LUT));
+  return d;
+#else
+  uint32_t d = 0;
+  for (int t = 0; t < 8; ++t)
+    if (LUT >> t & 1) d |= ((t & 4) ? a : ~a) & ((t & 2) ? b : ~b) & ((t & 1) ? c : ~c);
+  return d;
+#endif
+}
+constexpr int OWQ_AND_OR = 0xEA;  // (a & b) | c
+constexpr int OWQ_OR_AND = 0xF8;  // a | (b & c)
+
+// prmt.b32 (byte permute of {b, a}, selector nibbles 0-7; __byte_perm).
+OWQ_HD uint32_t owq_prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(a, b, sel);
+#else
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t d = 0;
+  for (int i = 0; i < 4; ++i) d |= static_cast<uint32_t>((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
+  return d;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// fp16x2 arithmetic (the HSUB2/HMUL2/HFMA2 instructions on the device; per lane in fp32, rounded once, on the host).
+
+OWQ_HD __half2 owq_bits_h2(uint32_t u) {
+  __half2 h;
+  memcpy(&h, &u, 4);
+  return h;
+}
+OWQ_HD __half2 owq_hsub2(__half2 a, __half2 b) {
+#ifdef __CUDA_ARCH__
+  return __hsub2(a, b);
+#else
+  const float2 x = __half22float2(a), y = __half22float2(b);
+  return __floats2half2_rn(x.x - y.x, x.y - y.y);
+#endif
+}
+OWQ_HD __half2 owq_hmul2(__half2 a, __half2 b) {
+#ifdef __CUDA_ARCH__
+  return __hmul2(a, b);
+#else
+  const float2 x = __half22float2(a), y = __half22float2(b);
+  return __floats2half2_rn(x.x * y.x, x.y * y.y);
+#endif
+}
+OWQ_HD __half2 owq_hfma2(__half2 a, __half2 b, __half2 c) {
+#ifdef __CUDA_ARCH__
+  return __hfma2(a, b, c);
+#else
+  const float2 x = __half22float2(a), y = __half22float2(b), z = __half22float2(c);
+  return __floats2half2_rn(static_cast<float>(static_cast<double>(x.x) * y.x + z.x),
+                           static_cast<float>(static_cast<double>(x.y) * y.y + z.y));
+#endif
+}
+
+// BYTES (2, 4, 8 or 16) from src to dst, both BYTES-aligned: one load on the device.
+template <int BYTES>
+OWQ_HD void owq_copy(void* dst, const void* src) {
+#ifdef __CUDA_ARCH__
+  using V = typename std::conditional<BYTES == 16, uint4, typename std::conditional<BYTES == 8, uint2,
+            typename std::conditional<BYTES == 4, uint32_t, uint16_t>::type>::type>::type;
+  *static_cast<V*>(dst) = *static_cast<const V*>(src);
+#else
+  memcpy(dst, src, BYTES);
+#endif
+}
+OWQ_HD void owq_copy16(void* dst, const void* src) { owq_copy<16>(dst, src); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fast path: pair order, staged x, word decoders.
+
+// A step is the rows of K one iteration decodes per column: two 4-bit words (16 rows), one 2-bit word (16 rows),
+// or two 2-bit words plus one 1-bit word (32 rows, 3 bits). PAIRS = fp16x2 pairs per 32-bit code word; every 8
+// pairs (16 rows) the fp16x2 partial is converted and added to the fp32 accumulator.
+template <int BITS> struct OwqStep {
+  static constexpr int ROWS = BITS == 3 ? 32 : 16;
+  static constexpr int PAIRS = BITS == 3 ? 8 : 16 / BITS;
+};
+
+// Slot of row r (0 <= r < ROWS) of a step in the staged half array: pairs (i, i + PAIRS) of each code word sit in
+// slots (2i, 2i + 1), words one after the other (3 bits: two 2-bit words of 16 rows).
+template <int BITS>
+OWQ_HD int owq_slot(int r) {
+  constexpr int P = OwqStep<BITS>::PAIRS;
+  return (r / (2 * P)) * 2 * P + 2 * (r % P) + (r / P) % 2;
+}
+
+// Stage x[m, k_lo + kk] (kk < len, zero up to len_pad) as half in pair order into xs[m * ld + slot]; threads
+// tid, tid + nthreads, ... share the work. len_pad and ld are multiples of ROWS.
+template <int BITS, typename T>
+OWQ_HD void owq_stage_x_pairs(const T* x, int64_t stride_x, int M, int k_lo, int len, int len_pad, int ld, __half* xs,
+                              int tid, int nthreads) {
+  constexpr int R = OwqStep<BITS>::ROWS;
+  for (int i = tid; i < M * len_pad; i += nthreads) {
+    const int m = i / len_pad, kk = i % len_pad;
+    const float v = kk < len ? owq_to_float(x[m * stride_x + k_lo + kk]) : 0.f;
+    xs[m * ld + (kk / R) * R + owq_slot<BITS>(kk % R)] = __float2half_rn(v);
   }
 }
 
-template <typename S>
-OWQ_HD float owq_dequant(uint32_t code, uint8_t zero, S scale) {
-  return (static_cast<float>(code) - static_cast<float>(zero)) * owq_to_float(scale);
+// 1024 + z in both lanes of a half2 from byte c of the four packed zero points zw (one PRMT, one LOP3; no I2F).
+template <int C>
+OWQ_HD __half2 owq_zero_h2(uint32_t zw) {
+  return owq_bits_h2(owq_lop3<OWQ_AND_OR>(owq_prmt(zw, 0u, 0x4040u | C | (C << 8)), 0x00ff00ffu, 0x64006400u));
 }
 
-// GEMV body for output column n over inputs [k_lo, k_lo + len) (k_lo % 32 == 0; group % 32 == 0 or one group):
-// acc[m] += sum_k W[n, k] * xs[m * ld + k - k_lo] for m < M, accumulated in fp32.
-template <typename S>
-OWQ_HD void owq_column_dot(const int32_t* a, const int32_t* b, const S* scales, const uint8_t* zeros, int64_t n_cols,
-                           int64_t n, int k_lo, int len, int group, int bits, const float* xs, int ld, int M,
-                           float acc[OWQ_GEMV_MAX_M]) {
-  for (int k0 = 0; k0 < len; k0 += 32) {
-    uint32_t codes[32];
-    owq_decode32(a, b, n_cols, k_lo + k0, n, bits, codes);
-    const int64_t g = (k_lo + k0) / group;
-    const S s = scales[g * n_cols + n];
-    const uint8_t z = zeros[g * n_cols + n];
-    const int rows = len - k0 < 32 ? len - k0 : 32;
-    for (int j = 0; j < rows; ++j) {
-      const float w = owq_dequant(codes[j], z, s);
+// The PAIRS fp16x2 values (code - z) of one 2- or 4-bit word, in slot order (lane 0: row i, lane 1: row i + PAIRS).
+template <int BITS>
+OWQ_HD void owq_decode_word(uint32_t w, __half2 zh, __half2 out[OwqStep<BITS>::PAIRS]) {
+  constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
 #pragma unroll
-      for (int m = 0; m < OWQ_GEMV_MAX_M; ++m)
-        if (m < M) acc[m] += w * xs[m * ld + k0 + j];
-    }
+  for (int i = 0; i < OwqStep<BITS>::PAIRS; ++i)
+    out[i] = owq_hsub2(owq_bits_h2(owq_lop3<OWQ_AND_OR>(w >> (i * BITS), mask, 0x64006400u)), zh);
+}
+
+// The 8 fp16x2 values (code - z) of rows 16h .. 16h + 15 of a 3-bit step (h = 0, 1): 2-bit word a holds those rows'
+// low bits, 1-bit word b the high bits of all 32 rows; one PRMT moves b's bytes 2h, 2h + 1 to lanes 0 and 1.
+template <int H>
+OWQ_HD void owq_decode_word3(uint32_t a, uint32_t b, __half2 zh, __half2 out[8]) {
+  const uint32_t hb = owq_prmt(b, 0u, H ? 0x4342u : 0x4140u);  // bit i of lane l = high bit of row 16h + 8l + i
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t hi = i < 2 ? hb << (2 - i) : hb >> (i - 2);  // to bit 2 of each lane
+    const uint32_t q = owq_lop3<OWQ_OR_AND>(owq_lop3<OWQ_AND_OR>(a >> (2 * i), 0x00030003u, 0x64006400u), hi,
+                                              0x00040004u);
+    out[i] = owq_hsub2(owq_bits_h2(q), zh);
   }
 }
 
-// The weak-column tail for column n: acc[m] += sum_o W_o[o, n] * x[m, idx[o]] (any n_o, including 0).
-template <typename T>
-OWQ_HD void owq_weak_tail(const T* x, int64_t stride_x, const int32_t* idx, const T* wo, int n_o, int64_t n_cols,
-                          int64_t n, int M, float acc[OWQ_GEMV_MAX_M]) {
-  for (int o = 0; o < n_o; ++o) {
-    const float w = owq_to_float(wo[o * n_cols + n]);
-    const int64_t col = idx[o];
+// acc[m] += sum over the PAIRS pairs of a word of (code - z) * x, with x the word's staged pairs for row m: one
+// HMUL2/HFMA2 per pair in fp16, then the half2 partial goes to fp32 scaled by the column's scale (fp32 accumulate).
+template <int M, int PAIRS>
+OWQ_HD void owq_dot_word(const __half2 t[PAIRS], const __half2* xs2, int ld2, float s, float acc[M]) {
 #pragma unroll
-    for (int m = 0; m < OWQ_GEMV_MAX_M; ++m)
-      if (m < M) acc[m] += w * owq_to_float(x[m * stride_x + col]);
+  for (int m = 0; m < M; ++m) {
+    __half2 xv[PAIRS];  // 128-bit reads of the staged pairs (xs2 + m * ld2 is 16-byte aligned)
+#pragma unroll
+    for (int i = 0; i < PAIRS; i += 4) owq_copy16(xv + i, xs2 + m * ld2 + i);
+    __half2 p = owq_hmul2(t[0], xv[0]);
+#pragma unroll
+    for (int i = 1; i < PAIRS; ++i) p = owq_hfma2(t[i], xv[i], p);
+    const float2 f = __half22float2(p);
+    acc[m] = fmaf(s, f.x, fmaf(s, f.y, acc[m]));
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// General path: fp32 weights by the exponent trick.
+
+// code - z as an exact float: (code | 0x4B000000) reads as 2^23 + code.
+OWQ_HD float owq_code_minus_zero(uint32_t code, float magic_z) {
+  uint32_t u = code | 0x4B000000u;
+  float f;
+  memcpy(&f, &u, 4);
+  return f - magic_z;
+}
+OWQ_HD float owq_magic_zero(uint32_t z) {  // 2^23 + z, the same trick
+  return owq_code_minus_zero(z, 0.f);
+}
+
+// Code j (0 <= j < 32) of a 32-row block from its words (a0, a1: the 2-bit or 4-bit words in order; b: 1-bit).
+template <int BITS>
+OWQ_HD uint32_t owq_code32(const uint32_t (&w)[BITS == 3 ? 3 : BITS], int j) {
+  if constexpr (BITS == 3) {
+    return ((w[j >> 4] >> ((j & 15) * 2)) & 3u) | (((w[2] >> j) & 1u) << 2);
+  } else {
+    constexpr int P = 32 / BITS;
+    return (w[j / P] >> ((j % P) * BITS)) & ((1u << BITS) - 1u);
+  }
+}
+
+// The words holding rows k0 .. k0 + 31 (k0 % 32 == 0) of column n.
+template <int BITS>
+OWQ_HD void owq_load32(const int32_t* a, const int32_t* b, int64_t n_cols, int64_t k0, int64_t n,
+                       uint32_t (&w)[BITS == 3 ? 3 : BITS]) {
+  constexpr int A = BITS == 3 ? 2 : BITS;
+  constexpr int P = BITS == 3 ? 16 : 32 / BITS;
+#pragma unroll
+  for (int i = 0; i < A; ++i) w[i] = static_cast<uint32_t>(a[(k0 / P + i) * n_cols + n]);
+  if constexpr (BITS == 3) w[2] = static_cast<uint32_t>(b[(k0 >> 5) * n_cols + n]);
 }
 
 // Dequantize rows k0..k0+31 (k0 % 32 == 0, clipped at K) of column n into out [K, N] (the GEMM scratch).
-template <typename T, typename S>
+template <int BITS, typename T, typename S>
 OWQ_HD void owq_dequant_block(const int32_t* a, const int32_t* b, const S* scales, const uint8_t* zeros,
-                              int64_t n_cols, int64_t n, int k0, int K, int group, int bits, T* out) {
-  uint32_t codes[32];
-  owq_decode32(a, b, n_cols, k0, n, bits, codes);
+                              int64_t n_cols, int64_t n, int k0, int K, int group, T* out) {
+  uint32_t w[BITS == 3 ? 3 : BITS];
+  owq_load32<BITS>(a, b, n_cols, k0, n, w);
   const int64_t g = k0 / group;
-  const S s = scales[g * n_cols + n];
-  const uint8_t z = zeros[g * n_cols + n];
-  const int rows = K - k0 < 32 ? K - k0 : 32;
-  for (int j = 0; j < rows; ++j) out[(k0 + j) * n_cols + n] = owq_from_float<T>(owq_dequant(codes[j], z, s));
+  const float s = owq_to_float(scales[g * n_cols + n]);
+  const float mz = owq_magic_zero(zeros[g * n_cols + n]);
+#pragma unroll
+  for (int j = 0; j < 32; ++j)
+    if (k0 + j < K) out[(k0 + j) * n_cols + n] = owq_from_float<T>(owq_code_minus_zero(owq_code32<BITS>(w, j), mz) * s);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-thread GEMV bodies (the kernels in owq_cuda.cu call these; owq_host_check.cu runs them on the CPU).
+
+constexpr int OWQ_COLS = 4;  // output columns per thread on the fast path: one 128-bit load per plane row
+
+OWQ_HD uint4 owq_ld128(const int32_t* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(reinterpret_cast<const uint4*>(p));
+#else
+  uint4 v;
+  memcpy(&v, p, 16);
+  return v;
+#endif
+}
+OWQ_HD uint32_t owq_lane(const uint4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
+
+// Fast path: acc[c][m] += sum_k W[n0 + c, k] * x[m, k] for the OWQ_COLS columns n0.. (n0 % 4 == 0, N % 4 == 0) over
+// rows [k_lo, k_hi) (a multiple of the step; groups aligned to it; group >= k_hi for one group). x is staged in
+// xs [M][ld] in pair order from k_lo. Scales and 1024 + z are read once per group.
+template <int BITS, int M>
+OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* scales, const uint8_t* zeros,
+                             int64_t N, int64_t n0, int k_lo, int k_hi, int group, const __half* xs, int ld,
+                             float acc[OWQ_COLS][M]) {
+  constexpr int R = OwqStep<BITS>::ROWS, P = OwqStep<BITS>::PAIRS;
+  constexpr int A_ROWS = BITS == 3 ? 16 : 32 / BITS;  // rows of K per word of plane a
+  const __half2* xs2 = reinterpret_cast<const __half2*>(xs);
+  for (int g0 = k_lo; g0 < k_hi;) {
+    const int64_t g = g0 / group;
+    const int g_end = static_cast<int>((g + 1) * group < k_hi ? (g + 1) * group : k_hi);
+    __half sh[OWQ_COLS];
+    owq_copy<sizeof(sh)>(sh, scales + g * N + n0);
+    uint32_t zw;
+    owq_copy<4>(&zw, zeros + g * N + n0);
+    const float s[OWQ_COLS] = {__half2float(sh[0]), __half2float(sh[1]), __half2float(sh[2]), __half2float(sh[3])};
+    const __half2 zh[OWQ_COLS] = {owq_zero_h2<0>(zw), owq_zero_h2<1>(zw), owq_zero_h2<2>(zw), owq_zero_h2<3>(zw)};
+    const int32_t* pa = a + (g0 / A_ROWS) * N + n0;
+    const int32_t* pb = b + (g0 / 32) * N + n0;
+    const __half2* xk = xs2 + (g0 - k_lo) / 2;
+    for (int k = g0; k < g_end; k += R, pa += (R / A_ROWS) * N, pb += N, xk += R / 2) {
+      __half2 t[8];
+      if constexpr (BITS == 3) {
+        const uint4 a0 = owq_ld128(pa), a1 = owq_ld128(pa + N), hb = owq_ld128(pb);
+#pragma unroll
+        for (int c = 0; c < OWQ_COLS; ++c) {
+          owq_decode_word3<0>(owq_lane(a0, c), owq_lane(hb, c), zh[c], t);
+          owq_dot_word<M, 8>(t, xk, ld / 2, s[c], acc[c]);
+          owq_decode_word3<1>(owq_lane(a1, c), owq_lane(hb, c), zh[c], t);
+          owq_dot_word<M, 8>(t, xk + 8, ld / 2, s[c], acc[c]);
+        }
+      } else {
+        uint4 w[R / A_ROWS];
+#pragma unroll
+        for (int i = 0; i < R / A_ROWS; ++i) w[i] = owq_ld128(pa + i * N);
+#pragma unroll
+        for (int c = 0; c < OWQ_COLS; ++c) {
+#pragma unroll
+          for (int i = 0; i < R / A_ROWS; ++i) owq_decode_word<BITS>(owq_lane(w[i], c), zh[c], t + i * P);
+          owq_dot_word<M, 8>(t, xk, ld / 2, s[c], acc[c]);
+        }
+      }
+    }
+    g0 = g_end;
+  }
+}
+
+// General path: acc[0][m] += sum_k W[n, k] * xs[m * ld + k - k_lo] over rows [k_lo, k_hi) (multiples of 32, groups
+// a multiple of 32 or group >= k_hi), x staged as fp32 in natural order; 32 rows per iteration, fully unrolled.
+template <int BITS, int M, typename S>
+OWQ_HD void owq_general_column(const int32_t* a, const int32_t* b, const S* scales, const uint8_t* zeros, int64_t N,
+                               int64_t n, int k_lo, int k_hi, int group, const float* xs, int ld, float acc[1][M]) {
+  for (int k0 = k_lo; k0 < k_hi; k0 += 32) {
+    uint32_t w[BITS == 3 ? 3 : BITS];
+    owq_load32<BITS>(a, b, N, k0, n, w);
+    const int64_t g = k0 / group;
+    const float s = owq_to_float(scales[g * N + n]);
+    const float mz = owq_magic_zero(zeros[g * N + n]);
+    float part[M] = {};
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const float v = owq_code_minus_zero(owq_code32<BITS>(w, j), mz);
+#pragma unroll
+      for (int m = 0; m < M; ++m) part[m] = fmaf(v, xs[m * ld + k0 - k_lo + j], part[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[0][m] = fmaf(s, part[m], acc[0][m]);
+  }
+}
+
+// Weak columns o_lo..o_hi-1 of this split: acc[c][m] += W_o[o, n0 + c] * xo[m * ldo + o - o_lo] (x[m, idx[o]]
+// staged as fp32).
+template <int M, int COLS, typename T>
+OWQ_HD void owq_weak_columns(const T* wo, int64_t N, int64_t n0, int o_lo, int o_hi, const float* xo, int ldo,
+                             float acc[COLS][M]) {
+  for (int o = o_lo; o < o_hi; ++o) {
+    T wv[COLS];
+    owq_copy<sizeof(wv)>(wv, wo + static_cast<int64_t>(o) * N + n0);
+#pragma unroll
+    for (int c = 0; c < COLS; ++c)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[c][m] = fmaf(owq_to_float(wv[c]), xo[m * ldo + o - o_lo], acc[c][m]);
+  }
+}
+
+// The weak columns split s of `splits` handles: [s * n_o / splits, (s + 1) * n_o / splits).
+OWQ_HD int owq_weak_bound(int n_o, int s, int splits) {
+  return static_cast<int>(static_cast<int64_t>(n_o) * s / splits);
 }

@@ -38,10 +38,10 @@ def host_check(tmp_path_factory) -> str:
     return str(exe)
 
 
-def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, k_per_split: int = 0) -> torch.Tensor:
+def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
     """Feed a packed layer (and x) to owq_host_check; returns its output matrix."""
     n_o, n = layer.weak_weight.shape
-    numbers = [layer.bits, layer.in_features, n, layer.scales.shape[0], x.shape[0], n_o, k_per_split]
+    numbers = [layer.bits, layer.in_features, n, layer.scales.shape[0], x.shape[0], n_o, splits]
     numbers += [w for p in layer.planes.values() for w in p.flatten().tolist()]
     numbers += layer.scales.half().view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).flatten().tolist()
     numbers += layer.zeros.flatten().tolist() + layer.weak_idx.tolist()
@@ -60,17 +60,41 @@ def test_host_dequant_matches_python_packer(host_check, bits, k, group):
     torch.testing.assert_close(got.float(), want, rtol=0, atol=0)  # %.9g round-trips fp32 exactly
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k,group", [(200, None), (256, 64)])
+def test_host_fast_decode_is_bit_exact(host_check, bits, k, group):
+    """The LOP3/0x6400 fp16x2 word decoders (pairs (k, k+4) / (k, k+8), the PRMT-aligned 1-bit plane) and the
+    pair order of owq_slot: code - z of every row, exactly, against the float64 weights (w / s)."""
+    layer, w64 = make_layer(bits, group, 5, n=12, k=k, sym=bits == 2)
+    got = run_host_check(host_check, "decode", layer, torch.zeros(0, k))[:k]  # rows past K are padding
+    rep = k // layer.scales.shape[0]
+    want = (w64.t() / layer.scales.double().repeat_interleave(rep, 0)).round()
+    want[layer.weak_idx.long()] = 0  # weak columns are stored as code == zero point
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group", [None, 128])
-@pytest.mark.parametrize("n_o", N_WEAK)
-@pytest.mark.parametrize("m,k_per_split", [(1, 64), (8, 512)])
-def test_host_gemv_body_matches_float64(host_check, bits, group, n_o, m, k_per_split):
-    """The GEMV's per-column body, split-K staging, weak tail and ordered reduction, run on the CPU."""
-    layer, w64 = make_layer(bits, group, n_o, n=37, k=256 if group else 200)
-    x = torch.randn(m, layer.in_features)
-    got = run_host_check(host_check, "gemv", layer, x, k_per_split)
-    assert got.shape == (m, 37)
-    assert rel_err(got, x.double() @ w64.t()) < TOL[torch.float32]
+@pytest.mark.parametrize("n_o", [0, 1, 40])
+@pytest.mark.parametrize("m,splits", [(1, 1), (1, 2), (8, 3), (2, 7)])
+def test_host_gemv_matches_float64(host_check, path, bits, group, n_o, m, splits):
+    """Each GEMV body with split-K staging, weak columns spread over the splits and the ordered reduction."""
+    k = 1024 if group else 1000  # 1000: ragged K (planes padded to 1024), a ragged last split
+    layer, w64 = make_layer(bits, group, n_o, n=36, k=k)
+    x = torch.randn(m, k)
+    got = run_host_check(host_check, path, layer, x, splits)
+    assert got.shape == (m, 36)
+    tol = 2e-5 if path == "general" else 2e-3  # fast: x and the per-16-row partials in fp16
+    assert rel_err(got, x.double() @ w64.t()) < tol
+
+
+def test_host_fast_gemv_at_k11008(host_check):
+    """K = 11008 (a real MLP down-projection) with 7 splits: the last one ragged."""
+    layer, w64 = make_layer(3, None, 40, n=8, k=11008)
+    x = torch.randn(1, 11008)
+    got = run_host_check(host_check, "fast", layer, x, 7)
+    assert rel_err(got, x.double() @ w64.t()) < 2e-3
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -3,8 +3,9 @@
 No torch C++ build is involved: the translation unit is torch-free (extern "C" launchers taking raw pointers and a
 ``cudaStream_t``), so the CPU and CUDA torch wheels both work. The library is built for ``ARCHS`` on first use or by
 ``python -m wct.kernels build`` into ``$WCT_KERNEL_CACHE`` (default ``~/.cache/wct/kernels``), named by a hash of
-the sources and flags so edited sources rebuild. M ≤ ``owq_gemv_max_m()`` runs the decode GEMV; larger M (and dX)
-dequantizes into a scratch [K, N] (W_o scattered in) followed by one torch.matmul (cuBLAS).
+the sources and flags so edited sources rebuild; SASS for each arch plus PTX of the newest, which the driver
+compiles for newer GPUs. M ≤ ``owq_gemv_max_m()`` runs the decode GEMV (fused split-K: one launch); larger M
+(and dX) dequantizes into a scratch [K, N] (W_o scattered in) followed by one torch.matmul (cuBLAS).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def nvcc() -> str | None:
 
 def _flags(archs: tuple[str, ...]) -> list[str]:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{max(archs, key=int)},code=compute_{max(archs, key=int)}")
     return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart=static", *gencode]
 
 
@@ -81,7 +83,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"it needs CUDA tensors (got {device.type})"
     if not library_path().is_file() and nvcc() is None:
         return f"no built library at {library_path()} and no nvcc to build it (run `python -m wct.kernels build` where the CUDA toolkit is installed)"
-    return None
+    return probe(device)
 
 
 @functools.cache
@@ -92,38 +94,36 @@ def load(path: Path | None = None) -> ctypes.CDLL:
         logging.getLogger("wct.kernels").info("building the OWQ CUDA kernels with nvcc for sm_%s", ",".join(ARCHS))
         build(out=path)
     lib = ctypes.CDLL(str(path))
-    lib.owq_gemv.argtypes = [_I, _I, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _P]
+    lib.owq_gemv.argtypes = [_I, _I, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, *[_I] * 9, _P]
     lib.owq_dequant.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P]
     return lib
-
-
-@functools.cache
-def loads() -> bool:
-    """Whether the library loads (building it first if needed); ``kernel=auto`` skips the backend when not, and the
-    reason is logged once."""
-    try:
-        load()
-        return True
-    except (WCTError, OSError) as e:
-        logging.getLogger("wct.kernels").warning("kernel=auto skips the cuda backend: %s", e)
-        return False
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check(err: int, what: str) -> None:
+_NO_IMAGE = {209, 222}  # cudaErrorNoKernelImageForDevice, cudaErrorUnsupportedPtxVersion
+
+
+def _check(err: int, what: str, device: torch.device) -> None:
+    if err in _NO_IMAGE:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise WCTError(
+            f"kernel=cuda: the library {library_path().name} has no code for this GPU (sm_{major}{minor}; built for "
+            f"sm_{', sm_'.join(ARCHS)}); rebuild with `python -m wct.kernels build --arch {major}{minor}` or use kernel=triton"
+        )
     if err:
         raise WCTError(f"CUDA kernel {what} failed with cudaError {err}; run with CUDA_LAUNCH_BLOCKING=1 to locate it")
 
 
 def _common(x, planes, scales, weak_weight, in_features: int):
-    """(dtype code, scales-are-float flag, scales, planes a/b, W_o in x's dtype, group size) for the launchers."""
+    """(dtype code, scales-are-float flag, scales, planes a/b, W_o in x's dtype, group size) for the launchers; one
+    group is passed as the padded K (a multiple of 32, never exceeded)."""
     if x.dtype not in _DTYPES:
         raise WCTError(f"kernel=cuda supports float32/float16/bfloat16 activations, got {x.dtype}; use kernel=torch")
-    group = in_features // scales.shape[0]
-    if group % 32 and scales.shape[0] > 1:
+    group = in_features // scales.shape[0] if scales.shape[0] > 1 else _cdiv(in_features, 32) * 32
+    if group % 32:
         raise WCTError(f"kernel=cuda needs a group size that is a multiple of 32 (got {group}); use kernel=triton")
     scales = scales.contiguous() if scales.dtype == x.dtype else scales.float().contiguous()
     a = planes[0].contiguous()
@@ -148,8 +148,65 @@ def dequantize(
     idx = weak_idx.contiguous()
     _check(load().owq_dequant(act, sf, a.data_ptr(), b.data_ptr(), scales.data_ptr(), zeros.contiguous().data_ptr(),
                               idx.data_ptr(), wo.data_ptr(), out.data_ptr(), n, in_features, idx.numel(), group, bits,
-                              _stream(scales.device)), "owq_dequant")
+                              _stream(scales.device)), "owq_dequant", scales.device)
     return out
+
+
+_SMEM_LIMIT = 48 * 1024  # bytes of shared memory a launch may use without opting in
+_counters: dict[torch.device, Tensor] = {}
+
+
+def _tile_counters(device: torch.device, n: int) -> Tensor:
+    """The split-K arrival counters (int32, zero between launches: the last block of a tile resets its entry),
+    one per 256-column tile, kept per device and grown when a wider layer comes."""
+    need = _cdiv(n, 256)
+    c = _counters.get(device)
+    if c is None or c.numel() < need:
+        c = _counters[device] = torch.zeros(max(need, 64), dtype=torch.int32, device=device)
+    return c
+
+
+def split_plan(m: int, n: int, k: int, n_o: int, group: int | None, sms: int) -> tuple[int, int]:
+    """(splits, k_per_split) for the GEMV: enough K splits that ≥ 2 blocks of 512 columns run per SM, chunks a
+    multiple of 32 rows and of the group (grouped layers), at most 1024 rows, within 48 KiB of shared memory."""
+    align = 32 if group is None else max(32, group)
+    want = max(1, (2 * sms) // _cdiv(n, 512))
+    kps = max(align, _cdiv(_cdiv(k, want), align) * align)
+    kps = min(kps, max(align, 1024 // align * align))
+    while True:
+        splits = _cdiv(k, kps)
+        if 4 * m * (kps + _cdiv(n_o, splits)) <= _SMEM_LIMIT or kps <= align:
+            return splits, kps
+        kps -= align
+
+
+def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+         bias: Tensor | None, bits: int, splits: int | None = None, path: int = 0) -> Tensor:
+    """y [M, N] for x [M, K] (M ≤ 8) by the GEMV; ``splits`` forces the K split count, ``path`` 1 forces the
+    general kernel (tests compare it with the fast one)."""
+    m, k = x.shape
+    lib = load()
+    act, sf, scales_c, a, b, wo, group = _common(x, planes, scales, weak_weight, k)
+    n = scales.shape[1]
+    grouped = scales.shape[0] > 1
+    if splits is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits, kps = split_plan(m, n, k, weak_idx.numel(), group if grouped else None, sms)
+    else:
+        align = group if grouped else 32
+        kps = _cdiv(_cdiv(k, splits), align) * align
+        splits = _cdiv(k, kps)
+    ws = torch.empty(splits if splits > 1 else 0, m, n, dtype=torch.float32, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bias_c = bias.to(x.dtype).contiguous() if bias is not None else None
+    idx = weak_idx.contiguous()
+    err = lib.owq_gemv(act, sf, x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), scales_c.data_ptr(),
+                       zeros.contiguous().data_ptr(), idx.data_ptr(), wo.data_ptr(),
+                       bias_c.data_ptr() if bias_c is not None else None, ws.data_ptr(),
+                       _tile_counters(x.device, n).data_ptr(), y.data_ptr(), m, n, k, idx.numel(), group, bits, splits,
+                       kps, path, _stream(x.device))
+    _check(err, "owq_gemv", x.device)
+    return y
 
 
 def forward(
@@ -158,26 +215,35 @@ def forward(
 ) -> Tensor:
     """y [M, N] for x [M, K]: the GEMV for small M, else dequantize-to-scratch and one GEMM."""
     m, k = x.shape
-    lib = load()
-    if m > lib.owq_gemv_max_m():
+    if m > load().owq_gemv_max_m():
         y = x @ dequantize(planes, scales, zeros, weak_idx, weak_weight, bits, k, x.dtype)
         return y if bias is None else y + bias.to(y.dtype)
-    x = x.contiguous()
-    act, sf, scales_c, a, b, wo, group = _common(x, planes, scales, weak_weight, k)
-    n = scales.shape[1]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    want = max(1, (2 * sms) // _cdiv(n, 256))  # K splits so that ≥ 2 blocks of 256 columns run per SM
-    k_per_split = min(1024, max(256, _cdiv(_cdiv(k, want), 32) * 32))  # ≤ 32 KiB of staged activations
-    splits = _cdiv(k, k_per_split)
-    ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bias_c = bias.to(x.dtype).contiguous() if bias is not None else None
-    idx = weak_idx.contiguous()
-    _check(lib.owq_gemv(act, sf, x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), scales_c.data_ptr(),
-                        zeros.contiguous().data_ptr(), idx.data_ptr(), wo.data_ptr(),
-                        bias_c.data_ptr() if bias_c is not None else None, ws.data_ptr(), y.data_ptr(),
-                        m, n, k, idx.numel(), group, bits, splits, k_per_split, _stream(x.device)), "owq_gemv")
-    return y
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return gemv(x, weak_weight, planes, scales, zeros, weak_idx, bias, bits)
+
+
+@functools.cache
+def probe(device: torch.device) -> str | None:
+    """Launch the GEMV once on ``device`` (a 1×64 → 4 layer, 3 bits) and check its result: why the backend cannot
+    run there, or None. Inside CUDA-graph capture only the launch status is checked (no synchronization)."""
+    try:
+        load()
+    except (WCTError, OSError) as e:
+        return str(e)
+    planes = [torch.full((4, 4), 0x55555555, dtype=torch.int32, device=device),  # low bits 1 in every code
+              torch.zeros(2, 4, dtype=torch.int32, device=device)]
+    scales = torch.ones(1, 4, dtype=torch.float16, device=device)
+    zeros = torch.zeros(1, 4, dtype=torch.uint8, device=device)
+    x = torch.ones(1, 64, dtype=torch.float16, device=device)
+    empty = torch.zeros(0, dtype=torch.int32, device=device)
+    try:
+        y = gemv(x, torch.zeros(0, 4, dtype=torch.float16, device=device), planes, scales, zeros, empty, None, 3)
+    except WCTError as e:
+        return str(e)
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    return None if torch.equal(y.float().cpu(), torch.full((1, 4), 64.0)) else "the probe GEMV gave a wrong result"
 
 
 def grad_input(

@@ -14,18 +14,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from wct.kernels import reference
+import wct.kernels.reference as reference
 
 
 def _backend(name: str):
+    """The backend module (imported on first use: the triton backend imports triton)."""
     if name == "torch":
         return reference
     if name == "triton":
-        from wct.kernels import triton_backend
+        import wct.kernels.triton_backend as triton_backend
 
         return triton_backend
     if name == "cuda":
-        from wct.kernels import cuda_backend
+        import wct.kernels.cuda_backend as cuda_backend
 
         return cuda_backend
     raise ValueError(f"unknown backend {name!r}")

@@ -1,0 +1,65 @@
+"""Instruction budget of the decode GEMV kernels, read from their compiled code (no GPU needed; docs/kernels.md).
+
+Compiles ``kernels/owq_cuda.cu`` with nvcc and the Triton GEMV ahead of time (``triton.compile`` with a
+``GPUTarget``, pointers and strides marked 16-divisible as a real launch specializes them) for sm_80 and sm_90, and
+prints per kernel and bit width, for the M = 1 instantiation:
+
+- ``ptx/w``  : PTX instructions in the inner loop per decoded weight (the loop that holds the dot product: the
+               innermost loop with the most instructions), ``sass/w`` the same in SASS where nvdisasm is available
+               (Triton ships one);
+- ``i2f/w``  : int→float conversions (``cvt.rn.f*.{s,u}{8,16,32,64}``; I2F in SASS) per weight in that loop;
+- ``ld/word``: global loads issued per packed 32-bit word in that loop (a 128-bit load of 4 words counts 1);
+- ``stack``  : stack frame bytes and ``regs`` registers from ``ptxas -v``.
+
+Weights per loop iteration come from the kernel's tiling (declared below with each kernel): the budget at batch 1
+on an H100/H200 is ≤ 3.5 instructions per weight at 4 bits and ≤ 2.6 at 3 bits, no conversions, no stack frame.
+
+    python scripts/kernel_budget.py [--arch 80 --arch 90] [--out results/kernel_budget.json] [--skip-triton]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from wct.errors import WCTError, cli_errors
+from wct.io import atomic_file
+from wct.kernels.budget import TARGET, Figures, cuda_figures, tools, triton_figures
+
+
+def print_rows(rows: list[Figures]) -> None:
+    head = ["backend", "arch", "bits", "ptx/w", "sass/w", "i2f/w", "ld/word", "stack", "regs", "budget", "kernel"]
+    cells = [[r.backend, f"sm_{r.arch}", str(r.bits), f"{r.ptx_per_weight:.2f}",
+              "-" if r.sass_per_weight is None else f"{r.sass_per_weight:.2f}", f"{r.i2f_per_weight:.2f}",
+              f"{r.loads_per_word:.2f}", str(r.stack_bytes), str(r.registers), "ok" if r.within_budget else "OVER",
+              r.kernel[:60]] for r in rows]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", action="append", help="SM architecture (repeatable; default 80 and 90)")
+    parser.add_argument("--out", default="results/kernel_budget.json")
+    parser.add_argument("--skip-cuda", action="store_true")
+    parser.add_argument("--skip-triton", action="store_true")
+    args = parser.parse_args(argv)
+    archs = args.arch or ["80", "90"]
+    t = tools()
+    if t["ptxas"] is None:
+        raise WCTError("ptxas not found: install the CUDA toolkit or triton (which ships one)")
+    rows = ([] if args.skip_cuda else cuda_figures(archs, t)) + ([] if args.skip_triton else triton_figures(archs, t))
+    print_rows(rows)
+    if t["nvdisasm"] is None:
+        print("no nvdisasm: SASS not counted")
+    with atomic_file(args.out, "w") as fh:
+        json.dump({"tools": t, "targets": TARGET, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The dispatcher: which backend computes OWQLinear's product y = deq(W_q)·x + W_o·x[idx] + b.
+
+``kernel`` (``configure(kernel=...)``, :func:`use_kernel`, or the ``WCT_KERNEL`` environment variable):
+
+- ``torch``  : reference (unpack, dequantize, scatter W_o, matmul); the oracle and the CPU path. On CPU it caches
+  the frozen dense part deq(W_q) per layer while the cache budget allows (``cache_dense``); the weak columns stay
+  live because they train.
+- ``triton`` : fused dequant GEMV (M ≤ 4) / split-K tensor-core GEMM with the weak columns as a K-tail, and a dX
+  kernel over the same planes (``kernels/owq_triton.py``). Needs a CUDA GPU, or ``TRITON_INTERPRET=1`` (tests).
+- ``cuda``   : CUDA C++ decode GEMV (M ≤ 8) and dequantize-to-scratch + one GEMM (``kernels/owq_cuda.cu``), built
+  by nvcc on first use or by ``python -m wct.kernels build`` and loaded with ctypes.
+- ``auto``   : on a GPU, ``cuda`` for decode-sized M when its library loads (built by nvcc if needed) and a probe
+  launch on the device returns the right result, else
+  ``triton``, else ``cuda``'s dequant path; on CPU ``torch``.
+
+Every product goes through the custom op ``torch.ops.wct.owq_linear`` (see :mod:`wct.kernels.op`). Imports run one
+way: this module imports the op and the backends; the op imports the backends, never this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import weakref
+from typing import Iterator
+
+import torch
+
+import wct.kernels.cuda_backend as cuda_backend
+import wct.kernels.reference as reference
+from wct.errors import WCTError
+from wct.kernels.op import owq_linear_op
+
+log = logging.getLogger("wct.kernels")
+
+KERNELS = ("auto", "torch", "triton", "cuda")
+CUDA_GEMV_MAX_M = 8
+
+_config: dict = {
+    "kernel": os.environ.get("WCT_KERNEL", "auto"),
+    "cache_dense": os.environ.get("WCT_CACHE_DENSE", "auto"),  # "auto" | "1" | "0"
+    "cache_budget_bytes": None,  # None: a quarter of physical memory (CPU); GPU tensors are cached only if forced
+}
+_resolved: dict[tuple, str] = {}
+_dense_cache: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def configure(kernel: str | None = None, cache_dense: str | bool | None = None, cache_budget_bytes: int | None = None) -> None:
+    """Set the backend (``auto|torch|triton|cuda``) and the torch backend's dense-cache policy."""
+    if kernel is not None:
+        if kernel not in KERNELS:
+            raise WCTError(f"kernel={kernel!r} is not a backend; choose one of {', '.join(KERNELS)}")
+        _config["kernel"] = kernel
+    if cache_dense is not None:
+        mode = {True: "1", False: "0"}.get(cache_dense, cache_dense)
+        if mode not in ("auto", "0", "1"):
+            raise WCTError(f"cache_dense={cache_dense!r} is not a policy; use auto, 1 (always) or 0 (never)")
+        _config["cache_dense"] = mode
+        clear_cache()
+    if cache_budget_bytes is not None:
+        _config["cache_budget_bytes"] = cache_budget_bytes
+
+
+@contextlib.contextmanager
+def use_kernel(kernel: str) -> Iterator[None]:
+    """Run a block with another backend."""
+    old = _config["kernel"]
+    configure(kernel=kernel)
+    try:
+        yield
+    finally:
+        _config["kernel"] = old
+
+
+def clear_cache() -> None:
+    """Drop every cached dense weight."""
+    _dense_cache.clear()
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(kernel: str, device: torch.device, m: int) -> str:
+    """The backend that runs ``kernel`` for inputs on ``device`` with ``m`` rows; WCTError if it cannot run."""
+    if kernel not in KERNELS:
+        raise WCTError(f"kernel={kernel!r} is not a backend; choose one of {', '.join(KERNELS)}")
+    if kernel == "triton" and not triton_available(device):
+        raise WCTError(
+            f"kernel=triton needs CUDA tensors (got {device.type}) and the triton package; "
+            "use kernel=torch or kernel=auto on CPU (tests may set TRITON_INTERPRET=1)"
+        )
+    if kernel == "cuda":
+        problem = cuda_backend.unavailable_reason(device)
+        if problem:
+            raise WCTError(f"kernel=cuda is unavailable: {problem}; use kernel=triton, kernel=torch or kernel=auto")
+    if kernel != "auto":
+        return kernel
+    if device.type != "cuda":
+        return "torch"
+    problem = cuda_backend.unavailable_reason(device)  # builds the library if needed and probes a real launch
+    if problem:
+        log.warning("kernel=auto skips the cuda backend: %s", problem)
+    cuda_ok = problem is None
+    if cuda_ok and m <= CUDA_GEMV_MAX_M:
+        return "cuda"
+    if triton_available(device):
+        return "triton"
+    return "cuda" if cuda_ok else "torch"
+
+
+def _cache_budget(device: torch.device) -> int:
+    mode = _config["cache_dense"]
+    if mode == "0":
+        return 0
+    if _config["cache_budget_bytes"] is not None:
+        return _config["cache_budget_bytes"]
+    if mode == "1":
+        return 1 << 62
+    if device.type != "cpu":  # on a GPU the packed format exists to save memory
+        return 0
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
+    """The layer's dequantized dense part [N, K] in ``dtype``, built once and reused while the budget allows.
+
+    Keyed by dtype, device and the packed buffers' storage and version counters, so ``.to()`` and
+    ``load_state_dict`` invalidate it. Returns None when caching is off or the budget is spent."""
+    packed = [*layer.planes.values(), layer.scales, layer.zeros]
+    device = layer.scales.device
+    budget = _cache_budget(device)
+    if budget == 0:
+        return None
+    key = (dtype, device, tuple((t.data_ptr(), t._version) for t in packed))
+    hit = _dense_cache.get(layer)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _dense_cache.pop(layer, None)
+    size = layer.out_features * layer.in_features * torch.empty(0, dtype=dtype).element_size()
+    used = sum(t.numel() * t.element_size() for _, t in _dense_cache.values())
+    if used + size > budget:
+        return None
+    with torch.inference_mode(False):  # a cache built under inference_mode could not be saved for a later backward
+        dense = reference.dense_weight(
+            list(layer.planes.values()), layer.scales, layer.zeros, layer.bits, layer.in_features, dtype
+        )
+    _dense_cache[layer] = (key, dense)
+    return dense
+
+
+@torch.compiler.assume_constant_result
+def _backend_for(kernel: str, device: torch.device, decode: bool) -> str:
+    """:func:`resolve_backend` once per (kernel, device, M ≤ CUDA_GEMV_MAX_M), announced in the log; a constant to
+    torch.compile (it reads files and the environment, which must not be traced)."""
+    key = (kernel, device, decode)
+    if key not in _resolved:
+        _resolved[key] = resolve_backend(kernel, device, 1 if decode else CUDA_GEMV_MAX_M + 1)
+        log.info("owq_linear backend: %s (kernel=%s, device=%s)", _resolved[key], kernel, device.type)
+    return _resolved[key]
+
+
+def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """y = deq(W_q)·x + W_o·x[idx] + b for an :class:`wct.nn.OWQLinear` ``layer`` on the configured backend."""
+    backend = _backend_for(_config["kernel"], x.device, x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1])
+    dense = None
+    if backend == "torch" and not torch.compiler.is_compiling():  # eager-only state; compiled graphs dequantize
+        dense = cached_dense(layer, x.dtype)
+    return owq_linear_op(
+        x, layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias,
+        dense, layer.bits, backend,
+    )
