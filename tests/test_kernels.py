@@ -99,6 +99,30 @@ def test_triton_matches_float64(bits, group, n_o, dtype):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group,k", [(None, 200), (64, 256)])  # 200: ragged K (planes padded to 224)
+@pytest.mark.parametrize("n_o", [0, 1, 40])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_triton_gemv_split_k_matches_float64(bits, group, k, n_o, splits):
+    """owq_gemv: exponent-trick decode, fused split-K (forced splits, ragged and empty last splits), weak columns
+    spread over the splits, bias added by the last program; M = 1 and 3 (one row per program)."""
+    layer, w64 = make_layer(bits, group, n_o, n=40, k=k, device=DEVICE)
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, bits)
+    for m in (1, 3):
+        x = torch.randn(m, k, device=DEVICE)
+        y = triton_backend.gemv(x, *args, split_k=splits)
+        assert rel_err(y, x.double() @ w64.t() + layer.bias.double()) < TOL[torch.float32]
+
+
+def test_triton_gemv_fused_split_k_is_deterministic():
+    layer, _ = make_layer(3, None, 7, torch.float16, n=40, k=512, device=DEVICE)
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, 3)
+    x = torch.randn(2, 512, device=DEVICE).half()
+    first = triton_backend.gemv(x, *args, split_k=7)
+    for _ in range(3):
+        assert torch.equal(triton_backend.gemv(x, *args, split_k=7), first)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
 def test_triton_masks_k_and_n_off_the_tile_grid(bits):
     layer, w64 = make_layer(bits, None, 5, n=37, k=200, device=DEVICE)  # K padded to 224 in the planes
     with kernels.use_kernel("triton"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wct.errors import WCTError
-from wct.kernels.sources import source_dir
+from wct.kernels.sources import load_module, source_dir
 
 TARGET = {4: 3.5, 3: 2.6}  # instructions per weight at batch 1 (issue 13)
 
@@ -258,20 +258,21 @@ def cuda_figures(archs: list[str], t: dict, source: Path | None = None, kernels:
 
 
 def triton_specs(bits: int) -> list[tuple]:
-    """(jit function, signature, constexprs, attrs, weights per loop iteration per thread, num_warps) of the Triton
-    GEMV at M = 1 as the backend launches it on a GPU for a 4096-wide layer, pointers and strides 16-divisible."""
-    from wct.kernels.sources import load_module
-
+    """(jit function, signature, constexprs, attrs, (weights per loop iteration per thread, None), num_warps) of the
+    Triton GEMV at M = 1 as a GPU launch specializes it (pointers and sizes 16-divisible): ``owq_gemv`` with
+    BLOCK_N = BLOCK_K = 64 and 4 warps, or, in sources before it existed, ``owq_fwd`` in its GEMV mode."""
     mod = load_module("owq_triton.py", "owq_triton_budget")
+    types = {"plane_a": "*i32", "plane_b": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "ws": "*fp32",
+             "counters": "*i32"}
     if hasattr(mod, "owq_gemv"):
-        from wct.kernels.triton_backend import gemv_aot_specs
-
-        return gemv_aot_specs(mod, bits)
-    # the previous GEMV: owq_fwd in USE_DOT=False mode, BLOCK_M=1, BLOCK_N=BLOCK_K=64, 4 warps
-    fn = mod.owq_fwd
-    const = dict(BITS=bits, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, BLOCK_O=16, USE_DOT=False, HAS_BIAS=True, UPCAST=False)
-    types = {"plane_a": "*i32", "plane_b": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "out": "*fp16"}
-    sig = {a: "constexpr" if a in const else types.get(a, "*fp16" if a in ("x", "wo", "bias") else "i32")
+        fn = mod.owq_gemv
+        const = dict(BITS=bits, BLOCK_N=64, BLOCK_K=64, BLOCK_O=16, HAS_BIAS=True)
+    else:
+        fn = mod.owq_fwd
+        const = dict(BITS=bits, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, BLOCK_O=16, USE_DOT=False, HAS_BIAS=True,
+                     UPCAST=False)
+        types["out"] = "*fp16"
+    sig = {a: "constexpr" if a in const else types.get(a, "*fp16" if a in ("x", "wo", "bias", "y") else "i32")
            for a in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                if a not in const and a not in ("M", "n_o")}

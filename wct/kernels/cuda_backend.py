@@ -25,6 +25,7 @@ from torch import Tensor
 
 from wct.errors import WCTError
 from wct.kernels.sources import source_dir
+from wct.kernels.workspace import tile_counters
 
 ARCHS = ("80", "90")
 SOURCES = ("owq_cuda.cu", "owq_dequant.cuh")
@@ -153,18 +154,6 @@ def dequantize(
 
 
 _SMEM_LIMIT = 48 * 1024  # bytes of shared memory a launch may use without opting in
-_counters: dict[torch.device, Tensor] = {}
-
-
-def _tile_counters(device: torch.device, n: int) -> Tensor:
-    """The split-K arrival counters (int32, zero between launches: the last block of a tile resets its entry),
-    one per 256-column tile, kept per device and grown when a wider layer comes."""
-    need = _cdiv(n, 256)
-    c = _counters.get(device)
-    if c is None or c.numel() < need:
-        c = _counters[device] = torch.zeros(max(need, 64), dtype=torch.int32, device=device)
-    return c
-
 
 def split_plan(m: int, n: int, k: int, n_o: int, group: int | None, sms: int) -> tuple[int, int]:
     """(splits, k_per_split) for the GEMV: enough K splits that ≥ 2 blocks of 512 columns run per SM, chunks a
@@ -203,7 +192,7 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
     err = lib.owq_gemv(act, sf, x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), scales_c.data_ptr(),
                        zeros.contiguous().data_ptr(), idx.data_ptr(), wo.data_ptr(),
                        bias_c.data_ptr() if bias_c is not None else None, ws.data_ptr(),
-                       _tile_counters(x.device, n).data_ptr(), y.data_ptr(), m, n, k, idx.numel(), group, bits, splits,
+                       tile_counters(x.device, _cdiv(n, 256)).data_ptr(), y.data_ptr(), m, n, k, idx.numel(), group, bits, splits,
                        kps, path, _stream(x.device))
     _check(err, "owq_gemv", x.device)
     return y

@@ -1,8 +1,9 @@
 """Launchers for the Triton kernels in ``kernels/owq_triton.py`` (the ``triton`` backend).
 
-Path by rows M: M ≤ 4 a GEMV (CUDA cores, BLOCK_M = next power of two of M); otherwise a tensor-core GEMM with
-BLOCK_M 16 (M ≤ 64, split-K over K to fill the SMs) or 64 (large M). Tile sizes are autotuned on a GPU and fixed
-small under ``TRITON_INTERPRET=1``. Split-K partials go to an fp32 workspace summed in a fixed order (deterministic).
+Path by rows M: M ≤ 4 the GEMV kernel ``owq_gemv`` (one row per program, fused deterministic split-K, splits
+chosen per tile width so every autotuned BLOCK_N fills the SMs); otherwise a tensor-core GEMM with BLOCK_M 16
+(M ≤ 64, split-K over K to fill the SMs) or 64 (large M), its split-K partials summed in a fixed order. Tile sizes
+are autotuned on a GPU and fixed small under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 import triton
 
 from wct.kernels.sources import load_module
+from wct.kernels.workspace import tile_counters
 
 GEMV_MAX_M = 4
 BLOCK_O = 16
@@ -23,6 +25,61 @@ _K_ALIGN = 128  # split-K chunks are multiples of the largest BLOCK_K
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_GEMV_CONFIGS = [(bn, bk, w) for bn, bk, w in [(32, 64, 2), (64, 32, 2), (64, 64, 4), (128, 32, 4), (128, 64, 4),
+                                                (256, 32, 8), (64, 128, 4)]]
+
+
+def _gemv_prune(configs, named_args, **kwargs):
+    """BLOCK_K must divide the group (grouped layers): a tile never straddles two scales."""
+    group, k = named_args["group_size"], named_args["K"]
+    return [c for c in configs if group >= k or group % c.kwargs["BLOCK_K"] == 0]
+
+
+@functools.cache
+def _gemv_kernel():
+    """The GEMV kernel: autotuned on a GPU (keyed on the shape, bits and group), fixed tiles under the interpreter."""
+    mod = load_module("owq_triton.py", "wct_kernels_src_owq_triton")
+    if interpreting():
+        return mod.owq_gemv
+    cfg = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3) for bn, bk, w in _GEMV_CONFIGS]
+    return triton.autotune(cfg, key=["M", "N", "K", "BITS", "group_size"],
+                           prune_configs_by={"early_config_prune": _gemv_prune})(mod.owq_gemv)
+
+
+def gemv_splits(m: int, n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """K splits for a GEMV launch with this tile: ≥ 2 programs per SM, at least 2 tiles of K per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(k // (2 * block_k), (2 * sms) // (m * triton.cdiv(n, block_n))))
+
+
+def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+         bias: Tensor | None, bits: int, split_k: int | None = None) -> Tensor:
+    """y [M, N] for x [M, K], M ≤ GEMV_MAX_M, by ``owq_gemv``; ``split_k`` forces the split count."""
+    m, k = x.shape
+    n = scales.shape[1]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    most = split_k or max(gemv_splits(m, n, k, bn, bk, x.device) for bn, bk, _ in _GEMV_CONFIGS)
+    ws = torch.empty(most if most > 1 else 0, m, n, dtype=torch.float32, device=x.device)
+    counters = tile_counters(x.device, m * triton.cdiv(n, 32))
+    a, b = _plane_args(planes)
+    group = k // scales.shape[0] if scales.shape[0] > 1 else k
+
+    def grid(meta):
+        splits = split_k or gemv_splits(m, n, k, meta["BLOCK_N"], meta["BLOCK_K"], x.device)
+        return triton.cdiv(n, meta["BLOCK_N"]), splits, m
+
+    _gemv_kernel()[grid](
+        x, a, b, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), weak_weight.contiguous(),
+        bias if bias is not None else y, ws, counters, y,
+        m, n, k, weak_idx.numel(), group,
+        x.stride(0), a.stride(0), b.stride(0), scales.stride(0), n,
+        **_fixed(dict(BITS=bits, BLOCK_O=BLOCK_O, HAS_BIAS=bias is not None)),
+    )
+    return y
 
 
 @functools.cache
@@ -76,6 +133,8 @@ def forward(
     """y [M, N] = x·deq(W_q)ᵀ + x[:, idx]·W_o + b for x [M, K] (``dense`` is unused: the torch backend's cache)."""
     x = x.contiguous()
     m, k = x.shape
+    if m <= GEMV_MAX_M:
+        return gemv(x, weak_weight, planes, scales, zeros, weak_idx, bias, bits, split_k)
     n = scales.shape[1]
     block_m, use_dot = _rows(m)
     m_tiles = triton.cdiv(m, block_m)
