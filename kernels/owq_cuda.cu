@@ -17,12 +17,13 @@
 #define OWQ_THREADS 256
 #define OWQ_FAST_THREADS 128
 
-// Write or reduce a block's results. acc[c][m] is the partial of column n0 + c, row m over this split's rows.
+// Write or reduce a block's results. acc[c][m] is the partial of column n0 + c, row m over this split's rows;
+// rows m >= M_rows (the template's padding up to M) are dropped.
 // With one split the block writes y; otherwise the partials go to ws and the tile's last block (counters[tile]
 // counts arrivals, and is reset by that block for the next launch) sums them in split order: deterministic.
 template <int M, int COLS, typename T>
-__device__ __forceinline__ void owq_finish(float (&acc)[COLS][M], int64_t n0, int N, const T* bias, float* ws,
-                                           int* counters, T* y) {
+__device__ __forceinline__ void owq_finish(float (&acc)[COLS][M], int M_rows, int64_t n0, int N, const T* bias,
+                                           float* ws, int* counters, T* y) {
   const int split = blockIdx.y, splits = gridDim.y;
   const bool live = n0 < N;
   if (splits > 1) {
@@ -31,7 +32,7 @@ __device__ __forceinline__ void owq_finish(float (&acc)[COLS][M], int64_t n0, in
       for (int m = 0; m < M; ++m)
 #pragma unroll
         for (int c = 0; c < COLS; ++c)
-          if (COLS == 1 || n0 + c < N) ws[(static_cast<int64_t>(split) * M + m) * N + n0 + c] = acc[c][m];
+          if (m < M_rows) ws[(static_cast<int64_t>(split) * M_rows + m) * N + n0 + c] = acc[c][m];
     __threadfence();
     __syncthreads();
     __shared__ int last;
@@ -46,7 +47,7 @@ __device__ __forceinline__ void owq_finish(float (&acc)[COLS][M], int64_t n0, in
 #pragma unroll
       for (int c = 0; c < COLS; ++c) {
         float s = 0.f;
-        for (int p = 0; p < splits; ++p) s += __ldcg(ws + (static_cast<int64_t>(p) * M + m) * N + n0 + c);
+        for (int p = 0; m < M_rows && p < splits; ++p) s += __ldcg(ws + (static_cast<int64_t>(p) * M_rows + m) * N + n0 + c);
         acc[c][m] = s;
       }
   }
@@ -55,17 +56,19 @@ __device__ __forceinline__ void owq_finish(float (&acc)[COLS][M], int64_t n0, in
   for (int c = 0; c < COLS; ++c) {
     const float b = bias != nullptr ? owq_to_float(bias[n0 + c]) : 0.f;
 #pragma unroll
-    for (int m = 0; m < M; ++m) y[static_cast<int64_t>(m) * N + n0 + c] = owq_from_float<T>(acc[c][m] + b);
+    for (int m = 0; m < M; ++m)
+      if (m < M_rows) y[static_cast<int64_t>(m) * N + n0 + c] = owq_from_float<T>(acc[c][m] + b);
   }
 }
 
-// Stage this split's weak activations x[m, idx[o]] (o in [o_lo, o_hi)) as fp32 into xo [M][ldo].
+// Stage this split's weak activations x[m, idx[o]] (o in [o_lo, o_hi), m < M_rows; zero up to M) as fp32 into
+// xo [M][ldo].
 template <int M, typename T>
-__device__ __forceinline__ void owq_stage_weak(const T* x, int64_t stride_x, const int32_t* idx, int o_lo, int o_hi,
-                                               float* xo, int ldo) {
+__device__ __forceinline__ void owq_stage_weak(const T* x, int64_t stride_x, int M_rows, const int32_t* idx, int o_lo,
+                                               int o_hi, float* xo, int ldo) {
   for (int i = threadIdx.x; i < M * (o_hi - o_lo); i += blockDim.x) {
     const int m = i / (o_hi - o_lo), o = o_lo + i % (o_hi - o_lo);
-    xo[m * ldo + o - o_lo] = owq_to_float(x[m * stride_x + idx[o]]);
+    xo[m * ldo + o - o_lo] = m < M_rows ? owq_to_float(x[m * stride_x + idx[o]]) : 0.f;
   }
 }
 
@@ -74,8 +77,8 @@ __global__ void __launch_bounds__(OWQ_FAST_THREADS)
     owq_gemv_fast(const __half* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
                   const int32_t* __restrict__ pb, const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
                   const int32_t* __restrict__ idx, const __half* __restrict__ wo, const __half* __restrict__ bias,
-                  float* __restrict__ ws, int* __restrict__ counters, __half* __restrict__ y, int N, int K, int n_o,
-                  int group, int k_per_split, int o_per_split) {
+                  float* __restrict__ ws, int* __restrict__ counters, __half* __restrict__ y, int M_rows, int N,
+                  int K, int n_o, int group, int k_per_split, int o_per_split) {
   extern __shared__ __align__(16) unsigned char smem[];
   __half* xs = reinterpret_cast<__half*>(smem);                   // [M][k_per_split], pair order
   float* xo = reinterpret_cast<float*>(xs + M * k_per_split);  // [M][o_per_split]
@@ -83,8 +86,8 @@ __global__ void __launch_bounds__(OWQ_FAST_THREADS)
   const int k_lo = blockIdx.y * k_per_split;
   const int len = min(K, k_lo + k_per_split) - k_lo, len_pad = (len + R - 1) / R * R;
   const int o_lo = owq_weak_bound(n_o, blockIdx.y, gridDim.y), o_hi = owq_weak_bound(n_o, blockIdx.y + 1, gridDim.y);
-  owq_stage_x_pairs<BITS>(x, stride_x, M, k_lo, len, len_pad, k_per_split, xs, threadIdx.x, blockDim.x);
-  owq_stage_weak<M>(x, stride_x, idx, o_lo, o_hi, xo, o_per_split);
+  owq_stage_x_pairs<BITS>(x, stride_x, M_rows, M, k_lo, len, len_pad, k_per_split, xs, threadIdx.x, blockDim.x);
+  owq_stage_weak<M>(x, stride_x, M_rows, idx, o_lo, o_hi, xo, o_per_split);
   __syncthreads();
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * OWQ_COLS;
   float acc[OWQ_COLS][M] = {};
@@ -92,7 +95,7 @@ __global__ void __launch_bounds__(OWQ_FAST_THREADS)
     owq_fast_columns<BITS, M>(pa, pb, scales, zeros, N, n0, k_lo, k_lo + len_pad, group, xs, k_per_split, acc);
     owq_weak_columns<M, OWQ_COLS>(wo, N, n0, o_lo, o_hi, xo, o_per_split, acc);
   }
-  owq_finish<M, OWQ_COLS>(acc, n0, N, bias, ws, counters, y);
+  owq_finish<M, OWQ_COLS>(acc, M_rows, n0, N, bias, ws, counters, y);
 }
 
 template <int BITS, int M, typename T, typename S>
@@ -100,8 +103,8 @@ __global__ void __launch_bounds__(OWQ_THREADS)
     owq_gemv_general(const T* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
                      const int32_t* __restrict__ pb, const S* __restrict__ scales, const uint8_t* __restrict__ zeros,
                      const int32_t* __restrict__ idx, const T* __restrict__ wo, const T* __restrict__ bias,
-                     float* __restrict__ ws, int* __restrict__ counters, T* __restrict__ y, int N, int K, int n_o,
-                     int group, int k_per_split, int o_per_split) {
+                     float* __restrict__ ws, int* __restrict__ counters, T* __restrict__ y, int M_rows, int N, int K,
+                     int n_o, int group, int k_per_split, int o_per_split) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* xs = reinterpret_cast<float*>(smem);  // [M][k_per_split]
   float* xo = xs + M * k_per_split;            // [M][o_per_split]
@@ -110,9 +113,9 @@ __global__ void __launch_bounds__(OWQ_THREADS)
   const int o_lo = owq_weak_bound(n_o, blockIdx.y, gridDim.y), o_hi = owq_weak_bound(n_o, blockIdx.y + 1, gridDim.y);
   for (int i = threadIdx.x; i < M * len_pad; i += blockDim.x) {
     const int m = i / len_pad, kk = i % len_pad;
-    xs[m * k_per_split + kk] = kk < len ? owq_to_float(x[m * stride_x + k_lo + kk]) : 0.f;
+    xs[m * k_per_split + kk] = kk < len && m < M_rows ? owq_to_float(x[m * stride_x + k_lo + kk]) : 0.f;
   }
-  owq_stage_weak<M>(x, stride_x, idx, o_lo, o_hi, xo, o_per_split);
+  owq_stage_weak<M>(x, stride_x, M_rows, idx, o_lo, o_hi, xo, o_per_split);
   __syncthreads();
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float acc[1][M] = {};
@@ -120,7 +123,7 @@ __global__ void __launch_bounds__(OWQ_THREADS)
     owq_general_column<BITS, M>(pa, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group, xs, k_per_split, acc);
     owq_weak_columns<M, 1>(wo, N, n, o_lo, o_hi, xo, o_per_split, acc);
   }
-  owq_finish<M, 1>(acc, n, N, bias, ws, counters, y);
+  owq_finish<M, 1>(acc, M_rows, n, N, bias, ws, counters, y);
 }
 
 template <int BITS, typename T, typename S>
@@ -143,19 +146,20 @@ __global__ void owq_scatter_weak_kernel(const int32_t* __restrict__ idx, const T
 // Only the M = 1 fast kernels, for the static check (wct/kernels/budget.py): seconds to compile instead of minutes.
 #define OWQ_FAST_ARGS                                                                                        \
   const __half*, int64_t, const int32_t*, const int32_t*, const __half*, const uint8_t*, const int32_t*,     \
-      const __half*, const __half*, float*, int*, __half*, int, int, int, int, int, int
+      const __half*, const __half*, float*, int*, __half*, int, int, int, int, int, int, int
 template __global__ void owq_gemv_fast<3, 1>(OWQ_FAST_ARGS);
 template __global__ void owq_gemv_fast<4, 1>(OWQ_FAST_ARGS);
 #else
 static bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// Call F<M, rest...>(a) for the runtime row count a.M in 1..OWQ_GEMV_MAX_M.
+// Call F<MT, rest...>(a) with MT the template row count for a.M (1, 2, 4 or 8; rows past a.M are zero and
+// dropped): four instantiations instead of eight keep the library's build time down.
 #define OWQ_M_CASES(F, ...)                                                                        \
   switch (a.M) {                                                                                   \
-    case 1: return F<1, __VA_ARGS__>(a); case 2: return F<2, __VA_ARGS__>(a);                      \
-    case 3: return F<3, __VA_ARGS__>(a); case 4: return F<4, __VA_ARGS__>(a);                      \
-    case 5: return F<5, __VA_ARGS__>(a); case 6: return F<6, __VA_ARGS__>(a);                      \
-    case 7: return F<7, __VA_ARGS__>(a); case 8: return F<8, __VA_ARGS__>(a);                      \
+    case 1: return F<1, __VA_ARGS__>(a);                                                           \
+    case 2: return F<2, __VA_ARGS__>(a);                                                           \
+    case 3: case 4: return F<4, __VA_ARGS__>(a);                                                   \
+    case 5: case 6: case 7: case 8: return F<8, __VA_ARGS__>(a);                                   \
     default: return cudaErrorInvalidValue;                                                         \
   }
 
@@ -178,8 +182,8 @@ static int launch_fast(const OwqGemvArgs& a) {
       static_cast<const __half*>(a.x), a.stride_x, static_cast<const int32_t*>(a.pa),
       static_cast<const int32_t*>(a.pb), static_cast<const __half*>(a.scales), static_cast<const uint8_t*>(a.zeros),
       static_cast<const int32_t*>(a.idx), static_cast<const __half*>(a.wo), static_cast<const __half*>(a.bias),
-      static_cast<float*>(a.ws), static_cast<int*>(a.counters), static_cast<__half*>(a.y), a.N, a.K, a.n_o, a.group,
-      a.k_per_split, o_per);
+      static_cast<float*>(a.ws), static_cast<int*>(a.counters), static_cast<__half*>(a.y), a.M, a.N, a.K, a.n_o,
+      a.group, a.k_per_split, o_per);
   return cudaGetLastError();
 }
 
@@ -192,7 +196,7 @@ static int launch_general(const OwqGemvArgs& a) {
       static_cast<const T*>(a.x), a.stride_x, static_cast<const int32_t*>(a.pa), static_cast<const int32_t*>(a.pb),
       static_cast<const S*>(a.scales), static_cast<const uint8_t*>(a.zeros), static_cast<const int32_t*>(a.idx),
       static_cast<const T*>(a.wo), static_cast<const T*>(a.bias), static_cast<float*>(a.ws),
-      static_cast<int*>(a.counters), static_cast<T*>(a.y), a.N, a.K, a.n_o, a.group, a.k_per_split, o_per);
+      static_cast<int*>(a.counters), static_cast<T*>(a.y), a.M, a.N, a.K, a.n_o, a.group, a.k_per_split, o_per);
   return cudaGetLastError();
 }
 
@@ -285,12 +289,6 @@ int owq_dequant(int act, int scale_is_float, const void* pa, const void* pb, con
 }
 
 int owq_gemv_max_m() { return OWQ_GEMV_MAX_M; }
-
-// Shared memory bytes a launch with these arguments needs on the general path (the larger of the two paths); the
-// caller keeps it within the 48 KiB a launch may use without opting in.
-int owq_gemv_smem(int M, int k_per_split, int n_o, int splits) {
-  return static_cast<int>(sizeof(float) * M * (k_per_split + (n_o + splits - 1) / splits));
-}
 
 }  // extern "C"
 #endif  // OWQ_BUDGET_ONLY

@@ -143,15 +143,15 @@ OWQ_HD int owq_slot(int r) {
   return (r / (2 * P)) * 2 * P + 2 * (r % P) + (r / P) % 2;
 }
 
-// Stage x[m, k_lo + kk] (kk < len, zero up to len_pad) as half in pair order into xs[m * ld + slot]; threads
-// tid, tid + nthreads, ... share the work. len_pad and ld are multiples of ROWS.
+// Stage x[m, k_lo + kk] (m < M, kk < len; zero up to rows MT and len_pad) as half in pair order into
+// xs[m * ld + slot]; threads tid, tid + nthreads, ... share the work. len_pad and ld are multiples of ROWS.
 template <int BITS, typename T>
-OWQ_HD void owq_stage_x_pairs(const T* x, int64_t stride_x, int M, int k_lo, int len, int len_pad, int ld, __half* xs,
-                              int tid, int nthreads) {
+OWQ_HD void owq_stage_x_pairs(const T* x, int64_t stride_x, int M, int MT, int k_lo, int len, int len_pad, int ld,
+                              __half* xs, int tid, int nthreads) {
   constexpr int R = OwqStep<BITS>::ROWS;
-  for (int i = tid; i < M * len_pad; i += nthreads) {
+  for (int i = tid; i < MT * len_pad; i += nthreads) {
     const int m = i / len_pad, kk = i % len_pad;
-    const float v = kk < len ? owq_to_float(x[m * stride_x + k_lo + kk]) : 0.f;
+    const float v = kk < len && m < M ? owq_to_float(x[m * stride_x + k_lo + kk]) : 0.f;
     xs[m * ld + (kk / R) * R + owq_slot<BITS>(kk % R)] = __float2half_rn(v);
   }
 }

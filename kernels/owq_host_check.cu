@@ -122,7 +122,7 @@ static int gemv(const Layer& L) {
     const int k_lo = split * kps, len = (L.K < k_lo + kps ? L.K : k_lo + kps) - k_lo;
     const int len_pad = (len + R - 1) / R * R;
     if (FAST) {
-      owq_stage_x_pairs<BITS>(L.x.data(), L.K, M, k_lo, len, len_pad, kps, xs16.data(), 0, 1);
+      owq_stage_x_pairs<BITS>(L.x.data(), L.K, M, M, k_lo, len, len_pad, kps, xs16.data(), 0, 1);
     } else {
       for (int m = 0; m < M; ++m)
         for (int kk = 0; kk < len_pad; ++kk) xs32[m * kps + kk] = kk < len ? L.x[m * L.K + k_lo + kk] : 0.f;

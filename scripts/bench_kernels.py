@@ -4,13 +4,15 @@ CPU (always): SmolLM2-135M forward of 1×512 tokens, FP32 model vs the OWQ-4.01 
 fit on one 128-token window: the weights' values do not matter for speed; weak columns as at 4.01 bits) on the
 torch backend with the dense cache off and on (target: within 1.5× of FP32), with the logits of both packed runs compared.
 
-GPU (needs CUDA; docs/kernels.md): Llama-7B/8B layer shapes K×N ∈ {4096×4096, 4096×14336, 14336×4096},
-M ∈ {1, 4, 16, 64, 256, 2048}, 3/4-bit per-row, n_o = 0 and at b+0.01 / b+0.1 paper bits; each backend, torch fp16
-F.linear and bitsandbytes NF4. CUDA events over weight copies rotated through ≥ 2× L2; achieved GB/s from the bytes
-model against a measured device-to-device copy; speedups over fp16 and NF4; weak-column overhead vs n_o = 0;
-max |error| against the torch backend in the same run.
+GPU (needs CUDA; docs/kernels.md): Llama-7B layer shapes K×N ∈ {4096×4096, 4096×11008, 11008×4096}, M ∈ {1, 4, 16},
+3/4-bit per-row, n_o ∈ {0, 8, 64}; the cuda and triton backends, torch fp16 F.linear and bitsandbytes NF4. Each
+timing replays a CUDA graph that calls a rotation of weight copies (≥ 2× L2, so the weights come from HBM): µs per
+call, GB/s from the bytes model, % of a measured device-to-device copy, speedups over fp16 and NF4, weak-column
+overhead against n_o = 0, max |error| against the torch backend in the same run; the eager per-call time (host
+dispatch included) separately.
 
     python scripts/bench_kernels.py [--out results/bench_kernels.json] [--reps 5] [--skip-cpu] [--skip-gpu]
+    python scripts/bench_kernels.py --gpu-json OUT.json [--reps 5]   # the GPU table only (GPU validation)
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from wct.io import atomic_file
 from wct.nn.owq_linear import OWQLinear
 from wct.pack import pack_linear, stored_bits
 
-GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K = in, N = out)
-GPU_M = [1, 4, 16, 64, 256, 2048]
+GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in, N = out): Llama-7B attention and MLP
+GPU_M = [1, 4, 16]
+GPU_N_WEAK = [0, 8, 64]
 
 
 @torch.no_grad()
@@ -87,24 +90,39 @@ def _random_layer(k: int, n: int, bits: int, n_o: int, device: str) -> OWQLinear
     return OWQLinear.from_packed(pack_linear(w, scales, zeros, idx, bits), bits, k).to(device)
 
 
-def _n_weak(k: int, bits: int, extra: float) -> int:
-    """n_o giving paper bits b + extra: b + (16 - b)·n_o/K (docs/algorithm.md §1.5)."""
-    return round(extra * k / (16 - bits))
+def _graph_time(fns, reps: int, replays: int = 20) -> float:
+    """Seconds per call of a rotation of callables (one per weight copy, so L2 cannot hold the weights), captured
+    once in a CUDA graph and replayed: the kernels' time without the host's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, workspaces) outside the capture
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    return _event_time(lambda: [graph.replay() for _ in range(replays)], reps) / (replays * len(fns))
 
 
-def _cuda_time(fns, reps: int) -> float:
-    """Seconds per call of a rotation of callables (distinct weight copies, so L2 cannot hold the weights)."""
+def _eager_time(fns, reps: int) -> float:
+    """Seconds per eager call (launch and dispatch overhead included) over the same rotation."""
     for f in fns:
         f()
+    return _event_time(lambda: [f() for f in fns], reps) / len(fns)
+
+
+def _event_time(run, reps: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples = []
     for _ in range(reps):
+        torch.cuda.synchronize()
         start.record()
-        for f in fns:
-            f()
+        run()
         end.record()
         torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / len(fns))
+        samples.append(start.elapsed_time(end) / 1e3)
     return statistics.median(samples)
 
 
@@ -112,54 +130,76 @@ def _copy_bandwidth() -> float:
     """Measured device-to-device copy bandwidth in GB/s (read + write of 1 GiB)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    t = _cuda_time([lambda: dst.copy_(src)], 10)
+    t = _event_time(lambda: dst.copy_(src), 10)
     return 2 * src.numel() / t / 1e9
 
 
-@torch.no_grad()
-def bench_gpu(reps: int) -> list[dict]:
-    import bitsandbytes as bnb
+def _nf4_layers(w: torch.Tensor, copies: int) -> list | str:
+    """bitsandbytes NF4 copies of w [N, K], or why there are none."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        return f"bitsandbytes unavailable: {e}"
+    layers = []
+    for _ in range(copies):
+        lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float16, quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+        layers.append(lin.cuda())
+    return layers
 
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+def _timed(fns, reps: int) -> tuple[float, bool]:
+    """(seconds per call, captured in a graph): graph timing, or eager when the callables cannot be captured."""
+    try:
+        return _graph_time(fns, reps), True
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return _eager_time(fns, reps), False
+
+
+@torch.no_grad()
+def bench_gpu(reps: int, shapes=GPU_SHAPES, ms=GPU_M, n_weak=GPU_N_WEAK, bits_list=(3, 4)) -> dict:
+    """The kernel table (module docstring): per shape, bits, n_o, M and backend."""
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     copy_gbs = _copy_bandwidth()
-    backends = [b for b in ("torch", "triton", "cuda") if _runs(b)]
+    backends = [b for b in ("cuda", "triton") if _runs(b)]
     rows = []
-    for k, n in GPU_SHAPES:
-        fp16_w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    for k, n in shapes:
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        fp16 = [w16.clone() for _ in range(max(2, -(-2 * l2 // (n * k * 2))))]
         copies = max(2, -(-2 * l2 // (n * k * 3 // 8)))  # ≥ 2× L2 of 3-bit weights per rotation
-        fp16 = [fp16_w.clone() for _ in range(max(2, -(-2 * l2 // (n * k * 2))))]
-        nf4 = []
-        for _ in range(copies):
-            lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float16, quant_type="nf4")
-            lin.weight = bnb.nn.Params4bit(fp16_w.cpu(), requires_grad=False, quant_type="nf4")
-            nf4.append(lin.cuda())
-        for bits in (3, 4):
-            for extra in (0.0, 0.01, 0.1):
-                n_o = _n_weak(k, bits, extra)
-                first = _random_layer(k, n, bits, n_o, "cuda").half()
-                layers = [first, *(copy.deepcopy(first) for _ in range(copies - 1))]  # distinct buffers
-                for m in GPU_M:
-                    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                    t16 = _cuda_time([lambda w=w: F.linear(x, w) for w in fp16], reps)
-                    tnf4 = _cuda_time([lambda l=l: l(x) for l in nf4], reps)
-                    nbytes = (stored_bits(n, k, bits, 1, n_o) * n * k) / 8 + 2 * m * (k + n)
+        nf4 = _nf4_layers(w16, max(2, -(-2 * l2 // (n * k // 2))))
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t16, _ = _timed([lambda w=w: F.linear(x, w) for w in fp16], reps)
+            tnf4 = _timed([lambda l=l: l(x) for l in nf4], reps)[0] if isinstance(nf4, list) else None
+            for bits in bits_list:
+                for n_o in n_weak:
+                    first = _random_layer(k, n, bits, n_o, "cuda").half()
+                    layers = [first, *(copy.deepcopy(first) for _ in range(copies - 1))]  # distinct buffers
+                    nbytes = stored_bits(n, k, bits, 1, n_o) * n * k / 8 + 2 * m * (k + n)
                     with kernels.use_kernel("torch"):
                         ref = layers[0](x).float()
                     for backend in backends:
                         with kernels.use_kernel(backend):
-                            t = _cuda_time([lambda l=l: l(x) for l in layers], reps)
                             err = (layers[0](x).float() - ref).abs().max().item()
+                            fns = [lambda l=l: l(x) for l in layers]
+                            t, graphed = _timed(fns, reps)
+                            eager = _eager_time(fns, reps)
                         rows.append({
-                            "K": k, "N": n, "M": m, "bits": bits, "n_o": n_o,
-                            "paper_bits": bits + (16 - bits) * n_o / k, "backend": backend, "us": t * 1e6,
+                            "K": k, "N": n, "M": m, "bits": bits, "n_o": n_o, "backend": backend, "us": t * 1e6,
                             "GB/s": nbytes / t / 1e9, "%copy": 100 * nbytes / t / 1e9 / copy_gbs,
-                            "x_fp16": t16 / t, "x_nf4": tnf4 / t, "fp16_us": t16 * 1e6, "nf4_us": tnf4 * 1e6,
-                            "TFLOP/s": 2 * m * n * k / t / 1e12, "max_err": err,
+                            "x_fp16": t16 / t, "x_nf4": tnf4 / t if tnf4 else None, "eager_us": eager * 1e6,
+                            "fp16_us": t16 * 1e6, "nf4_us": tnf4 * 1e6 if tnf4 else None, "graph": graphed,
+                            "max_err": err,
                         })
     base = {(r["K"], r["N"], r["M"], r["bits"], r["backend"]): r["us"] for r in rows if r["n_o"] == 0}
     for r in rows:
-        r["weak_overhead_%"] = 100 * (r["us"] / base[(r["K"], r["N"], r["M"], r["bits"], r["backend"])] - 1)
-    return rows
+        key = (r["K"], r["N"], r["M"], r["bits"], r["backend"])
+        r["weak_overhead_%"] = 100 * (r["us"] / base[key] - 1) if key in base else None
+    return {"device": props.name, "copy_GB/s": copy_gbs, "L2_bytes": l2,
+            "nf4": "ok" if isinstance(nf4, list) else nf4, "rows": rows}
 
 
 def _runs(backend: str) -> bool:
@@ -188,8 +228,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
+    parser.add_argument("--gpu-json", help="run only the GPU table and write it to this JSON file")
     args = parser.parse_args()
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.gpu_json:
+        if not torch.cuda.is_available():
+            raise WCTError("--gpu-json needs a CUDA device (none found); run without it for the CPU rows")
+        result["gpu"] = bench_gpu(args.reps)
+        print_table(result["gpu"]["rows"])
+        with atomic_file(args.gpu_json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.gpu_json}")
+        return
     if not args.skip_cpu:
         result["cpu"] = bench_cpu(args.reps)
         print_table(result["cpu"])
@@ -199,9 +249,8 @@ def main() -> None:
         result["gpu"] = "skipped: the GPU rows need CUDA (no CUDA device here)"
         print(result["gpu"])
     else:
-        result["device"] = torch.cuda.get_device_name(0)
         result["gpu"] = bench_gpu(args.reps)
-        print_table(result["gpu"])
+        print_table(result["gpu"]["rows"])
     with atomic_file(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"wrote {args.out}")

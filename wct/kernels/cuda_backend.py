@@ -157,7 +157,9 @@ _SMEM_LIMIT = 48 * 1024  # bytes of shared memory a launch may use without optin
 
 def split_plan(m: int, n: int, k: int, n_o: int, group: int | None, sms: int) -> tuple[int, int]:
     """(splits, k_per_split) for the GEMV: enough K splits that ≥ 2 blocks of 512 columns run per SM, chunks a
-    multiple of 32 rows and of the group (grouped layers), at most 1024 rows, within 48 KiB of shared memory."""
+    multiple of 32 rows and of the group (grouped layers), at most 1024 rows, within 48 KiB of shared memory (for the
+    kernel's template row count: M rounded up to 1, 2, 4 or 8)."""
+    m = 1 << (m - 1).bit_length()
     align = 32 if group is None else max(32, group)
     want = max(1, (2 * sms) // _cdiv(n, 512))
     kps = max(align, _cdiv(_cdiv(k, want), align) * align)
