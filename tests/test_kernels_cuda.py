@@ -97,6 +97,18 @@ def test_host_fast_gemv_at_k11008(host_check):
     assert rel_err(got, x.double() @ w64.t()) < 2e-3
 
 
+@pytest.mark.parametrize("m,n,k,n_o,group", [(1, 4096, 11008, 64, None), (8, 11008, 4096, 400, 128),
+                                              (5, 37, 200, 3, None), (1, 4096, 4096, 0, 128)])
+def test_split_plan_fills_the_sms_within_shared_memory(m, n, k, n_o, group):
+    splits, kps = cuda_backend.split_plan(m, n, k, n_o, group, sms=132)
+    assert kps % 32 == 0 and (group is None or kps % group == 0)
+    assert (splits - 1) * kps < k <= splits * kps  # no empty split, K covered
+    mt = 1 << (m - 1).bit_length()
+    assert 4 * mt * (kps + -(-n_o // splits)) <= 48 * 1024
+    if k >= 4096 and n <= 4096:
+        assert splits * -(-n // 512) >= 132  # at least one block per SM
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -111,6 +123,39 @@ def test_cuda_matches_float64(bits, group, n_o, dtype):
     with kernels.use_kernel("cuda"):
         for m in (1, 4, 8, 33):  # the GEMV up to 8 rows, dequantize-to-scratch + GEMM above
             check_fwd_bwd(layer, w64, torch.randn(m, 512, device="cuda").to(dtype), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("n,group", [(4096, None), (4096, 128), (37, None)])  # 37: ragged N, the general kernel
+def test_cuda_fast_and_general_paths_agree(bits, n, group):
+    """The fast kernel (fp16, N % 4 == 0) against the general one and float64, forced splits 1, 3, 7."""
+    layer, w64 = make_layer(bits, group, 40, torch.float16, n=n, k=11008 if group is None else 4096, device="cuda")
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, bits)
+    for m in (1, 3, 8):
+        x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.float16)
+        ref = x.double() @ w64.t() + layer.bias.double()
+        for splits in (1, 3, 7):
+            fast = cuda_backend.gemv(x, *args, splits=splits)
+            general = cuda_backend.gemv(x, *args, splits=splits, path=1)
+            assert rel_err(fast, ref) < TOL[torch.float16] and rel_err(general, ref) < TOL[torch.float16]
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_gemv_first_launch_inside_graph_capture():
+    """A first call (backend probe, counters, workspace) made while capturing a CUDA graph."""
+    kernels._resolved.clear()
+    cuda_backend.probe.cache_clear()
+    layer, w64 = make_layer(4, 128, 8, torch.float16, n=512, k=1024, device="cuda")
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with kernels.use_kernel("cuda"), torch.no_grad(), torch.cuda.graph(graph):
+        y = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, x.double() @ w64.t() + layer.bias.double()) < TOL[torch.float16]
 
 
 @gpu
