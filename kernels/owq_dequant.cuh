@@ -62,6 +62,27 @@ OWQ_HD uint32_t owq_lop3(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 #endif
 }
+// lop3 with b and c compile-time immediates (no register holds the masks), and with only c immediate.
+template <int LUT, uint32_t B, uint32_t C>
+OWQ_HD uint32_t owq_lop3i(uint32_t a) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "n"(B), "n"(C), "n"(LUT));
+  return d;
+#else
+  return owq_lop3<LUT>(a, B, C);
+#endif
+}
+template <int LUT, uint32_t C>
+OWQ_HD uint32_t owq_lop3i(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "r"(b), "n"(C), "n"(LUT));
+  return d;
+#else
+  return owq_lop3<LUT>(a, b, C);
+#endif
+}
 constexpr int OWQ_AND_OR = 0xEA;  // (a & b) | c
 constexpr int OWQ_OR_AND = 0xF8;  // a | (b & c)
 
@@ -168,21 +189,42 @@ OWQ_HD void owq_decode_word(uint32_t w, __half2 zh, __half2 out[OwqStep<BITS>::P
   constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
 #pragma unroll
   for (int i = 0; i < OwqStep<BITS>::PAIRS; ++i)
-    out[i] = owq_hsub2(owq_bits_h2(owq_lop3<OWQ_AND_OR>(w >> (i * BITS), mask, 0x64006400u)), zh);
+    out[i] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_AND_OR, mask, 0x64006400u>(w >> (i * BITS))), zh);
+}
+
+// 3 bits: pair i of a 2-bit word is decoded with its code at mantissa bits i .. i+2 of each half, so the low bits
+// need a shift by i (not 2i) and the high bits one shift per word. With exponent field 25 - i the half reads
+// 2^(10-i) + code: owq_zero3_h2 builds the eight matching 2^(10-i) + z once per group, one HSUB2 removes them.
+// On the device the values are pinned by a volatile asm: otherwise nvcc rebuilds them inside the K loop.
+template <int C>
+OWQ_HD void owq_zero3_h2(uint32_t zw, __half2 zc[8]) {
+  const uint32_t zl = owq_prmt(zw, 0u, 0x4040u | C | (C << 8));  // z in both lanes
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    uint32_t v = (zl << i) | ((25u - i) << 10) * 0x00010001u;
+#ifdef __CUDA_ARCH__
+    asm volatile("" : "+r"(v));
+#endif
+    zc[i] = owq_bits_h2(v);
+  }
+}
+
+// Pairs I..7 of owq_decode_word3 (a template recursion, so every mask and magic number is an immediate).
+template <int I>
+OWQ_HD void owq_decode3_pairs(uint32_t a, uint32_t hb, const __half2 zc[8], __half2 out[8]) {
+  if constexpr (I < 8) {
+    const uint32_t lo = owq_lop3i<OWQ_AND_OR, (0x00030003u << I), ((25u - I) << 10) * 0x00010001u>(a >> I);
+    out[I] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_OR_AND, (0x00040004u << I)>(lo, hb)), zc[I]);
+    owq_decode3_pairs<I + 1>(a, hb, zc, out);
+  }
 }
 
 // The 8 fp16x2 values (code - z) of rows 16h .. 16h + 15 of a 3-bit step (h = 0, 1): 2-bit word a holds those rows'
-// low bits, 1-bit word b the high bits of all 32 rows; one PRMT moves b's bytes 2h, 2h + 1 to lanes 0 and 1.
+// low bits, 1-bit word b the high bits of all 32 rows; one PRMT moves b's bytes 2h, 2h + 1 to lanes 0 and 1, one
+// shift puts the high bit of pair i at bit i + 2.
 template <int H>
-OWQ_HD void owq_decode_word3(uint32_t a, uint32_t b, __half2 zh, __half2 out[8]) {
-  const uint32_t hb = owq_prmt(b, 0u, H ? 0x4342u : 0x4140u);  // bit i of lane l = high bit of row 16h + 8l + i
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t hi = i < 2 ? hb << (2 - i) : hb >> (i - 2);  // to bit 2 of each lane
-    const uint32_t q = owq_lop3<OWQ_OR_AND>(owq_lop3<OWQ_AND_OR>(a >> (2 * i), 0x00030003u, 0x64006400u), hi,
-                                              0x00040004u);
-    out[i] = owq_hsub2(owq_bits_h2(q), zh);
-  }
+OWQ_HD void owq_decode_word3(uint32_t a, uint32_t b, const __half2 zc[8], __half2 out[8]) {
+  owq_decode3_pairs<0>(a, owq_prmt(b, 0u, H ? 0x4342u : 0x4140u) << 2, zc, out);
 }
 
 // acc[m] += sum over the PAIRS pairs of a word of (code - z) * x, with x the word's staged pairs for row m: one
@@ -286,7 +328,13 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* s
     uint32_t zw;
     owq_copy<4>(&zw, zeros + g * N + n0);
     const float s[OWQ_COLS] = {__half2float(sh[0]), __half2float(sh[1]), __half2float(sh[2]), __half2float(sh[3])};
-    const __half2 zh[OWQ_COLS] = {owq_zero_h2<0>(zw), owq_zero_h2<1>(zw), owq_zero_h2<2>(zw), owq_zero_h2<3>(zw)};
+    __half2 zh[OWQ_COLS][BITS == 3 ? 8 : 1];  // 1024 + z (2, 4 bits) or the eight 2^(10-i) + z (3 bits)
+    if constexpr (BITS == 3) {
+      owq_zero3_h2<0>(zw, zh[0]), owq_zero3_h2<1>(zw, zh[1]), owq_zero3_h2<2>(zw, zh[2]), owq_zero3_h2<3>(zw, zh[3]);
+    } else {
+      zh[0][0] = owq_zero_h2<0>(zw), zh[1][0] = owq_zero_h2<1>(zw), zh[2][0] = owq_zero_h2<2>(zw);
+      zh[3][0] = owq_zero_h2<3>(zw);
+    }
     const int32_t* pa = a + (g0 / A_ROWS) * N + n0;
     const int32_t* pb = b + (g0 / 32) * N + n0;
     const __half2* xk = xs2 + (g0 - k_lo) / 2;
@@ -308,7 +356,7 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* s
 #pragma unroll
         for (int c = 0; c < OWQ_COLS; ++c) {
 #pragma unroll
-          for (int i = 0; i < R / A_ROWS; ++i) owq_decode_word<BITS>(owq_lane(w[i], c), zh[c], t + i * P);
+          for (int i = 0; i < R / A_ROWS; ++i) owq_decode_word<BITS>(owq_lane(w[i], c), zh[c][0], t + i * P);
           owq_dot_word<M, 8>(t, xk, ld / 2, s[c], acc[c]);
         }
       }

@@ -92,9 +92,12 @@ static int decode(const Layer& L) {
                          : n % 4 == 2 ? owq_zero_h2<2>(zw) : owq_zero_h2<3>(zw);
       __half2 t[R / 2];
       if constexpr (BITS == 3) {
+        __half2 zc[8];
+        n % 4 == 0 ? owq_zero3_h2<0>(zw, zc) : n % 4 == 1 ? owq_zero3_h2<1>(zw, zc)
+                   : n % 4 == 2 ? owq_zero3_h2<2>(zw, zc) : owq_zero3_h2<3>(zw, zc);
         const uint32_t hb = L.b[(k / 32) * L.N + n];
-        owq_decode_word3<0>(L.a[(k / 16) * L.N + n], hb, zh, t);
-        owq_decode_word3<1>(L.a[(k / 16 + 1) * L.N + n], hb, zh, t + 8);
+        owq_decode_word3<0>(L.a[(k / 16) * L.N + n], hb, zc, t);
+        owq_decode_word3<1>(L.a[(k / 16 + 1) * L.N + n], hb, zc, t + 8);
       } else {
         for (int i = 0; i < R / A_ROWS; ++i) owq_decode_word<BITS>(L.a[(k / A_ROWS + i) * L.N + n], zh, t + i * P);
       }
