@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from wct.errors import cli_errors
-from wct.kernels import cuda_backend
+import wct.kernels.cuda_backend as cuda_backend
 
 
 @cli_errors
