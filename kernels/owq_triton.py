@@ -16,7 +16,7 @@ word; a 2-D fp32 accumulator [words, BLOCK_N] reduced once after the loop. Split
 an atomic ticket per (row, column tile) elects the last program, which sums the partials in split order, adds the
 bias and casts. The weak columns are spread over the splits. Offsets that can pass 2^31 are int64.
 owq_dx: dX = dY·deq(W_q), tiles (BLOCK_M, BLOCK_K) walking N; the caller adds dY·W_oᵀ at the weak columns.
-UPCAST casts tl.dot operands to fp32; the caller sets it for bf16 under TRITON_INTERPRET (kernels.md §4).
+UPCAST casts tl.dot operands to fp32; the caller sets it for bf16 under TRITON_INTERPRET (docs/kernels.md).
 """
 
 import triton
