@@ -1,6 +1,6 @@
 """Triton kernels for owq-pack v1 layers (imported by path from wct.kernels.triton_backend).
 
-Layout (ARCHITECTURE.md, owq-pack v1): codes packed along K in int32 bit planes [K*w/32, N], N contiguous;
+Layout (docs/owq-pack.md §3): codes packed along K in int32 bit planes [K*w/32, N], N contiguous;
 a 3-bit code is a 2-bit plane (bits 0-1) and a 1-bit plane (bit 2); 2- and 4-bit codes are one plane.
 Dequantization W[n, k] = s[g, n] * (code[k, n] - z[g, n]), g = k // group_size; it is exactly 0 at the weak columns.
 
