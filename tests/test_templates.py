@@ -11,7 +11,6 @@ from wct.data.instruct import (
     IGNORE_INDEX,
     builtin_rows,
     check_rows,
-    collate,
     encode,
     format_prompt,
     load_rows,
@@ -19,6 +18,7 @@ from wct.data.instruct import (
     show_example,
     split_rows,
 )
+from wct.data.batching import collate
 from wct.errors import WCTError
 from wct.models import byte_tokenizer
 
@@ -122,11 +122,20 @@ def test_fixture_and_shared_data(tok, shared_data):
     assert split_rows(libre, 0.05, None, seed=0) == (train, val)  # seeded
 
 
-def test_offline_fallback_warns_and_is_deterministic(caplog):
+def test_embedded_rows_are_the_default_and_the_offline_fallback(caplog, shared_data):
+    rows, origin = load_rows("alpaca-libre")
+    assert origin.startswith("alpaca-libre (embedded: wct/data/embedded/alpaca_libre.jsonl.gz; MIT/CC0")
+    shared, _ = load_rows("unused", str(shared_data / "alpaca-libre" / "alpaca_libre.json"))
+    assert rows == [r for r in shared if r["output"].strip()] and len(rows) == 2794  # the shared set, non-empty outputs
     with caplog.at_level("WARNING", logger="wct.data"):
-        rows, origin = load_rows("wct-test/no-such-dataset")
+        again, origin2 = load_rows("wct-test/no-such-dataset", fallback="alpaca-libre")
+    assert again == rows and origin2 == origin
+    assert sum("training on alpaca-libre (embedded" in r.message for r in caplog.records) == 1
+
+
+def test_builtin_set_is_deterministic():
+    rows, origin = load_rows("builtin")
     assert origin == "builtin" and rows == builtin_rows() and len(rows) == 400
-    assert sum("built-in generated" in r.message for r in caplog.records) == 1
     assert check_rows(rows, "builtin") == rows  # every generated row is valid
     assert len({r["instruction"] + r["input"] for r in rows}) > 200  # varied
     assert rows[0] == builtin_rows(seed=0)[0] and builtin_rows(seed=1) != rows
@@ -144,3 +153,11 @@ def test_collate_right_pads(tok):
     assert batch["labels"][0, len(a["input_ids"]):].eq(IGNORE_INDEX).all()
     assert batch["attention_mask"].sum(1).tolist() == [len(a["input_ids"]), n]
     assert batch["input_ids"][1].tolist() == b["input_ids"]
+
+
+def test_embedded_calibration_text_is_emma(shared_data):
+    from wct.data.text import load_text
+
+    assert load_text("emma") == (shared_data / "janeausten" / "emma.txt").read_text(encoding="utf-8")
+    with pytest.raises(WCTError, match="neither a corpus name .*emma"):
+        load_text("persuasion")

@@ -69,12 +69,15 @@ def test_only_weak_columns_change(base, tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "results.json").is_file()
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16-mixed: the training default
-def test_resume_gives_the_same_loss_curve(base, tmp_path, precision):
+@pytest.mark.parametrize("precision, batching", [  # bf16-mixed: the training default; length grouping: default
+    ("32-true", "task.group_by_length=true"), ("bf16-mixed", "task.group_by_length=true"), ("32-true", "task.packing=true"),
+])
+def test_resume_gives_the_same_loss_curve(base, tmp_path, precision, batching):
     p = f"trainer.precision={precision}"
-    _, straight = fit(config(tmp_path / "a", base, p))
-    fit(config(tmp_path / "b", base, "trainer.max_steps=2", p))
-    _, resumed = fit(config(tmp_path / "c", base, f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}", p))
+    _, straight = fit(config(tmp_path / "a", base, p, batching))
+    fit(config(tmp_path / "b", base, "trainer.max_steps=2", p, batching))
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    _, resumed = fit(config(tmp_path / "c", base, f"ckpt_path={last}", p, batching))
     a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     c = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)
     history_a, history_c = a["callbacks"]["LossPlot"]["history"], c["callbacks"]["LossPlot"]["history"]
@@ -183,7 +186,8 @@ def test_tuning_norms_and_head(base, tmp_path):
 
 
 @pytest.mark.parametrize("override", [
-    "task=json", "task=alpaca_libre", "tuning=weak_norms", "tuning=weak_lm_head", "tuning=weak_task", "optim=adamw8bit",
+    "task=json", "task=alpaca_libre", "task=chat",
+    "tuning=weak_norms", "tuning=weak_lm_head", "tuning=weak_task", "optim=adamw8bit",
     "optim=paged_adamw8bit", "optim=cosine", "trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=fsdp",
     "logger=wandb", "callbacks=none", "debug=default", "debug=fdr", "debug=overfit", "experiment=smoke_tiny",
     "experiment=alpaca_smollm2_w3",

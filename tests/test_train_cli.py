@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_tiny.json"
@@ -21,7 +22,7 @@ def tiny(tmp: Path) -> list[str]:
     return [
         "model=tiny-llama", "quant.target_bit=null", "quant.target_rank=4", f"calib.source={FIXTURE}",
         "calib.n_samples=2", "calib.seqlen=64", f"cache_dir={tmp / 'cache'}", f"paths.root_dir={tmp}",
-        "task.max_length=384", "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2",
+        "task.max_length=1024", "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2",
         "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.samples.max_new_tokens=4",
         "trainer.enable_progress_bar=false",
     ]
@@ -44,15 +45,18 @@ def run_dirs(root: Path) -> list[Path]:
 def test_default_task_offline(tmp_path):
     p = train("task=alpaca", *tiny(tmp_path))
     out = p.stdout + p.stderr
-    assert out.count("built-in generated Alpaca-format set") == 1  # one WARNING line: hub unreachable, not cached
+    assert "not reachable offline" not in out and "calibrating on the task" not in out  # real data, no fallback
+    assert "data: alpaca-libre (embedded: wct/data/embedded/alpaca_libre.jsonl.gz" in out
+    assert "2790 training / 4 validation rows" in out and "padding: " in out
     assert "trainable params: 4,096 || all params:" in out and "memory estimate" in out
-    assert "[[Below is an instruction that describes a task." in out and "### Response:]]" in out
+    assert "[[Below is an instruction that describes a task" in out and "### Response:]]" in out
     (run,) = run_dirs(tmp_path / "outputs" / "train")
     assert run.parent.name == "alpaca-tiny-llama-owq-w4-k4-weak"  # one run name: task-model-quant-tuning
     config = (run / "config.yaml").read_text()
-    assert "data_origin: builtin" in config and "precision: bf16-mixed" in config
+    assert yaml.safe_load(config)["data_origin"].startswith("alpaca-libre (embedded: wct/data/embedded/alpaca_libre")
+    assert "precision: bf16-mixed" in config
     results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == 2 and results["val_loss_before"] > 0
+    assert results["steps"] == 2 and results["val_loss_before"] > 0 and 0 <= results["padding_fraction"] < 1
     assert {"train/loss", "val/loss", "val/ppl", "lr", "perf/tokens_per_s", "perf/peak_mem_gb"} <= set(results["metrics"])
     assert (run / "loss.png").stat().st_size > 0 and (run / "checkpoints" / "last.ckpt").is_file()
     assert "What is the capital of France?" in (run / "samples.csv").read_text()
@@ -69,7 +73,8 @@ def test_missing_calibration_text_falls_back_to_the_task_rows(tmp_path, monkeypa
     # a user's fresh clone has no ../shared/data: the default run calibrates on its own training rows instead
     monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "wct-cache"))
     p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent' / 'emma.txt'}", "calib.seqlen=32")
-    assert p.stdout.count("calibrating on the task's own rows (builtin, 396 rows)") == 1
+    assert p.stdout.count("calibrating on the task's own rows (alpaca-libre (embedded") == 1
+    assert "2790 rows) instead" in p.stdout
     (text,) = (tmp_path / "wct-cache" / "calib").glob("task-*.txt")
     assert text.read_text().startswith("Below is an instruction that describes a task")
     p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent.txt'}", "calib.fallback=error",

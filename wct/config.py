@@ -117,42 +117,64 @@ def quant_schema() -> QuantConfig:
 
 @dataclass
 class DataConfig:
-    """Where the rows come from: ``path`` (local .json/.jsonl/.parquet) wins over the hub dataset ``source``."""
+    """Where the rows come from: ``path`` (local .json/.jsonl/.parquet) wins over ``source``: an embedded set
+    (``alpaca-libre``), a hub dataset id, or ``builtin`` (the generated set for unit tests)."""
 
-    source: str = "tatsu-lab/alpaca"  # hub dataset id, or "builtin" (the generated offline set)
+    source: str = "alpaca-libre"
     path: Optional[str] = None
     split: str = "train"
-    fields: dict[str, str] = field(default_factory=dict)  # our name (instruction/input/output) -> the file's name
-    fallback: str = "builtin"  # hub unreachable and uncached: "builtin" (with a WARNING) or "error"
+    # our name -> the file's name: instruction/input/output (alpaca); messages/role/content (chat)
+    fields: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)  # chat: the file's role name -> system/user/assistant/tool
+    fallback: str = "alpaca-libre"  # hub unreachable and uncached: an embedded set (with a WARNING), or "error"
     max_rows: Optional[int] = None  # use only the first rows (after loading, before the split)
 
     def __post_init__(self) -> None:
-        one_of("task.data.fallback", self.fallback, ("builtin", "error"))
+        one_of("task.data.fallback", self.fallback, ("alpaca-libre", "builtin", "error"))
         if self.max_rows is not None:
             at_least("task.data.max_rows", self.max_rows, 1)
 
 
 @dataclass
 class TaskConfig:
-    """The data side of a run: source, template, lengths, split, batch sizes, sample prompts."""
+    """The data side of a run: source, format and template, lengths, split, batching, sample prompts
+    (docs/data.md).
+
+    ``format``: ``alpaca`` (instruction rows, Alpaca template) or ``chat`` (conversations, loss on assistant
+    turns; ``template``: ``model``, ``alpaca`` or a Jinja file; ``truncation``: ``drop_turns`` or ``error``).
+    ``group_by_length``: micro-batches of rows of similar length (within chunks of ``group_size`` micro-batches
+    of the seeded order); ``packing``: rows concatenated into ``max_length`` sequences, attention kept inside
+    each row."""
 
     name: str = "alpaca"
     data: DataConfig = field(default_factory=DataConfig)
+    format: str = "alpaca"
+    template: str = "alpaca"
+    truncation: str = "drop_turns"
     max_length: int = 256
     val_fraction: float = 0.05
     val_size: Optional[int] = None  # overrides val_fraction
     global_batch_size: int = 16  # sequences per optimizer step over all devices
     micro_batch_size: int = 4  # sequences per forward; accumulation = global / (micro * devices)
+    group_by_length: bool = True
+    group_size: int = 50
+    packing: bool = False
     seed: int = 0
     sample_prompts: list[str] = field(default_factory=lambda: ["What is the capital of France?"])
 
     def __post_init__(self) -> None:
+        one_of("task.format", self.format, ("alpaca", "chat"))
+        one_of("task.truncation", self.truncation, ("drop_turns", "error"))
+        if self.format == "alpaca":
+            require(self.template == "alpaca", "task.template", self.template,
+                    "task.format=alpaca renders with the Alpaca template; use task=chat for other templates")
         at_least("task.max_length", self.max_length, 2)
         require(0 <= self.val_fraction < 1, "task.val_fraction", self.val_fraction, "it must lie in [0, 1)")
         if self.val_size is not None:
             at_least("task.val_size", self.val_size, 0)
         at_least("task.micro_batch_size", self.micro_batch_size, 1)
         at_least("task.global_batch_size", self.global_batch_size, 1)
+        at_least("task.group_size", self.group_size, 1)
 
 
 @dataclass
@@ -368,7 +390,8 @@ def run_name(task: str, model: str, quantized: str | None, quant: DictConfig, tu
     if quantized:
         return f"{task}-{model_tag(quantized)}-{tuning}"
     q = quant
-    qname = q.get("name") or recipe_name(q.method, q.bits, q.target_bit, q.target_rank, q.group_size)
+    qname = q.get("name") or recipe_name(q.method, q.bits, q.target_bit, q.target_rank, q.group_size,
+                                          q.get("budget", "layer"))
     return f"{task}-{model_tag(model)}-{qname}-{tuning}"
 
 

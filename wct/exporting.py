@@ -13,7 +13,7 @@ LoRA / QLoRA: the adapter is written in peft format (``adapter_config.json`` + `
 checked the same way (base + reloaded adapter vs the in-training model). It is not merged: merging into an NF4
 base rounds the update into 4 bits and changes the model.
 
-Every export also holds the tokenizer (with a chat template: the tokenizer's own, else the Alpaca template), the
+Every export also holds the tokenizer (with the chat template the run trained with: ``task=chat``'s, else Alpaca), the
 generation config, the resolved training config (``training_config.yaml``), ``wct_export.json`` (method, base,
 template, checks) and a model card ``README.md``.
 """
@@ -48,30 +48,17 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
-def alpaca_chat_template() -> str:
-    """Jinja chat template that renders [user] + generation prompt byte-exactly as the Alpaca no-input prompt
-    (``wct.data.instruct.PROMPT_NO_INPUT``) and an assistant turn as its response + EOS, as training saw them."""
-    from wct.data.instruct import PROMPT_NO_INPUT
-
-    head, _, tail = PROMPT_NO_INPUT.partition("{instruction}")
-    cut = tail.index("### Response:")
-    q = json.dumps  # JSON string literals are valid Jinja string literals
-    return (
-        "{% for m in messages %}"
-        f"{{% if m['role'] == 'user' %}}{{{{ {q(head)} + m['content'] + {q(tail[:cut])} }}}}"
-        f"{{% elif m['role'] == 'assistant' %}}{{{{ {q(tail[cut:])} + m['content'] + eos_token }}}}{{% endif %}}"
-        "{% endfor %}"
-        f"{{% if add_generation_prompt %}}{{{{ {q(tail[cut:])} }}}}{{% endif %}}"
-    )
-
-
-def with_chat_template(tokenizer):
-    """The tokenizer with the Alpaca chat template the model was trained on (returns the template name).
+def with_chat_template(tokenizer, config: dict | None = None):
+    """The tokenizer with the chat template the model was trained on (returns the template name): the run's
+    ``chat_template`` (``task=chat``, recorded in its config), else the Alpaca template.
 
     It replaces any template the base tokenizer had: ``apply_chat_template`` on the export must render the prompts
     the weak columns were tuned on, not the base model's chat format."""
-    tokenizer.chat_template = alpaca_chat_template()
-    return tokenizer, "alpaca"
+    from wct.data.chat import alpaca_chat_template
+
+    trained = (config or {}).get("chat_template")
+    tokenizer.chat_template = trained or alpaca_chat_template()
+    return tokenizer, f"chat ({config['task']['template']})" if trained else "alpaca"
 
 
 def model_card(meta: dict) -> str:
@@ -142,7 +129,7 @@ def export_wct(trained: Trained, out: Path) -> dict:
     stored = stored_dtypes(trained.base_dir, list(trained.extra))
     set_parameters(model, {n: t.to(stored[n]) for n, t in trained.extra.items()})  # norms / head, likewise
     reference = logits(model, ids)
-    tokenizer, template = with_chat_template(trained.tokenizer)
+    tokenizer, template = with_chat_template(trained.tokenizer, trained.config)
     layers = owq_layers(model)
     meta = export_meta(trained, out, template) | {
         "bits": model.config.quantization_config.get("bits"),
@@ -173,7 +160,7 @@ def export_adapter(trained: Trained, out: Path) -> dict:
 
     model, ids = trained.model, check_batch(trained.model.config.vocab_size)
     reference = logits(model, ids)
-    tokenizer, template = with_chat_template(trained.tokenizer)
+    tokenizer, template = with_chat_template(trained.tokenizer, trained.config)
     meta = export_meta(trained, out, template) | {
         "bits": "nf4" if trained.method == "qlora" else None,
         "lora": {k: trained.config["method"][k] for k in ("r", "alpha", "dropout", "target_modules")},

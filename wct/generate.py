@@ -6,8 +6,9 @@
     python -m wct.generate ckpt_path=outputs/train/.../checkpoints/last.ckpt prompt="..." input="..."
 
 ``template``: ``alpaca`` (the training template, with ``input`` when given), ``chat`` (the tokenizer's chat
-template), ``none`` (the prompt as is), or ``auto``: alpaca for a training checkpoint or an export of one (that is
-what the model was tuned on), else the tokenizer's chat template when it has one, else alpaca. Greedy unless
+template), ``none`` (the prompt as is), or ``auto``: for a training checkpoint or an export of one, the template it
+was tuned with (alpaca, or for a ``task=chat`` run its chat template), else the tokenizer's chat template when it
+has one, else alpaca. Greedy unless
 ``do_sample=true``; stops at EOS or after ``max_new_tokens``.
 """
 

@@ -28,12 +28,17 @@ def render(tokenizer, prompt: str, input: str = "", template: str = "alpaca") ->
     raise WCTError(f"template={template!r} is unknown; use one of {', '.join(TEMPLATES)}")
 
 
-def resolve_template(template: str, tokenizer, tuned: bool, has_input: bool) -> str:
-    """``auto`` → alpaca for a model wct trained (that is what it was tuned on) or when an Alpaca ``input`` is
-    given, else the tokenizer's chat template when it has one, else alpaca; other names pass through."""
+def resolve_template(template: str, tokenizer, tuned: str | None, has_input: bool) -> str:
+    """``auto`` → for a model wct trained, the template it was tuned with (``tuned``: alpaca, or ``chat (...)`` for a
+    ``task=chat`` run, whose template the tokenizer carries); alpaca when an Alpaca ``input`` is given; else the
+    tokenizer's chat template when it has one, else alpaca. Other names pass through."""
     if template != "auto":
         return template
-    return "alpaca" if tuned or has_input or not getattr(tokenizer, "chat_template", None) else "chat"
+    if has_input:
+        return "alpaca"
+    if tuned:
+        return "chat" if tuned.startswith("chat") else "alpaca"
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
 @torch.no_grad()

@@ -27,13 +27,14 @@ EXPORT_META = "wct_export.json"  # written by wct.exporting into every export
 
 @dataclass
 class Loaded:
-    """A model ready to use. ``label``: a short name for tables; ``tuned``: trained by wct (a checkpoint or an
-    export), so the template it was trained with is the right default for prompting it."""
+    """A model ready to use. ``label``: a short name for tables; ``tuned``: for a model trained by wct (a checkpoint
+    or an export) the template it was trained with, ``alpaca`` or ``chat (...)`` (the tokenizer then carries it as
+    its chat template), the right default for prompting it; None for other models."""
 
     model: nn.Module
     tokenizer: Any
     label: str
-    tuned: bool
+    tuned: str | None
 
 
 def load_adapter_export(path: str | os.PathLike):
@@ -68,14 +69,17 @@ def load_for_use(model_cfg, ckpt_path: str | None = None) -> Loaded:
     """The model a verb runs: ``ckpt_path`` (a training checkpoint: base + trained tensors), else
     ``model.quantized`` (an owq-pack folder), else ``model.name``."""
     if ckpt_path:
+        from wct.exporting import with_chat_template
         from wct.runs import load_trained
 
         trained = load_trained(ckpt_path)
-        return Loaded(trained.model, trained.tokenizer, Path(ckpt_path).parent.parent.name, True)
+        tok, template = with_chat_template(trained.tokenizer, trained.config)
+        return Loaded(trained.model, tok, Path(ckpt_path).parent.parent.name, template)
     if model_cfg.quantized:
         path = Path(model_cfg.quantized)
         model, tok = load_quantized(path, dtype=model_cfg.dtype)
     else:
         path = Path(model_cfg.name)
         model, tok = load_any(model_cfg.name, dtype=model_cfg.dtype)
-    return Loaded(model, tok, path.name, (path / EXPORT_META).is_file())
+    meta = path / EXPORT_META
+    return Loaded(model, tok, path.name, json.loads(meta.read_text())["template"] if meta.is_file() else None)

@@ -1,4 +1,4 @@
-"""Instruction data: the Stanford Alpaca template, prompt-masked tokenization, loading, splitting, collation.
+"""Instruction data: the Stanford Alpaca template, prompt-masked tokenization, loading, splitting.
 
 Template (docs/algorithm.md §3.2): ``PROMPT_INPUT`` when a row's ``input`` is non-empty, else ``PROMPT_NO_INPUT``,
 byte-exact as in stanford_alpaca's ``train.py``; both end with ``### Response:`` and no trailing space or newline.
@@ -8,21 +8,22 @@ Prompt and response are tokenized separately and concatenated, so the mask bound
 tokenizer merges. Sequences longer than ``max_length`` lose the end of their response (EOS included); a prompt
 that alone leaves no room for one response token is an error naming the row.
 
-Sources: a local ``.json`` (a list of rows, or JSON lines), ``.jsonl`` or ``.parquet`` file, or a dataset on the
-Hugging Face hub (``tatsu-lab/alpaca``). When the hub is unreachable and nothing is cached, the default task falls
-back to :func:`builtin_rows`, a small Alpaca-format set this module generates itself (one WARNING line).
+Sources: a local ``.json`` (a list of rows, or JSON lines), ``.jsonl`` or ``.parquet`` file, the real
+``alpaca-libre`` rows embedded in the package (the default task's data, :mod:`wct.data.embedded`), or a dataset on
+the Hugging Face hub (``tatsu-lab/alpaca``). :func:`builtin_rows` is a small generated Alpaca-format set for unit
+tests.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-import torch
-
+from wct.data.embedded import INSTRUCTIONS, ORIGINS
 from wct.errors import WCTError
 
 log = logging.getLogger("wct.data")
@@ -95,17 +96,20 @@ def check_rows(rows: list[Any], source: str, fields: Mapping[str, str] | None = 
 
 
 def read_file(path: Path) -> list[Any]:
-    """The rows of a ``.json`` (list, or JSON lines), ``.jsonl`` or ``.parquet`` file."""
+    """The rows of a ``.json`` (list, or JSON lines), ``.jsonl`` or ``.parquet`` file (``.json.gz`` / ``.jsonl.gz``
+    read compressed)."""
     if not path.is_file():
         raise WCTError(f"task.data.path={path} does not exist; give a .json, .jsonl or .parquet instruction file")
     if path.suffix == ".parquet":
         from datasets import load_dataset
 
         return list(load_dataset("parquet", data_files=str(path), split="train"))
-    if path.suffix not in (".json", ".jsonl"):
-        raise WCTError(f"task.data.path={path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    packed = path.suffix == ".gz"
+    suffix = Path(path.stem).suffix if packed else path.suffix
+    if suffix not in (".json", ".jsonl"):
+        raise WCTError(f"task.data.path={path}: unsupported file type {suffix!r}; use .json, .jsonl or .parquet")
+    text = gzip.decompress(path.read_bytes()).decode("utf-8") if packed else path.read_text(encoding="utf-8")
+    if suffix == ".json" and text.lstrip().startswith("["):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
@@ -133,32 +137,37 @@ def load_hub(name: str, split: str) -> list[Any] | None:
 
 def load_rows(
     source: str, path: str | None = None, split: str = "train", fields: Mapping[str, str] | None = None,
-    fallback: str = BUILTIN,
-) -> tuple[list[dict[str, str]], str]:
-    """``(rows, origin)``: from ``path`` when given, else hub dataset ``source`` (``builtin`` = the generated set).
+    fallback: str = "error", check: Callable[[list[Any], str, Mapping[str, str] | None], list[dict]] | None = None,
+) -> tuple[list[dict], str]:
+    """``(rows, origin)``: from ``path`` when given, else ``source``: a dataset embedded in the package
+    (``alpaca-libre``, :mod:`wct.data.embedded`), ``builtin`` (the generated set, for unit tests) or a hub dataset.
 
-    ``fallback="builtin"`` replaces an unreachable hub dataset by :func:`builtin_rows` with a WARNING;
-    ``fallback="error"`` raises instead. ``origin`` says where the rows came from (recorded in the run config).
-    """
+    ``fallback`` (an embedded name or ``builtin``) replaces an unreachable hub dataset, with a WARNING;
+    ``fallback="error"`` raises instead. ``check`` validates and maps the raw rows (default :func:`check_rows`, the
+    Alpaca fields). ``origin`` says where the rows came from (recorded in the run config)."""
+    check = check or check_rows
     if path:
         p = Path(path).expanduser()
-        return check_rows(read_file(p), str(p), fields), str(p)
+        return check(read_file(p), str(p), fields), str(p)
     if source == BUILTIN:
-        return builtin_rows(), BUILTIN
+        return check(builtin_rows(), BUILTIN, fields), BUILTIN
+    if source in INSTRUCTIONS:
+        return check(read_file(INSTRUCTIONS[source]), source, fields), ORIGINS[source]
     rows = load_hub(source, split)
     if rows is not None:
-        return check_rows(rows, source, fields), source
-    if fallback != BUILTIN:
+        return check(rows, source, fields), source
+    if fallback != BUILTIN and fallback not in INSTRUCTIONS:
         raise WCTError(
             f"could not load the instruction dataset {source!r} (hub unreachable and not cached); pass a local "
-            "file with task.data.path=/path/to/data.json (.json, .jsonl or .parquet)"
+            f"file with task.data.path=/path/to/data.json (.json, .jsonl or .parquet), or an embedded set "
+            f"(task.data.source={' / '.join(INSTRUCTIONS)})"
         )
-    rows = builtin_rows()
+    rows, origin = load_rows(fallback, check=check)
     log.warning(
-        "WARNING: dataset %s is not reachable offline and not cached; training on wct's built-in generated "
-        "Alpaca-format set (%d rows). Pass task.data.path=FILE for real data.", source, len(rows)
+        "WARNING: dataset %s is not reachable offline and not cached; training on %s (%d rows) instead. "
+        "Pass task.data.path=FILE for other data.", source, origin, len(rows)
     )
-    return rows, BUILTIN
+    return rows, origin
 
 
 def split_rows(rows: list[dict], val_fraction: float, val_size: int | None, seed: int) -> tuple[list, list]:
@@ -174,34 +183,24 @@ def split_rows(rows: list[dict], val_fraction: float, val_size: int | None, seed
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
-def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence: ``input_ids`` with ``pad_id``, ``labels`` with -100, ``attention_mask``."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def show_example(tokenizer, example: Mapping[str, list[int]]) -> str:
-    """The rendered example with its label mask: masked (prompt) text in ``[[...]]``, trained text after it, and
-    the token counts."""
+    """The rendered example with its label mask: masked text in ``[[...]]``, trained text outside, and the token
+    counts (Alpaca: one masked prompt then the response; chat: every non-assistant stretch masked)."""
     ids, labels = example["input_ids"], example["labels"]
-    n_prompt = sum(1 for x in labels if x == IGNORE_INDEX)
-    prompt = tokenizer.decode(ids[:n_prompt])
-    response = tokenizer.decode(ids[n_prompt:])
+    parts, start = [], 0
+    for i in range(1, len(ids) + 1):  # runs of equally masked tokens
+        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(ids[start:i])
+            parts.append(f"[[{text}]]" if labels[start] == IGNORE_INDEX else text)
+            start = i
+    n_masked = sum(1 for x in labels if x == IGNORE_INDEX)
     return (
-        f"first training example ({n_prompt} prompt tokens masked with -100, {len(ids) - n_prompt} trained tokens "
-        f"incl. EOS); masked part in [[...]]:\n[[{prompt}]]{response}"
+        f"first training example ({n_masked} prompt tokens masked with -100, {len(ids) - n_masked} trained tokens "
+        f"incl. end-of-turn); masked part in [[...]]:\n{''.join(parts)}"
     )
 
 
-# ------------------------------------------------------------------ built-in generated set (offline fallback)
+# ------------------------------------------------------------------ built-in generated set (unit tests)
 
 _CAPITALS = {
     "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",

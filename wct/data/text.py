@@ -1,7 +1,8 @@
 """Plain text for calibration and perplexity: the GPTQ/OWQ corpora through ``datasets``, or local text.
 
 ``source`` is ``wikitext2``, ``ptb``, ``c4`` (Hugging Face hub, or its local ``datasets`` cache) or the path of a
-UTF-8 text file or of a folder whose ``*.txt`` files are read in name order and joined with a blank line.
+UTF-8 text file or of a folder whose ``*.txt`` files are read in name order and joined with a blank line, or the
+name of a text embedded in the package (``emma``: :mod:`wct.data.embedded`).
 
 Protocols (docs/algorithm.md §1.2 and §1.10):
 
@@ -15,11 +16,13 @@ Protocols (docs/algorithm.md §1.2 and §1.10):
 
 from __future__ import annotations
 
+import gzip
 import random
 from pathlib import Path
 
 import torch
 
+from wct.data.embedded import TEXTS
 from wct.errors import WCTError
 
 # name -> (hub dataset, config, text field, joiner, {split: data file})
@@ -59,6 +62,8 @@ def _hub_documents(name: str, split: str) -> list[str]:
 
 
 def _local_text(path: Path) -> str:
+    if path.suffix == ".gz":  # the embedded texts (wct/data/embedded)
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
@@ -68,14 +73,17 @@ def _local_text(path: Path) -> str:
 
 
 def _check_source(source: str | Path) -> Path | None:
-    """None for a hub corpus name, else the existing local path; a clear error for anything else."""
+    """None for a hub corpus name, else the existing local path (an embedded text's file for its name, e.g.
+    ``emma``); a clear error for anything else."""
     if str(source) in HUB_CORPORA:
         return None
+    if str(source) in TEXTS:
+        return TEXTS[str(source)]
     path = Path(source).expanduser()
     if not path.exists():
         raise WCTError(
-            f"text source {str(source)!r} is neither a corpus name ({', '.join(HUB_CORPORA)}) nor an existing "
-            "file or folder; fix the path or use one of those names"
+            f"text source {str(source)!r} is neither a corpus name ({', '.join([*HUB_CORPORA, *TEXTS])}) nor an "
+            "existing file or folder; fix the path or use one of those names"
         )
     return path
 

@@ -33,6 +33,7 @@ class QuantConfig:
     act_order: bool = False
     true_sequential: bool = False
     layers: list[str] | None = None  # short layer-type names to give weak columns (None: all)
+    budget: str = "layer"  # "layer": per-layer counts (§1.5); "global": the same total ranked over all layers
     name: str = ""  # label used in run and output names, e.g. "owq-w3-t3.01"
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class QuantConfig:
             raise WCTError(f"quant.target_rank={self.target_rank} must be >= 0")
         if self.method != "owq" and (self.target_bit not in (None, float(self.bits)) or self.target_rank):
             raise WCTError(f"quant.method={self.method} keeps no weak columns; drop target_bit/target_rank or use owq")
+        if self.budget not in ("layer", "global"):
+            raise WCTError(f"quant.budget={self.budget!r} is unknown; use layer (per-layer counts) or global")
         if self.group_size != -1 and self.group_size < 1:
             raise WCTError(f"quant.group_size={self.group_size} must be -1 (per row) or a positive group width")
         for key in ("grid", "sens_grid", "blocksize"):
@@ -64,11 +67,13 @@ class QuantConfig:
             self.name = self.default_name()
 
     def default_name(self) -> str:
-        return recipe_name(self.method, self.bits, self.target_bit, self.target_rank, self.group_size)
+        return recipe_name(self.method, self.bits, self.target_bit, self.target_rank, self.group_size, self.budget)
 
 
-def recipe_name(method: str, bits: int, target_bit: float | None, target_rank: int | None, group_size: int) -> str:
-    """The label of a recipe in run and output names, e.g. ``owq-w3-t3.01``, ``owq-w3-k8``, ``gptq-w4-g64``."""
+def recipe_name(method: str, bits: int, target_bit: float | None, target_rank: int | None, group_size: int,
+                budget: str = "layer") -> str:
+    """The label of a recipe in run and output names, e.g. ``owq-w3-t3.01``, ``owq-w3-k8``, ``gptq-w4-g64``,
+    ``owq-w4-t4.01-global``."""
     tag = f"{method}-w{bits}"
     if target_bit is not None:
         tag += f"-t{target_bit:g}"
@@ -76,4 +81,6 @@ def recipe_name(method: str, bits: int, target_bit: float | None, target_rank: i
         tag += f"-k{target_rank}"
     if group_size > 0:
         tag += f"-g{group_size}"
+    if budget == "global":
+        tag += "-global"
     return tag

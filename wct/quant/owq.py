@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from wct.errors import WCTError
 from wct.nn.owq_linear import OWQLinear
+from wct.quant.budget import global_counts
 from wct.quant.blocks import (
     ROLE_ALIASES,
     budget_ratios,
@@ -50,6 +51,11 @@ class QuantReport:
 
     def summary(self) -> str:
         roles = ", ".join(f"{r}={n}" for r, n in self.weak_by_role.items())
+        if self.cfg.budget == "global":  # counts differ per block: each type's range over the blocks
+            ranges = {}
+            for name, n in self.n_weak.items():
+                ranges.setdefault(layer_role(name), []).append(n)
+            roles = ", ".join(f"{r}={min(v)}-{max(v)}" for r, v in ranges.items()) + " (global budget)"
         return (
             f"{self.cfg.name}: {len(self.n_weak)} linears, weak columns per layer {roles}; "
             f"{self.paper_bits:.3f} bits (paper label), {self.stored_bits:.3f} bits stored; {self.seconds:.1f} s"
@@ -163,6 +169,23 @@ def _hessians(
         for h in hooks:
             h.remove()
     return gptqs
+
+
+def _sensitivities(blocks: nn.ModuleList, prefix: str, inps: torch.Tensor, kwargs: dict[str, Any],
+                   enabled: set[str], cfg: QuantConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pre-pass for ``quant.budget=global``: the sensitivity (docs/algorithm.md §1.6) of every layer named in ``enabled``, on
+    Hessians of the full-precision model (blocks run unquantized)."""
+    scores = {}
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = {n: m for n, m in find_linears(block).items() if n in enabled}
+        for n, g in _hessians(block, linears, inps, kwargs).items():
+            scores[f"{prefix}.{i}.{n}"] = g.sensitivity(cfg.bits, cfg.sym, cfg.tuning, cfg.sens_grid, cfg.frob_norm)
+        if i + 1 < len(blocks):
+            inps = _run_block(block, inps, kwargs)
+        block.to(home)
+    return scores
 
 
 def _storage_dtype(model: nn.Module) -> torch.dtype:
@@ -295,6 +318,10 @@ def quantize_model(
     model.config.use_cache = False
     inps, kwargs = (None, {}) if cfg.method == "rtn" else _catch_block_inputs(model, blocks, calib, device)
     sel_inps = None if select is None else _catch_block_inputs(model, blocks, select, device)[0]
+    per_layer = {f"{prefix}.{i}.{n}": counts[n] for i in range(len(blocks)) for n in first}
+    if cfg.budget == "global" and inps is not None:  # docs/algorithm.md: wct/quant/budget.py
+        scores = _sensitivities(blocks, prefix, inps, kwargs, {n for n in first if counts[n]}, cfg, device)
+        per_layer = dict.fromkeys(per_layer, 0) | global_counts(scores, sum(per_layer.values()))
     n_weak, losses = {}, {}
     for i, block in enumerate(tqdm(blocks, desc=f"quantize {cfg.name}", unit="block", disable=not progress)):
         home = next(block.parameters()).device
@@ -307,14 +334,15 @@ def quantize_model(
             if cfg.method != "rtn":
                 gptqs = _hessians(block, {n: linears[n] for n in group}, inps, kwargs)
             if sel_inps is not None:
-                choosers = _hessians(block, {n: linears[n] for n in group if counts[n]}, sel_inps, kwargs)
+                choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"]},
+                                     sel_inps, kwargs)
             for n in group:
                 layer = linears[n]
                 packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
-                    layer, gptqs.get(n), counts[n], cfg, storage, choosers.get(n))
+                    layer, gptqs.get(n), per_layer[f"{prefix}.{i}.{n}"], cfg, storage, choosers.get(n))
                 k = _weight(layer).shape[1]
                 block.set_submodule(n, OWQLinear.from_packed(packed, cfg.bits, k))
-                n_weak[f"{prefix}.{i}.{n}"] = counts[n]
+                n_weak[f"{prefix}.{i}.{n}"] = per_layer[f"{prefix}.{i}.{n}"]
             del gptqs, choosers
         if inps is not None and i + 1 < len(blocks):
             inps = _run_block(block, inps, kwargs)  # the quantized block feeds the next one

@@ -9,8 +9,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from wct.data.instruct import render_text, split_rows
 from wct.config import TrainApp
+from wct.data import chat, instruct
+from wct.data.embedded import TEXTS
 from wct.data.text import HUB_CORPORA, calibration_windows
 from wct.io import atomic_file
 from wct.models import cache_dir, load_model, model_tag
@@ -31,8 +32,8 @@ def task_text(app: TrainApp, rows: list[dict[str, str]]) -> tuple[Path, int]:
     template, written once to the cache; the text that calibrates when ``calib.fallback=task`` and that chooses
     the weak columns when ``tuning.select=task``."""
     t = app.task
-    train, _ = split_rows(rows, t.val_fraction, t.val_size, t.seed)
-    text = render_text(train)
+    train, _ = instruct.split_rows(rows, t.val_fraction, t.val_size, t.seed)
+    text = (chat if t.format == "chat" else instruct).render_text(train)
     out = cache_dir() / "calib" / f"task-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     if not out.is_file():
         with atomic_file(out, "w") as fh:
@@ -44,9 +45,9 @@ def calibration_source(app: TrainApp, data: tuple[list[dict[str, str]], str]) ->
     """``calib.source``, or, when it names a local file that is not here and ``calib.fallback=task``, the text of
     the task's rows ``data`` = (rows, origin) (:func:`task_text`), announced by one WARNING.
 
-    The default calibration text lives in ``../shared/data`` beside a checkout; a user's fresh clone has none."""
+    The default calibration text (``emma``) is embedded in the package (:mod:`wct.data.embedded`)."""
     source = str(app.calib.source)
-    if source in HUB_CORPORA or Path(source).expanduser().exists() or app.calib.fallback != "task":
+    if source in HUB_CORPORA or source in TEXTS or Path(source).expanduser().exists() or app.calib.fallback != "task":
         return source
     rows, origin = data
     path, n = task_text(app, rows)

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from wct.data.batching import real_tokens
 from wct.errors import WCTError
 from wct.io import atomic_file
 from wct.nn.owq_linear import OWQLinear
@@ -45,7 +46,7 @@ class Throughput(L.Callback):
             self.start, self.tokens = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.tokens += int(batch["attention_mask"].sum()) * trainer.world_size
+        self.tokens += real_tokens(batch) * trainer.world_size
         if ends_optimizer_step(trainer, batch_idx):
             rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
             pl_module.log("perf/tokens_per_s", rate, on_step=True, prog_bar=True)
@@ -83,21 +84,23 @@ class LossGuard(L.Callback):
 
 
 class SampleGenerations(L.Callback):
-    """Greedy answers to fixed prompts (Alpaca template) at each validation: a W&B table and ``samples.csv``.
-    The tokenizer is the datamodule's (``trainer.datamodule.tokenizer``)."""
+    """Greedy answers to fixed prompts at each validation: a W&B table and ``samples.csv``. The tokenizer is the
+    datamodule's (``trainer.datamodule.tokenizer``), the template the one the run trains with (Alpaca, or for
+    ``task=chat`` the tokenizer's chat template, which the datamodule set)."""
 
     def __init__(self, prompts: list[str], max_new_tokens: int, run_dir: str | Path) -> None:
         self.prompts, self.max_new_tokens = list(prompts), max_new_tokens
         self.file = Path(run_dir) / "samples.csv"
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        from wct.data.instruct import format_prompt
-        from wct.generation import generate
+        from wct.generation import generate, render
 
         if trainer.sanity_checking or not self.prompts or trainer.global_rank != 0:
             return
         tok = trainer.datamodule.tokenizer
-        rows = [[trainer.global_step, prompt, generate(pl_module.model, tok, format_prompt(prompt), self.max_new_tokens)]
+        template = "chat" if trainer.datamodule.chat_template else "alpaca"
+        rows = [[trainer.global_step, prompt, generate(pl_module.model, tok, render(tok, prompt, template=template),
+                                                       self.max_new_tokens, add_special_tokens=template != "chat")]
                 for prompt in self.prompts]
         new = not self.file.exists()
         self.file.parent.mkdir(parents=True, exist_ok=True)

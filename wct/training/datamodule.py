@@ -1,61 +1,40 @@
-"""LightningDataModule for instruction tuning: rows → Alpaca template → prompt-masked ids → right-padded batches.
+"""LightningDataModule for instruction tuning: rows → template → label-masked ids → batches.
 
-The training order is one seeded stream of shuffled passes over the training split, cut into micro-batches. Every
-iteration of the loader starts at the micro-batch the run has reached (global step × accumulation), so a resumed
-run (mid-epoch, or extended after a shorter one) continues the stream: ``k`` steps + resume gives the same
-batches, hence the same loss curve, as one straight run. Each rank takes its slice of
-every global micro-batch (no DistributedSampler).
+``task.format=alpaca``: Alpaca rows, prompt masked (:mod:`wct.data.instruct`); ``task.format=chat``: conversations
+rendered with a chat template, loss on the assistant turns (:mod:`wct.data.chat`).
+
+The training order is one seeded stream of shuffled passes over the training split, optionally length-grouped,
+cut into micro-batches or packed sequences (:mod:`wct.data.batching`). Every iteration of the loader starts at the
+micro-batch the run has reached (global step × accumulation), so a resumed run (mid-epoch, or extended after a
+shorter one) continues the stream: ``k`` steps + resume gives the same batches, hence the same loss curve, as one
+straight run. Each rank takes its slice of every global micro-batch (no DistributedSampler).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from functools import partial
-from typing import Callable, Iterator
 
 import lightning as L
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from wct.data.instruct import collate, encode_rows, load_rows, show_example, split_rows
-from wct.errors import WCTError
+from wct.data.batching import StreamSampler, collate, collate_packed, padding_fraction
+from wct.data.chat import check_conversations, encode_conversations, resolve_template
+from wct.data.instruct import encode_rows, load_rows, show_example, split_rows
 from wct.config import TaskConfig
+from wct.errors import WCTError
 
-
-class StreamSampler(Sampler[list[int]]):
-    """Micro-batches ``position() .. total-1`` of the stream (module docstring) for ``rank`` of ``world``. Its
-    length is ``total`` even when resumed, so Lightning's restored batch counters (counted from the run's start)
-    line up."""
-
-    def __init__(self, n: int, micro: int, total: int, position: Callable[[], int] = lambda: 0, seed: int = 0,
-                 rank: int = 0, world: int = 1):
-        self.n, self.micro, self.total, self.position = n, micro, total, position
-        self.seed, self.rank, self.world = seed, rank, world
-
-    def _stream(self) -> Iterator[int]:
-        epoch = 0
-        while True:
-            order = list(range(self.n))
-            random.Random(self.seed + epoch).shuffle(order)
-            yield from order
-            epoch += 1
-
-    def __iter__(self) -> Iterator[list[int]]:
-        stream, width, start = self._stream(), self.micro * self.world, self.position()
-        for _ in range(start * width):
-            next(stream)
-        for _ in range(start, self.total):
-            batch = [next(stream) for _ in range(width)]
-            yield batch[self.rank * self.micro : (self.rank + 1) * self.micro]
-
-    def __len__(self) -> int:
-        return self.total
+FORMATS = ("alpaca", "chat")
 
 
 def task_rows(task: TaskConfig) -> tuple[list[dict[str, str]], str]:
-    """``(rows, origin)`` of ``task.data``: loaded (:func:`wct.data.instruct.load_rows`), cut to ``max_rows``."""
+    """``(rows, origin)`` of ``task.data``: loaded (:func:`wct.data.instruct.load_rows`; chat rows as
+    ``{"messages": turns}``), cut to ``max_rows``."""
     d = task.data
-    rows, origin = load_rows(d.source, d.path, d.split, d.fields, d.fallback)
+    if task.format not in FORMATS:
+        raise WCTError(f"task.format={task.format!r} is unknown; use alpaca (instruction rows) or chat (conversations)")
+    check = partial(check_conversations, roles=d.roles) if task.format == "chat" else None
+    rows, origin = load_rows(d.source, d.path, d.split, d.fields, d.fallback, check)
     return (rows[: d.max_rows] if d.max_rows else rows), origin
 
 
@@ -69,6 +48,7 @@ class InstructDataModule(L.LightningDataModule):
         self.task, self.tokenizer, self.rows = task, tokenizer, rows
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.origin = ""
+        self.chat_template: str | None = None
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         if tokenizer.pad_token_id is None:  # pad positions are masked (attention 0, label -100): EOS is safe
@@ -78,11 +58,24 @@ class InstructDataModule(L.LightningDataModule):
         """Load, split and encode the rows (idempotent); prints the first rendered example with its mask."""
         if self.train_set:
             return
-        rows, self.origin = self.rows or task_rows(self.task)
-        encoded = encode_rows(self.tokenizer, rows, self.task.max_length)  # errors name the row of the source
-        self.train_set, self.val_set = split_rows(encoded, self.task.val_fraction, self.task.val_size, self.task.seed)
+        t = self.task
+        rows, self.origin = self.rows or task_rows(t)
+        if t.format == "chat":
+            self.chat_template = resolve_template(self.tokenizer, t.template)
+            self.tokenizer.chat_template = self.chat_template  # the sample generations render with it
+            encoded, report = encode_conversations(self.tokenizer, self.chat_template, rows, t.max_length,
+                                                   t.truncation, self.origin)
+            print(report)
+        else:
+            encoded = encode_rows(self.tokenizer, rows, t.max_length)  # errors name the row of the source
+        self.train_set, self.val_set = split_rows(encoded, t.val_fraction, t.val_size, t.seed)
         print(f"data: {self.origin}: {len(self.train_set)} training / {len(self.val_set)} validation rows")
         print(show_example(self.tokenizer, self.train_set[0]))
+
+    @property
+    def record(self) -> dict[str, str]:
+        """What the run's config records about the data: its origin and, for chat, the template trained with."""
+        return {"data_origin": self.origin} | ({"chat_template": self.chat_template} if self.chat_template else {})
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
@@ -109,14 +102,27 @@ class InstructDataModule(L.LightningDataModule):
             raise WCTError("set trainer.max_steps (>= 1) or trainer.max_epochs")
         return self.max_steps
 
+    def sampler(self, world: int = 1, rank: int = 0, position=lambda: 0) -> StreamSampler:
+        """The training run's :class:`StreamSampler` (grouping and packing per ``task``)."""
+        t = self.task
+        acc = self.accumulation(world)
+        return StreamSampler(
+            len(self.train_set), t.micro_batch_size, self.total_steps() * acc, position, t.seed, rank, world,
+            [len(r["input_ids"]) for r in self.train_set], t.group_size if t.group_by_length else 0,
+            t.max_length if t.packing else 0,
+        )
+
+    def padding_fraction(self, world: int = 1) -> float:
+        """The share of padding in the run's training forwards (:func:`wct.data.batching.padding_fraction`)."""
+        return padding_fraction(self.sampler(world), [len(r["input_ids"]) for r in self.train_set])
+
     def train_dataloader(self) -> DataLoader:
         acc, trainer = self.accumulation(), self.trainer
-        sampler = StreamSampler(
-            len(self.train_set), self.task.micro_batch_size, self.total_steps() * acc,
-            (lambda: trainer.global_step * acc) if trainer is not None else (lambda: 0), self.task.seed,
-            trainer.global_rank if trainer is not None else 0, self.world,
-        )
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate)
+        sampler = self.sampler(self.world, trainer.global_rank if trainer is not None else 0,
+                               (lambda: trainer.global_step * acc) if trainer is not None else (lambda: 0))
+        pad = self.tokenizer.pad_token_id
+        fn = partial(collate_packed, pad_id=pad, capacity=self.task.max_length) if self.task.packing else self._collate
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=fn)
 
     def val_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0

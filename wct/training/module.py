@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from wct.data.batching import MODEL_KEYS, real_tokens
 from wct.errors import WCTError
 from wct.nn.owq_linear import OWQLinear
 from wct.config import OptimConfig, TuningConfig
@@ -130,12 +131,12 @@ class TuneModule(L.LightningModule):
         self.validated_at = -1  # global step of the latest validation
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**batch, use_cache=False).loss
+        return self.model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}, use_cache=False).loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
         self._step_losses.append(loss.detach())
-        self.tokens_seen += int(batch["attention_mask"].sum())
+        self.tokens_seen += real_tokens(batch)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

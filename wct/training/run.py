@@ -67,7 +67,7 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
 
     dm = InstructDataModule(app.task, tok, app.trainer.max_steps, app.trainer.max_epochs, rows=data)
     dm.load()
-    config = config | {"data_origin": dm.origin}
+    config = config | dm.record
     with atomic_file(run_dir / "config.yaml", "w") as f:
         f.write(OmegaConf.to_yaml(OmegaConf.create(config)))
     total_steps = dm.total_steps()
@@ -82,6 +82,9 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
     trainer.val_check_interval = app.trainer.val_check_interval * acc
     print(f"batch: global {app.task.global_batch_size} = micro {app.task.micro_batch_size} x {trainer.world_size} "
           f"device(s) x {acc} accumulation steps; {total_steps} optimizer steps")
+    padding = dm.padding_fraction(trainer.world_size)
+    print(f"padding: {100 * padding:.1f}% of the training forwards' token positions (task.group_by_length="
+          f"{app.task.group_by_length}, task.packing={app.task.packing})")
     print(memory_estimate(model, app.optim.name, app.task.micro_batch_size, app.task.max_length,
                           app.trainer.gradient_checkpointing))
 
@@ -100,14 +103,15 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
         raise WCTError(f"optimized_metric={app.optimized_metric} was not logged; logged metrics: "
                        f"{', '.join(sorted(metrics))}")
     results = {"run_name": app.run_name, "val_loss_before": before, "metrics": metrics, "steps": trainer.global_step,
-               "trainable_params": trainable, "data_origin": dm.origin, "seconds": time.time() - start,
+               "trainable_params": trainable, "data_origin": dm.origin, "padding_fraction": padding,
+               "seconds": time.time() - start,
                "checkpoint": str(run_dir / "checkpoints" / "last.ckpt")}
     if trainer.global_rank == 0:
         with atomic_file(run_dir / "results.json", "w") as f:
             json.dump(results, f, indent=2)
         shown = f"{before:.4f} -> " if before is not None else ""
         print(f"done: val/loss {shown}{metrics.get('val/loss', float('nan')):.4f} after {trainer.global_step} steps, "
-              f"{results['seconds']:.0f} s; run folder {run_dir}")
+              f"{results['seconds']:.0f} s, padding {100 * padding:.1f}%; run folder {run_dir}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return metrics[app.optimized_metric], module
