@@ -220,7 +220,7 @@ def test_template_choice(tiny, tmp_path):
 
 
 def test_export_keeps_the_trained_chat_template(tiny):
-    from wct.exporting import with_chat_template
+    from wct.data.chat import with_chat_template
 
     jinja = TINY_TEMPLATE.read_text()
     tok, name = with_chat_template(tiny, {"chat_template": jinja, "task": {"template": str(TINY_TEMPLATE)}})

@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from wct.data.chat import with_chat_template
 from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.loading import EXPORT_META
@@ -46,19 +47,6 @@ def check_batch(vocab_size: int, seed: int = 0) -> torch.Tensor:
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with eval_mode(model):
         return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
-
-
-def with_chat_template(tokenizer, config: dict | None = None):
-    """The tokenizer with the chat template the model was trained on (returns the template name): the run's
-    ``chat_template`` (``task=chat``, recorded in its config), else the Alpaca template.
-
-    It replaces any template the base tokenizer had: ``apply_chat_template`` on the export must render the prompts
-    the weak columns were tuned on, not the base model's chat format."""
-    from wct.data.chat import alpaca_chat_template
-
-    trained = (config or {}).get("chat_template")
-    tokenizer.chat_template = trained or alpaca_chat_template()
-    return tokenizer, f"chat ({config['task']['template']})" if trained else "alpaca"
 
 
 def model_card(meta: dict) -> str:

@@ -69,7 +69,7 @@ def load_for_use(model_cfg, ckpt_path: str | None = None) -> Loaded:
     """The model a verb runs: ``ckpt_path`` (a training checkpoint: base + trained tensors), else
     ``model.quantized`` (an owq-pack folder), else ``model.name``."""
     if ckpt_path:
-        from wct.exporting import with_chat_template
+        from wct.data.chat import with_chat_template
         from wct.runs import load_trained
 
         trained = load_trained(ckpt_path)

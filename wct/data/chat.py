@@ -117,6 +117,17 @@ def alpaca_chat_template() -> str:
     )
 
 
+def with_chat_template(tokenizer, config: dict | None = None):
+    """The tokenizer with the chat template a model was trained on (returns the template name): the run's
+    ``chat_template`` (``task=chat``, recorded in its config), else the Alpaca template.
+
+    It replaces any template the base tokenizer had: ``apply_chat_template`` on an export must render the prompts
+    the weak columns were tuned on, not the base model's chat format."""
+    trained = (config or {}).get("chat_template")
+    tokenizer.chat_template = trained or alpaca_chat_template()
+    return tokenizer, f"chat ({config['task']['template']})" if trained else "alpaca"
+
+
 def resolve_template(tokenizer, spec: str) -> str:
     """The Jinja text of ``task.template``: ``model`` (the tokenizer's chat template), ``alpaca``, or a file."""
     if spec == "model":
