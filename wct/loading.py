@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from wct.errors import WCTError
-from wct.models import load_model
-from wct.quant.checkpoint import is_owq_checkpoint, load_quantized
+from wct.models import is_owq_checkpoint, load_model
+from wct.quant.checkpoint import load_quantized
 
 EXPORT_META = "wct_export.json"  # written by wct.exporting into every export
 
