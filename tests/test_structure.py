@@ -114,3 +114,16 @@ def test_the_check_fails_on_a_planted_violation(tmp_path, planted, target, expec
     new = [v for v in violations(import_graph(root)) if v not in before]
     hits = [v for v in new if v.startswith(expected)]
     assert hits and (expected != "cycle: " or {"wct.pack", target} <= set(hits[0][7:].split(" <-> ")))
+
+
+def test_every_module_imports():
+    """A moved or renamed name breaks the import of every module that still asks for it: import them all."""
+    import importlib
+    import pkgutil
+
+    import wct
+
+    names = [m.name for m in pkgutil.walk_packages(wct.__path__, "wct.") if not m.name.endswith("__main__")]
+    assert len(names) > 30
+    for name in names:
+        importlib.import_module(name)
