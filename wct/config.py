@@ -289,6 +289,7 @@ class QuantizeApp:
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     out: Optional[str] = None  # checkpoint folder (None: <paths.quantized_dir>/<model>-<quant.name>)
+    overwrite: bool = False  # replace an earlier wct.quantize output at out (never a folder wct did not write)
     progress: bool = True
 
 
@@ -336,6 +337,7 @@ class ExportApp:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt_path: Optional[str] = None
     out: Optional[str] = None  # None: <run>/export-<checkpoint name>
+    overwrite: bool = False  # replace an earlier export at out (never a folder wct did not write)
 
     def __post_init__(self) -> None:
         if not self.ckpt_path:

@@ -30,11 +30,11 @@ def run(cfg: DictConfig) -> dict:
     ckpt = Path(app.ckpt_path)
     out = Path(app.out) if app.out else ckpt.parent.parent / f"export-{ckpt.stem}"
     if trained.method == "wct":
-        meta = export_wct(trained, out)
+        meta = export_wct(trained, out, app.overwrite)
     else:
         print(f"{trained.method}: saving the peft adapter, not a merged model (merging into a quantized base rounds "
               "the LoRA update into the base's 4-bit grid and changes the model)")
-        meta = export_adapter(trained, out)
+        meta = export_adapter(trained, out, app.overwrite)
     size = f"{meta['bytes']:,} bytes" + (f" (base {meta['base_bytes']:,})" if "base_bytes" in meta else "")
     print(f"exported {trained.method} model to {out}: {size}, {meta['trainable_params']:,} trained parameters; "
           f"reloaded logits equal the in-training model's (max abs diff {meta['max_abs_diff']}); "

@@ -32,7 +32,7 @@ from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.loading import EXPORT_META
 from wct.nn.modes import eval_mode
-from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
+from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, write_quantized
 from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
 
 CHECK_TOKENS = 32  # tokens per row of the logits check batch
@@ -106,8 +106,9 @@ def _write_common(tmp: Path, trained: Trained, meta: dict) -> None:
     (tmp / "README.md").write_text(model_card(meta))
 
 
-def export_wct(trained: Trained, out: Path) -> dict:
-    """Write the merged owq-pack folder at ``out`` (module docstring); returns the export metadata."""
+def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
+    """Write the merged owq-pack folder at ``out`` (module docstring; an earlier export there is replaced only
+    with ``overwrite``, see ``wct.io.atomic_dir``); returns the export metadata."""
     if trained.base_dir is None:
         raise WCTError("this checkpoint names no owq-pack base folder; WCT export writes the trained columns into it")
     ids = check_batch(trained.model.config.vocab_size)
@@ -125,8 +126,8 @@ def export_wct(trained: Trained, out: Path) -> dict:
         "weak_dtype": str(next(iter(layers.values())).weak_weight.dtype).removeprefix("torch."),
         "max_abs_diff_fp32_master": (reference - fp32_master).abs().max().item(),
     }
-    with atomic_dir(out) as tmp:
-        save_quantized(model, tokenizer, tmp)
+    with atomic_dir(out, "export", overwrite) as tmp:
+        write_quantized(model, tokenizer, tmp)
         reloaded, _ = load_quantized(tmp, dtype=next(model.parameters()).dtype)
         diff = (logits(reloaded, ids) - reference).abs().max().item()
         if diff != 0:
@@ -142,8 +143,9 @@ def export_wct(trained: Trained, out: Path) -> dict:
     return meta
 
 
-def export_adapter(trained: Trained, out: Path) -> dict:
-    """Write the peft adapter folder at ``out`` (not merged: module docstring); returns the export metadata."""
+def export_adapter(trained: Trained, out: Path, overwrite: bool = False) -> dict:
+    """Write the peft adapter folder at ``out`` (not merged: module docstring; ``overwrite`` as in
+    :func:`export_wct`); returns the export metadata."""
     from peft import PeftModel
 
     model, ids = trained.model, check_batch(trained.model.config.vocab_size)
@@ -153,7 +155,7 @@ def export_adapter(trained: Trained, out: Path) -> dict:
         "bits": "nf4" if trained.method == "qlora" else None,
         "lora": {k: trained.config["method"][k] for k in ("r", "alpha", "dropout", "target_modules")},
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "adapter", overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         base_model = load_base_for_adapter(trained.base, trained.method, trained.config)

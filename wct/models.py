@@ -160,7 +160,7 @@ def smollm2_dir() -> Path:
         return out
     model, tok = _from_gguf(smollm2_gguf())
     try:
-        with atomic_dir(out, overwrite=False) as tmp:
+        with atomic_dir(out, "smollm2-fp16") as tmp:
             model.to(torch.float16).save_pretrained(tmp)
             tok.save_pretrained(tmp)
     except FileExistsError:  # another process converted it meanwhile

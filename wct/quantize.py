@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wct.config import CONF_DIR, QuantizeApp, to_app
 from wct.errors import cli_errors
+from wct.io import check_output
 
 
 @cli_errors
@@ -33,12 +34,13 @@ def run(cfg: DictConfig) -> dict:
     app = to_app(cfg, QuantizeApp)
     q = app.quant
     out = Path(app.out or Path(app.paths.quantized_dir) / f"{model_tag(app.model.name)}-{q.name}")
+    check_output(out, "quantized", app.overwrite)  # before the work, not after it
     start = time.time()
     model, tok = load_model(app.model.name, dtype=app.model.dtype)
     sets = load_eval_sets(tok, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
     calib = calibration_windows(tok, app.calib.source, app.calib.n_samples, app.calib.seqlen, app.calib.seed)
     report = quantize_model(model, calib, q, progress=app.progress)
-    save_quantized(model, tok, out)
+    save_quantized(model, tok, out, overwrite=app.overwrite)
     ppl = evaluate_all(model, sets, app.eval.seqlen, app.progress) if sets else {}
     weak = weak_by_type(report.n_weak)
     results = {

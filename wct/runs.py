@@ -39,16 +39,12 @@ class Trained:
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:
     """A wct training checkpoint (Lightning .ckpt with a ``wct`` section), read with ``weights_only=True``."""
+    from wct.training.resume import load_checkpoint
+
     path = Path(ckpt_path)
     if not path.is_file():
         raise WCTError(f"ckpt_path={path} does not exist; pass a .ckpt from a wct.train run (<run>/checkpoints/)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not a readable checkpoint"
-        raise WCTError(f"{path} is not a readable training checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "wct" not in ckpt or "state_dict" not in ckpt:
-        raise WCTError(f"{path} was not written by wct.train (no 'wct' section); export a checkpoint of a wct run")
-    return ckpt
+    return load_checkpoint(path)
 
 
 def load_trained(ckpt_path: str | Path) -> Trained:

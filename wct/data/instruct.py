@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from wct.data.embedded import INSTRUCTIONS, ORIGINS
+from wct.data.text import decode_utf8, read_text
 from wct.errors import WCTError
 
 log = logging.getLogger("wct.data")
@@ -41,6 +42,8 @@ PROMPT_NO_INPUT = (
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
 BUILTIN = "builtin"
+CHARS_PER_TOKEN = 8  # first guess of the characters one token covers (prefix tokenization of long responses)
+HEAD_MARGIN = 64  # tokens beyond the cut that a long response is tokenized with
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -61,20 +64,35 @@ def encode(tokenizer, row: Mapping[str, str], max_length: int, index: int | str 
     if tokenizer.eos_token_id is None:
         raise WCTError("the tokenizer has no EOS token; instruction tuning needs one to end each response")
     prompt = tokenizer(format_prompt(row["instruction"], row.get("input", "")), add_special_tokens=True).input_ids
-    response = tokenizer(row["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     room = max_length - len(prompt)
     if room < 1:
         raise WCTError(
             f"row {index}: the prompt alone has {len(prompt)} tokens, leaving no room for the response within "
             f"task.max_length={max_length}; raise task.max_length or shorten/remove that row"
         )
-    response = response[:room]
+    response = (_head_tokens(tokenizer, row["output"], room) + [tokenizer.eos_token_id])[:room]
     return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+
+
+def _head_tokens(tokenizer, text: str, n: int) -> list[int]:
+    """The tokens of ``text`` up to the first ``n`` (all of them when fewer). A long text is tokenized from a prefix
+    that yields ``n`` tokens plus a margin of :data:`HEAD_MARGIN` (so the cut does not change the first ``n``),
+    growing it while it falls short: a 10 MB row costs about ``n`` tokens' work, not 10 MB's."""
+    size = CHARS_PER_TOKEN * (n + HEAD_MARGIN)
+    while True:
+        ids = tokenizer(text[:size], add_special_tokens=False).input_ids
+        if size >= len(text) or len(ids) >= n + HEAD_MARGIN:
+            return ids[:n] if size < len(text) else ids
+        size *= 2
 
 
 def check_rows(rows: list[Any], source: str, fields: Mapping[str, str] | None = None) -> list[dict[str, str]]:
     """Rows mapped to ``instruction/input/output`` (``fields``: our name -> the file's name) and validated:
     every row needs a non-empty string ``instruction`` and a string ``output``; ``input`` is optional."""
+    unknown = sorted(set(fields or {}) - set(FIELDS))
+    if unknown:
+        raise WCTError(f"task.data.fields.{unknown[0]} is not a field wct reads; the keys are {', '.join(FIELDS)} "
+                       "(wct's name = your file's name), e.g. task.data.fields.output=answer")
     names = {f: f for f in FIELDS} | dict(fields or {})
     if not rows:
         raise WCTError(f"{source} holds no rows; point task.data.path / task.data.source at a non-empty dataset")
@@ -82,33 +100,42 @@ def check_rows(rows: list[Any], source: str, fields: Mapping[str, str] | None = 
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise WCTError(f"{source}: row {i} is a {type(row).__name__}, not an object with instruction/output")
-        r = {f: row.get(names[f]) for f in FIELDS}
-        missing = [names[f] for f in ("instruction", "output") if not isinstance(r[f], str)]
-        if missing or not r["instruction"].strip():
-            what = f"has no string field {' / '.join(missing)}" if missing else "has an empty instruction"
+        r = {f: _as_text(row.get(names[f])) for f in FIELDS}
+        missing = [names[f] for f in ("instruction", "output") if names[f] not in row]
+        wrong = [f"{names[f]} is a {type(row[names[f]]).__name__}" for f in ("instruction", "output")
+                 if names[f] in row and not isinstance(r[f], str)]
+        if missing or wrong or not r["instruction"].strip():
+            what = (f"has no field {' / '.join(missing)}" if missing else f"is not text ({', '.join(wrong)})" if wrong
+                    else "has an empty instruction")
             raise WCTError(
                 f"{source}: row {i} {what} (row: {json.dumps(row, default=str)[:200]}); fix or drop that row, "
-                "or map your field names with task.data.fields.instruction=... / .output=..."
+                "or map your file's field names, e.g. task.data.fields.instruction=question "
+                "task.data.fields.output=answer"
             )
         r["input"] = r["input"] if isinstance(r["input"], str) else ""
         out.append(r)
     return out
 
 
+def _as_text(value: Any) -> Any:
+    """Numbers become their decimal text (an answer ``42`` trains as "42"); anything else is left as it is."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 def read_file(path: Path) -> list[Any]:
     """The rows of a ``.json`` (list, or JSON lines), ``.jsonl`` or ``.parquet`` file (``.json.gz`` / ``.jsonl.gz``
     read compressed)."""
+    if path.is_dir():
+        raise WCTError(f"task.data.path={path} is a folder; give the .json, .jsonl or .parquet instruction file in it")
     if not path.is_file():
         raise WCTError(f"task.data.path={path} does not exist; give a .json, .jsonl or .parquet instruction file")
     if path.suffix == ".parquet":
-        from datasets import load_dataset
-
-        return list(load_dataset("parquet", data_files=str(path), split="train"))
+        return read_parquet(path)
     packed = path.suffix == ".gz"
     suffix = Path(path.stem).suffix if packed else path.suffix
     if suffix not in (".json", ".jsonl"):
         raise WCTError(f"task.data.path={path}: unsupported file type {suffix!r}; use .json, .jsonl or .parquet")
-    text = gzip.decompress(path.read_bytes()).decode("utf-8") if packed else path.read_text(encoding="utf-8")
+    text = decode_utf8(gzip.decompress(path.read_bytes()), path) if packed else read_text(path)
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             return json.loads(text)
@@ -122,6 +149,18 @@ def read_file(path: Path) -> list[Any]:
             except json.JSONDecodeError as e:
                 raise WCTError(f"{path}, line {n}: not valid JSON ({e}); one JSON object per line is expected") from None
     return rows
+
+
+def read_parquet(path: Path) -> list[Any]:
+    """The rows of a parquet file; WCTError naming the file when it is not readable parquet."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        raise WCTError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}); re-export it, or use "
+                       ".json / .jsonl") from None
 
 
 def load_hub(name: str, split: str) -> list[Any] | None:
@@ -153,6 +192,9 @@ def load_rows(
         return check(builtin_rows(), BUILTIN, fields), BUILTIN
     if source in INSTRUCTIONS:
         return check(read_file(INSTRUCTIONS[source]), source, fields), ORIGINS[source]
+    if source in ("none", ""):
+        raise WCTError("this task reads a local file (task.data.source=none): pass task.data.path=FILE (a .json, "
+                       ".jsonl or .parquet instruction file)")
     rows = load_hub(source, split)
     if rows is not None:
         return check(rows, source, fields), source

@@ -61,15 +61,37 @@ def _hub_documents(name: str, split: str) -> list[str]:
     return ds[field]
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of file ``path`` (a leading byte-order mark is dropped); WCTError naming the file and the
+    byte offset of the first invalid byte, or why it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise WCTError(f"{path} cannot be read ({e.strerror}); check the path and its permissions") from None
+    return decode_utf8(data, path)
+
+
+def decode_utf8(data: bytes, path: Path) -> str:
+    """``data`` (the contents of ``path``) as UTF-8 text without a leading byte-order mark; WCTError naming the
+    file and the byte offset of the first invalid byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise WCTError(
+            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} is invalid; convert the file "
+            f"to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix})"
+        ) from None
+
+
 def _local_text(path: Path) -> str:
     if path.suffix == ".gz":  # the embedded texts (wct/data/embedded)
-        return gzip.decompress(path.read_bytes()).decode("utf-8")
+        return decode_utf8(gzip.decompress(path.read_bytes()), path)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
             raise WCTError(f"folder {path} holds no .txt files; point to a text file or a folder of .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-    return path.read_text(encoding="utf-8")
+        return "\n\n".join(read_text(f) for f in files)
+    return read_text(path)
 
 
 def _check_source(source: str | Path) -> Path | None:

@@ -130,12 +130,21 @@ def _storage_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return c if torch.equal(c.to(t.dtype), t) else t
 
 
-def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
-    """Write an owq-pack v1 folder at ``path`` atomically (complete under its final name or absent).
+def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                   overwrite: bool = False) -> Path:
+    """Write an owq-pack v1 folder at ``path`` atomically (complete under its final name or absent). An existing
+    ``path`` is refused unless it is an earlier ``save_quantized`` output and ``overwrite`` (``wct.io.atomic_dir``).
 
     ``dtype``: storage dtype of unquantized floating tensors wherever it is lossless (module docstring). The
     written file is read back and compared tensor by tensor before the folder is renamed into place.
     """
+    with atomic_dir(path, "quantized", overwrite) as tmp:
+        write_quantized(model, tokenizer, tmp, dtype)
+    return Path(path)
+
+
+def write_quantized(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype = torch.float16) -> None:
+    """The files of :func:`save_quantized` written into the existing (temporary) folder ``folder``."""
     meta = model.config.quantization_config if _described(model) else describe_quantization(model)
     owq_prefixes = tuple(f"{name}." for name in owq_layers(model))
     state, _ = _unique_state(model)
@@ -147,18 +156,16 @@ def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: 
     config["quantization_config"] = meta
     float_dtypes = {t.dtype for n, t in tensors.items() if t.is_floating_point() and not n.startswith(owq_prefixes)}
     config["dtype"] = str(float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32).removeprefix("torch.")
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "owq_format_version": str(FORMAT_VERSION)})
-        with safe_open(str(tmp / WEIGHTS), framework="pt") as f:
-            for name, t in tensors.items():
-                if not torch.equal(f.get_tensor(name), t):
-                    raise OSError(f"{tmp / WEIGHTS}: tensor {name} reads back different from what was written")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(path)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "owq_format_version": str(FORMAT_VERSION)})
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        for name, t in tensors.items():
+            if not torch.equal(f.get_tensor(name), t):
+                raise OSError(f"{folder / WEIGHTS}: tensor {name} reads back different from what was written")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def _skeleton(config):
@@ -250,7 +257,10 @@ def load_quantized(
     model.config.quantization_config = meta
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    if not (path / "tokenizer_config.json").is_file():
+        raise WCTError(f"{path} has no tokenizer files (tokenizer_config.json); copy the base model's tokenizer into "
+                       "it (AutoTokenizer.from_pretrained(BASE).save_pretrained(FOLDER)) or re-export the run")
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from wct.data.batching import real_tokens
@@ -194,10 +195,34 @@ class LossPlot(L.Callback):
         self.history = state["history"]
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every ``every_n_train_steps`` optimizer steps that, at a step which also validates,
+    saves after that validation (Lightning saves before it, and a run resumed from that checkpoint skips the
+    validation: its val/loss history lost a point). Uses Lightning's own deferral of a step save to
+    ``on_validation_end``."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self._every_n_train_steps
+        val_every = int(trainer.val_check_interval) // trainer.accumulate_grad_batches
+        if (every and step % every == 0 and val_every and step % val_every == 0 and step < trainer.max_steps
+                and ends_optimizer_step(trainer, batch_idx)):
+            self._defer_save_until_validation = True
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into a temporary file beside the target, renamed over it when complete (Lightning's own
-    save writes through an fsspec temp file in the system temp dir and moves it: a copy across file systems)."""
+    save writes through an fsspec temp file in the system temp dir and moves it: a copy across file systems);
+    loads with ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         with atomic_file(path) as f:
             torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resume reads with ``weights_only=True`` always (wct.training.resume.load_checkpoint), whatever Lightning
+        or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` ask for."""
+        from wct.training.resume import load_checkpoint
+
+        return load_checkpoint(path)

@@ -27,6 +27,18 @@ from wct.errors import WCTError
 FORMATS = ("alpaca", "chat")
 
 
+class StreamLoader(DataLoader):
+    """The training loader. Resumable without a state of its own: its :class:`StreamSampler` starts at the
+    micro-batch the restored global step has reached. The (empty) ``state_dict`` / ``load_state_dict`` say so to
+    Lightning, which otherwise warns on every mid-epoch resume that the loader "is not resumable"."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def task_rows(task: TaskConfig) -> tuple[list[dict[str, str]], str]:
     """``(rows, origin)`` of ``task.data``: loaded (:func:`wct.data.instruct.load_rows`; chat rows as
     ``{"messages": turns}``), cut to ``max_rows``."""
@@ -122,7 +134,7 @@ class InstructDataModule(L.LightningDataModule):
                                (lambda: trainer.global_step * acc) if trainer is not None else (lambda: 0))
         pad = self.tokenizer.pad_token_id
         fn = partial(collate_packed, pad_id=pad, capacity=self.task.max_length) if self.task.packing else self._collate
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=fn)
+        return StreamLoader(self.train_set, batch_sampler=sampler, collate_fn=fn)
 
     def val_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0

@@ -50,6 +50,18 @@ def logical_params(model: nn.Module) -> int:
     return n
 
 
+def no_weak_columns(recipe: dict) -> str:
+    """Why a base has no weak column to train, and a recipe that gives it some (not the one that gave none)."""
+    bits, target = recipe.get("bits", 4), recipe.get("target_bit")
+    if recipe.get("method", "owq") == "owq" and target is not None:
+        return (f"the base has no weak columns to train: quant.target_bit={target} rounds to 0 weak columns per layer "
+                f"at this model's layer widths; raise it (e.g. quant.target_bit={bits + 0.1:g}) or set a fixed count "
+                "per layer: quant.target_bit=null quant.target_rank=8")
+    return ("the base has no weak columns to train (no OWQLinear with n_weak > 0); quantize with quant.method=owq "
+            f"and a target_bit above bits or a target_rank, e.g. quant.bits={bits} quant.target_bit=null "
+            "quant.target_rank=8")
+
+
 def prepare_wct(model: nn.Module, tuning: TuningConfig) -> list[str]:
     """Freeze ``model`` but its weak columns (fp32 masters) and, per ``tuning``, norms / output head; returns
     the trainable parameter names. WCTError when the model has no weak column to train."""
@@ -59,10 +71,7 @@ def prepare_wct(model: nn.Module, tuning: TuningConfig) -> list[str]:
     model.requires_grad_(False)
     owq = [m for m in model.modules() if isinstance(m, OWQLinear)]
     if not any(m.n_weak for m in owq):
-        raise WCTError(
-            "the base has no weak columns to train (no OWQLinear with n_weak > 0); quantize with method=owq and a "
-            "target_bit above bits or a target_rank, e.g. quant=owq-w4-t4.01"
-        )
+        raise WCTError(no_weak_columns(getattr(model.config, "quantization_config", None) or {}))
     chosen: list[nn.Parameter] = []
     for m in owq:
         m.weak_weight = nn.Parameter(m.weak_weight.detach().to(master), requires_grad=False)
@@ -165,6 +174,12 @@ class TuneModule(L.LightningModule):
         opt = make_optimizer(params, self.optim)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with this run's optimizer settings, not the checkpoint's (wct.training.resume)."""
+        from wct.training.resume import apply_optim_config
+
+        apply_optim_config(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler, self.optim)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by parameter name of ``model`` (what a checkpoint holds)."""

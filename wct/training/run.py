@@ -21,7 +21,7 @@ from wct.training.datamodule import InstructDataModule, task_rows
 from wct.training.memory import memory_estimate
 from wct.training.module import TuneModule, logical_params
 from wct.training.objects import instantiate_group
-from wct.training.resume import resolve_ckpt
+from wct.training.resume import resume_checkpoint
 
 
 def build_trainer(app: TrainApp, total_steps: int, config: dict) -> L.Trainer:
@@ -55,7 +55,7 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
     ``(optimized metric, module)``."""
     start = time.time()
     run_dir = Path(app.paths.run_dir)
-    ckpt_path = resolve_ckpt(app.ckpt_path, run_dir)
+    ckpt_path = resume_checkpoint(app.ckpt_path, run_dir, config)
     L.seed_everything(app.seed, workers=True, verbose=False)
     kernels.configure(kernel=app.trainer.kernel)
     data = task_rows(app.task)  # loaded once: training, and task calibration / column selection
@@ -97,7 +97,7 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
         for cb in trainer.callbacks:
             if isinstance(cb, LossPlot) and trainer.global_rank == 0:
                 cb.plot()
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # the full training state
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if app.optimized_metric not in metrics:
         raise WCTError(f"optimized_metric={app.optimized_metric} was not logged; logged metrics: "
