@@ -159,7 +159,7 @@ def test_no_weak_columns_recommends_another_recipe():
     from wct.models import tiny_llama
     from wct.quant.config import QuantConfig
     from wct.quant.owq import quantize_model
-    from wct.training.config import TuningConfig
+    from wct.config import TuningConfig
     from wct.training.module import prepare_wct
 
     model, _ = tiny_llama()

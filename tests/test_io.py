@@ -99,7 +99,7 @@ def test_quantize_output_is_replaced_only_with_overwrite(tmp_path, text, capsys)
 def test_user_folder_survives_export_out(tmp_path):
     from test_export import trained_from
 
-    from wct.export import export_wct
+    from wct.exporting import export_wct
     from wct.models import load_model
     from wct.quant.checkpoint import save_quantized
     from wct.quant.owq import quantize_model
