@@ -35,7 +35,7 @@ def test_roundtrip_bit_exact(tmp_path, bits, group, rtn_pack):
     before = logits(model)
     out = save_quantized(model, tok, tmp_path / "ckpt")
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tokenizer")) == [
-        "config.json", "generation_config.json", "model.safetensors"
+        ".wct-output", "config.json", "generation_config.json", "model.safetensors"
     ]
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt*"))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -26,7 +26,7 @@ def test_to_app_gives_typed_validated_objects():
     app = to_app(composed("train", "model=tiny-llama", "optim.lr=3e-4"), TrainApp)
     assert isinstance(app, TrainApp) and isinstance(app.optim, OptimConfig) and isinstance(app.quant, QuantConfig)
     assert app.optim.lr == 3e-4 and app.quant.name == "owq-w4-t4.01"  # the name is filled from the recipe
-    assert app.callbacks["checkpoint"]["_target_"] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    assert app.callbacks["checkpoint"]["_target_"] == "wct.training.callbacks.StepCheckpoint"
 
 
 @pytest.mark.parametrize("verb", ["quantize", "evaluate", "train"])
