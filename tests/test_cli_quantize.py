@@ -49,7 +49,7 @@ def test_every_quant_recipe_composes(recipe):
 def test_defaults_compose_and_resolve():
     cfg = cfg_of("quantize", ["paths.run_dir=."])
     assert cfg.model.name == "smollm2-135m" and cfg.calib.seqlen == 512 and cfg.eval.max_windows == 40
-    assert cfg.calib.source.endswith("janeausten/emma.txt")
+    assert cfg.calib.source == "emma"  # the embedded Emma (wct/data/embedded), no ../shared needed
     assert Path(cfg.paths.data_dir).is_absolute()  # independent of the working directory
     ev = cfg_of("evaluate", ["model.quantized=/x", "eval=paper", "paths.run_dir=."])
     assert list(ev.eval.corpora) == ["wikitext2", "ptb", "c4"] and ev.eval.seqlen == 2048
