@@ -77,9 +77,9 @@ def test_truncation_keeps_prompt_and_cuts_response(tok):
 
 def test_bad_rows_name_the_row():
     good = {"instruction": "a", "input": "", "output": "b"}
-    with pytest.raises(WCTError, match="row 1 has no string field output"):
+    with pytest.raises(WCTError, match="row 1 has no field output"):
         check_rows([good, {"instruction": "x"}], "data.json")
-    with pytest.raises(WCTError, match="row 0 has no string field instruction"):
+    with pytest.raises(WCTError, match="row 0 has no field instruction"):
         check_rows([{"output": "y"}], "data.json")
     with pytest.raises(WCTError, match="row 2 has an empty instruction"):
         check_rows([good, good, {"instruction": "  ", "output": "y"}], "data.json")
