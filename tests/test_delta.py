@@ -10,9 +10,9 @@ from test_export import base_dir, export_config, trained_from, wct_run  # noqa: 
 from transformers import AutoModelForCausalLM
 
 import wct
-from wct.delta import apply_delta, export_delta, packed_fingerprint, read_delta, write_delta
+from wct.delta import apply_delta, packed_fingerprint, read_delta, write_delta
 from wct.errors import WCTError
-from wct.export import check_batch, export_wct, logits
+from wct.exporting import check_batch, export_delta, export_wct, logits
 from wct.models import load_model
 from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_checkpoint import logits, rtn_pack
+from test_checkpoint import logits
 from transformers import AutoModelForCausalLM, pipeline
 
 import wct
 from wct.errors import WCTError
-from wct.generate import generate
+from wct.generation import generate
 from wct.models import tiny_llama
 from wct.nn.owq_linear import OWQLinear
 from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
@@ -24,7 +24,7 @@ from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quant
 REPO = Path(__file__).resolve().parents[1]
 
 
-def packed_folder(tmp_path: Path, bits: int, group: int, name: str = "ckpt"):
+def packed_folder(tmp_path: Path, rtn_pack, bits: int, group: int, name: str = "ckpt"):
     """A tiny-llama owq-pack folder (weak columns 0, 2 and 4 per layer) and its in-memory model."""
     model, tok = tiny_llama()
     rtn_pack(model, bits, group)
@@ -37,8 +37,8 @@ def stored_dtypes(folder: Path) -> dict[str, torch.dtype]:
 
 
 @pytest.mark.parametrize("bits,group", [(3, -1), (4, -1), (3, 32), (4, 64)])
-def test_from_pretrained_equals_load_quantized_bitwise(tmp_path, bits, group):
-    folder, model, _ = packed_folder(tmp_path, bits, group)
+def test_from_pretrained_equals_load_quantized_bitwise(tmp_path, rtn_pack, bits, group):
+    folder, model, _ = packed_folder(tmp_path, rtn_pack, bits, group)
     expected = logits(model)  # the model that was saved: both loaders must reproduce it bit for bit
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ours, _ = load_quantized(folder)
@@ -56,8 +56,8 @@ def test_from_pretrained_equals_load_quantized_bitwise(tmp_path, bits, group):
     assert hf.config.quantization_config["bits"] == bits and hf.config.quantization_config.get("method") == "rtn"
 
 
-def test_dtype_and_device_map_as_usual(tmp_path):
-    folder, model, _ = packed_folder(tmp_path, 4, -1)
+def test_dtype_and_device_map_as_usual(tmp_path, rtn_pack):
+    folder, model, _ = packed_folder(tmp_path, rtn_pack, 4, -1)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
     ours, _ = load_quantized(folder, dtype=torch.bfloat16, device="cpu")
     assert hf.model.norm.weight.dtype == torch.bfloat16 and hf.model.layers[0].mlp.up_proj.scales.dtype == torch.float16
@@ -70,8 +70,8 @@ def test_dtype_and_device_map_as_usual(tmp_path):
     assert auto.model.embed_tokens.weight.dtype == kept.model.embed_tokens.weight.dtype == recorded
 
 
-def test_generate_and_pipeline_equal_wct_generate(tmp_path):
-    folder, model, tok = packed_folder(tmp_path, 3, 32)
+def test_generate_and_pipeline_equal_wct_generate(tmp_path, rtn_pack):
+    folder, model, tok = packed_folder(tmp_path, rtn_pack, 3, 32)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     expected = generate(model, tok, "Once upon", max_new_tokens=8, add_special_tokens=False)
     ids = tok("Once upon", return_tensors="pt", add_special_tokens=False).input_ids
@@ -84,8 +84,8 @@ def test_generate_and_pipeline_equal_wct_generate(tmp_path):
     assert text == expected
 
 
-def test_save_pretrained_round_trip(tmp_path):
-    folder, model, _ = packed_folder(tmp_path, 3, -1)
+def test_save_pretrained_round_trip(tmp_path, rtn_pack):
+    folder, model, _ = packed_folder(tmp_path, rtn_pack, 3, -1)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():  # a changed weak column must survive the round trip
         hf.model.layers[0].self_attn.q_proj.weak_weight.add_(0.5)
@@ -99,8 +99,8 @@ def test_save_pretrained_round_trip(tmp_path):
                        expected)
 
 
-def test_weak_columns_train_after_from_pretrained(tmp_path):
-    folder, _, _ = packed_folder(tmp_path, 4, -1)
+def test_weak_columns_train_after_from_pretrained(tmp_path, rtn_pack):
+    folder, _, _ = packed_folder(tmp_path, rtn_pack, 4, -1)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     layer = next(m for m in owq_layers(hf).values() if m.n_weak)
     assert layer.weak_weight.requires_grad and hf.hf_quantizer.is_trainable
@@ -108,8 +108,8 @@ def test_weak_columns_train_after_from_pretrained(tmp_path):
     assert layer.weak_weight.grad is not None and layer.weak_weight.grad.abs().sum() > 0
 
 
-def test_plain_transformers_without_wct_refuses(tmp_path):
-    folder, _, _ = packed_folder(tmp_path, 4, -1)
+def test_plain_transformers_without_wct_refuses(tmp_path, rtn_pack):
+    folder, _, _ = packed_folder(tmp_path, rtn_pack, 4, -1)
     code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
             f"AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
             "print('LOADED', 'wct' in sys.modules)\n")
@@ -124,8 +124,8 @@ def test_plain_transformers_without_wct_refuses(tmp_path):
     assert r.returncode == 0 and "LOADED True" in r.stdout, r.stderr[-2000:]
 
 
-def test_broken_folders_fail_with_one_line(tmp_path):
-    folder, _, _ = packed_folder(tmp_path, 4, -1)
+def test_broken_folders_fail_with_one_line(tmp_path, rtn_pack):
+    folder, _, _ = packed_folder(tmp_path, rtn_pack, 4, -1)
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     del tensors["model.layers.1.mlp.up_proj.scales"]

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, pipeline
 import wct
 from wct.data.text import calibration_windows
 from wct.delta import delta_tensors, packed_fingerprint, write_delta
-from wct.generate import generate
+from wct.generation import generate
 from wct.models import load_model
 from wct.quant.checkpoint import load_quantized, owq_layers, save_quantized
 from wct.quant.config import QuantConfig

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import rtn_pack
 
 from wct.errors import WCTError
 from wct.models import tiny_llama
@@ -20,7 +19,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "lm_eval"
 
 
 @pytest.fixture
-def packed(tmp_path, monkeypatch):
+def packed(tmp_path, monkeypatch, rtn_pack):
     monkeypatch.chdir(REPO)  # the fixture task names its data file relative to the repository root
     model, tok = tiny_llama()
     rtn_pack(model, 4, 32)

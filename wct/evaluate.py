@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from wct.config import CONF_DIR, EvaluateApp, to_app
-from wct.errors import WCTError, cli_errors
+from wct.errors import cli_errors
 
 
 @cli_errors
@@ -26,9 +26,6 @@ def run(cfg: DictConfig) -> dict:
 
     print(OmegaConf.to_yaml(cfg, resolve=True))
     app = to_app(cfg, EvaluateApp)
-    if not app.eval.corpora and not app.eval.tasks:
-        raise WCTError("eval.corpora and eval.tasks are empty; name a corpus (eval.corpora=[wikitext2]) or lm-eval "
-                       "tasks (eval=lm_eval eval.tasks=[arc_easy])")
     start = time.time()
     loaded = load_for_use(app.model)
     sets = load_eval_sets(loaded.tokenizer, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
