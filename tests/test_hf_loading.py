@@ -85,12 +85,13 @@ def test_generate_and_pipeline_equal_wct_generate(tmp_path, rtn_pack):
 
 
 def test_save_pretrained_round_trip(tmp_path, rtn_pack):
-    folder, model, _ = packed_folder(tmp_path, rtn_pack, 3, -1)
+    folder, model, tok = packed_folder(tmp_path, rtn_pack, 3, -1)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():  # a changed weak column must survive the round trip
         hf.model.layers[0].self_attn.q_proj.weak_weight.add_(0.5)
     expected = logits(hf)
     hf.save_pretrained(tmp_path / "resaved")
+    tok.save_pretrained(tmp_path / "resaved")
     qc = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "owq" and qc["format_version"] == 1 and qc["n_weak"] == {
         n: m.n_weak for n, m in owq_layers(model).items()}

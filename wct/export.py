@@ -29,7 +29,8 @@ def run(cfg: DictConfig) -> dict:
     trained = load_trained(app.ckpt_path)
     ckpt = Path(app.ckpt_path)
     if app.format == "delta":
-        meta = export_delta(trained, Path(app.out) if app.out else ckpt.parent.parent / f"delta-{ckpt.stem}.safetensors")
+        meta = export_delta(trained, Path(app.out) if app.out else ckpt.parent.parent / f"delta-{ckpt.stem}.safetensors",
+                            app.overwrite)
         print(f"exported the {meta['tensors']} trained tensors ({meta['trained_params']:,} parameters) of the WCT run as "
               f"a delta to {meta['path']}: {meta['bytes']:,} bytes (base {meta['base_bytes']:,}); applied to the base, "
               f"they read back bit-exactly; {time.time() - start:.1f} s")

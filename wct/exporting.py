@@ -153,16 +153,20 @@ def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
     return meta
 
 
-def export_delta(trained: Trained, out: Path) -> dict:
+def export_delta(trained: Trained, out: Path, overwrite: bool = False) -> dict:
     """Write the weak-column delta of a WCT run at ``out`` (wct/delta.py); returns what was written.
 
     Before the file is renamed into place it is applied to a freshly loaded base, and every tensor the base then
     holds must equal the trained tensor rounded to the base's stored dtype, bit for bit."""
-    from wct.delta import apply_delta, delta_tensors, packed_fingerprint, write_delta
+    from wct.delta import apply_delta, delta_tensors, packed_fingerprint, read_delta, write_delta
 
     if trained.base_dir is None:
         raise WCTError("format=delta is for WCT runs on an owq-pack base; a LoRA/QLoRA export is already an adapter "
                        "(use the default format)")
+    if out.exists():
+        if not overwrite:
+            raise WCTError(f"{out} exists; choose another out=, or overwrite=true to replace an earlier delta")
+        read_delta(out)  # only a wct delta is ever replaced
     base, _ = load_quantized(trained.base_dir, dtype=next(trained.model.parameters()).dtype)
     tensors = delta_tensors(base, trained.trained, trained.extra, stored_dtypes(trained.base_dir, list(trained.extra)))
     tmp = out.with_name(f".{out.name}.check")

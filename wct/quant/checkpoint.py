@@ -217,10 +217,10 @@ def load_quantized(
     path = Path(path)
     _read_config(path)
     read_header(weight_files(path))  # a missing or corrupt file is named before transformers reads it
+    model = load_packed(path, as_dtype(dtype), device)
     if not (path / "tokenizer_config.json").is_file():
         raise WCTError(f"{path} has no tokenizer files (tokenizer_config.json); copy the base model's tokenizer into "
                        "it (AutoTokenizer.from_pretrained(BASE).save_pretrained(FOLDER)) or re-export the run")
-    model = load_packed(path, as_dtype(dtype), device)
     if delta is not None:
         from wct.delta import apply_delta
 
