@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.wct-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-transformers4 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+test-transformers4:  # the transformers-integration tests against transformers 4.5x, in .venv-tf4
+	PYTHON=$(PYTHON) scripts/interop_transformers4.sh
+
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) .venv-tf4 outputs multirun .pytest_cache

@@ -7,14 +7,18 @@ Notebook API (no Hydra needed)::
     report = wct.quantize_model(model, calib_ids, bits=3, target_bit=3.01)
     wct.save_quantized(model, tok, "out/smollm2-owq-3.01")
     model, tok = wct.load_quantized("out/smollm2-owq-3.01")
+    # or, the same model: transformers.AutoModelForCausalLM.from_pretrained("out/smollm2-owq-3.01")
 """
 
 from __future__ import annotations
 
 import importlib
 
+from wct.hf import register as _register_with_transformers
 from wct.nn.owq_linear import OWQLinear
 from wct.quant.config import QuantConfig
+
+_register_with_transformers()  # from_pretrained(owq_folder) after `import wct` (docs/interop.md)
 
 _LAZY = {  # heavy modules (transformers, datasets) load on first use
     "quantize_model": "wct.quant.owq",
@@ -22,6 +26,7 @@ _LAZY = {  # heavy modules (transformers, datasets) load on first use
     "save_quantized": "wct.quant.checkpoint",
     "load_quantized": "wct.quant.checkpoint",
     "load_model": "wct.loading",
+    "apply_delta": "wct.delta",
 }
 
 __all__ = ["OWQLinear", "QuantConfig", *_LAZY]

@@ -90,6 +90,12 @@ class EvalConfig:
     corpora: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
     seqlen: int = 2048
     max_windows: Optional[int] = None  # only the first windows of each corpus (None: all)
+    # lm-evaluation-harness (eval=lm_eval, python -m wct.evaluate only; wct/evaluation/harness.py)
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[float] = None  # examples per task (< 1: a fraction)
+    num_fewshot: Optional[int] = None
+    include_path: Optional[str] = None  # folder of local task YAMLs
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         at_least("eval.seqlen", self.seqlen, 2)
@@ -303,8 +309,9 @@ class EvaluateApp:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not self.eval.corpora:
-            raise WCTError("eval.corpora is empty; name at least one corpus, e.g. eval.corpora=[wikitext2]")
+        if not self.eval.corpora and not self.eval.tasks:
+            raise WCTError("eval.corpora and eval.tasks are empty; name a corpus (eval.corpora=[wikitext2]) or lm-eval "
+                           "tasks (eval=lm_eval eval.tasks=[arc_easy])")
 
 
 @dataclass
@@ -338,10 +345,13 @@ class ExportApp:
     ckpt_path: Optional[str] = None
     out: Optional[str] = None  # None: <run>/export-<checkpoint name>
     overwrite: bool = False  # replace an earlier export at out (never a folder wct did not write)
+    format: str = "merged"  # merged | delta (WCT: only the trained tensors, on top of the base; wct/delta.py)
 
     def __post_init__(self) -> None:
         if not self.ckpt_path:
             raise WCTError("ckpt_path is required: python -m wct.export ckpt_path=<run>/checkpoints/last.ckpt")
+        if self.format not in ("merged", "delta"):
+            raise WCTError(f"format={self.format!r} is not an export format; use merged or delta")
 
 
 @dataclass

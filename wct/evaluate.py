@@ -30,13 +30,23 @@ def run(cfg: DictConfig) -> dict:
     loaded = load_for_use(app.model)
     sets = load_eval_sets(loaded.tokenizer, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
     ppl = evaluate_all(loaded.model, sets, app.eval.seqlen, app.progress)
-    print(ppl_table({loaded.label: ppl}, sets))
+    if ppl:
+        print(ppl_table({loaded.label: ppl}, sets))
+    harness = None
+    if app.eval.tasks:
+        from wct.evaluation.harness import lm_eval_table, run_lm_eval, summary
+
+        out = run_lm_eval(loaded.model, loaded.tokenizer, list(app.eval.tasks), app.eval.limit, app.eval.num_fewshot,
+                          app.eval.include_path, app.eval.batch_size)
+        print(lm_eval_table(out))
+        harness = summary(out)
     results = {
         "model": loaded.label,
         "ppl": ppl,
         "tokens": {c: t.numel() for c, t in sets.items()},
         "seqlen": app.eval.seqlen,
         "quantization_config": getattr(loaded.model.config, "quantization_config", None),
+        "lm_eval": harness,
         "seconds": time.time() - start,
     }
     print(f"results: {write_json(Path(app.paths.run_dir) / 'results.json', results)}")
@@ -44,8 +54,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> float:
-    return next(iter(run(cfg)["ppl"].values()))
+def main(cfg: DictConfig) -> float | None:
+    return next(iter(run(cfg)["ppl"].values()), None)
 
 
 if __name__ == "__main__":

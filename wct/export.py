@@ -21,13 +21,20 @@ from wct.errors import cli_errors
 
 @cli_errors
 def run(cfg: DictConfig) -> dict:
-    from wct.exporting import export_adapter, export_wct
+    from wct.exporting import export_adapter, export_delta, export_wct
     from wct.runs import load_trained
 
     app = to_app(cfg, ExportApp)
     start = time.time()
     trained = load_trained(app.ckpt_path)
     ckpt = Path(app.ckpt_path)
+    if app.format == "delta":
+        meta = export_delta(trained, Path(app.out) if app.out else ckpt.parent.parent / f"delta-{ckpt.stem}.safetensors",
+                            app.overwrite)
+        print(f"exported the {meta['tensors']} trained tensors ({meta['trained_params']:,} parameters) of the WCT run as "
+              f"a delta to {meta['path']}: {meta['bytes']:,} bytes (base {meta['base_bytes']:,}); applied to the base, "
+              f"they read back bit-exactly; {time.time() - start:.1f} s")
+        return meta
     out = Path(app.out) if app.out else ckpt.parent.parent / f"export-{ckpt.stem}"
     if trained.method == "wct":
         meta = export_wct(trained, out, app.overwrite)

@@ -32,7 +32,7 @@ from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.loading import EXPORT_META
 from wct.nn.modes import eval_mode
-from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, write_quantized
+from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, weak_by_type, write_quantized
 from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
 
 CHECK_TOKENS = 32  # tokens per row of the logits check batch
@@ -52,7 +52,13 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def model_card(meta: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in meta["metrics"].items()) or "| (none recorded) | |"
     usage = (
-        f"import wct\nmodel, tok = wct.load_quantized('{meta['path']}')"
+        f"import wct  # pip install wct; registers the owq quantizer with transformers\n"
+        f"model, tok = wct.load_quantized('{meta['path']}')\n"
+        f"# or, the same model bit for bit, through transformers (after `import wct`):\n"
+        f"import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained('{meta['path']}', dtype=torch.float32)\n"
+        f"tok = AutoTokenizer.from_pretrained('{meta['path']}')\n"
+        f"# without `import wct`, transformers refuses this folder (model type wct_owq)"
         if meta["method"] == "wct"
         else f"from wct.loading import load_adapter_export  # base {meta['base']} + this adapter\n"
         f"model, tok = load_adapter_export('{meta['path']}')"
@@ -66,6 +72,8 @@ Fine-tuned with **{meta['method']}** (wct) on the base `{meta['base']}`.
 | method | {meta['method']} |
 | base | {meta['base']} |
 | bits | {meta.get('bits', 'full precision')} |
+| weak columns per layer (by type) | {meta.get('weak_by_type', 'n/a')} |
+| training data | {meta.get('training_data', 'n/a')} |
 | trainable parameters | {meta['trainable_params']:,} |
 | chat template | {meta['template']} |
 | export check: max abs logit diff vs in-training model (stored dtype) | {meta['max_abs_diff']} |
@@ -96,6 +104,7 @@ def export_meta(trained: Trained, out: Path, template: str) -> dict:
         "base": trained.base,
         "trainable_params": sum(t.numel() for t in [*trained.trained.values(), *trained.extra.values()]),
         "template": template,
+        "training_data": trained.config.get("data_origin") or (trained.config.get("task") or {}).get("name"),
         "metrics": trained.metrics,
     }
 
@@ -124,6 +133,7 @@ def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
         "bits": model.config.quantization_config.get("bits"),
         "trained_parameters": sorted(trained.extra),
         "weak_dtype": str(next(iter(layers.values())).weak_weight.dtype).removeprefix("torch."),
+        "weak_by_type": weak_by_type({n: m.n_weak for n, m in layers.items()}),
         "max_abs_diff_fp32_master": (reference - fp32_master).abs().max().item(),
     }
     with atomic_dir(out, "export", overwrite) as tmp:
@@ -141,6 +151,39 @@ def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
                            "must hold the same tensors. Report this as a bug")
         _write_common(tmp, trained, meta)
     return meta
+
+
+def export_delta(trained: Trained, out: Path, overwrite: bool = False) -> dict:
+    """Write the weak-column delta of a WCT run at ``out`` (wct/delta.py); returns what was written.
+
+    Before the file is renamed into place it is applied to a freshly loaded base, and every tensor the base then
+    holds must equal the trained tensor rounded to the base's stored dtype, bit for bit."""
+    from wct.delta import apply_delta, delta_tensors, packed_fingerprint, read_delta, write_delta
+
+    if trained.base_dir is None:
+        raise WCTError("format=delta is for WCT runs on an owq-pack base; a LoRA/QLoRA export is already an adapter "
+                       "(use the default format)")
+    if out.exists():
+        if not overwrite:
+            raise WCTError(f"{out} exists; choose another out=, or overwrite=true to replace an earlier delta")
+        read_delta(out)  # only a wct delta is ever replaced
+    base, _ = load_quantized(trained.base_dir, dtype=next(trained.model.parameters()).dtype)
+    tensors = delta_tensors(base, trained.trained, trained.extra, stored_dtypes(trained.base_dir, list(trained.extra)))
+    tmp = out.with_name(f".{out.name}.check")
+    try:
+        write_delta(tmp, tensors, packed_fingerprint(base), str(trained.base), trained.config, trained.metrics)
+        apply_delta(base, tmp)
+        own = dict(base.named_parameters())
+        for name, t in tensors.items():
+            if not torch.equal(own[name], t.to(own[name].dtype)):
+                raise WCTError(f"the delta's {name} does not read back as written; nothing was written. Report this "
+                               "as a bug")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(out), "bytes": out.stat().st_size, "tensors": len(tensors),
+            "trained_params": sum(t.numel() for t in tensors.values()),
+            "base_bytes": (trained.base_dir / WEIGHTS).stat().st_size}
 
 
 def export_adapter(trained: Trained, out: Path, overwrite: bool = False) -> dict:

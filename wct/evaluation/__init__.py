@@ -1,1 +1,2 @@
-"""Evaluation of loaded models: perplexity on text corpora (``perplexity``)."""
+"""Evaluation of loaded models: perplexity on text corpora (``perplexity``), lm-evaluation-harness tasks
+(``harness``)."""

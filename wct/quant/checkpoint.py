@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,10 +26,10 @@ from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.models import as_dtype, load_model
 from wct.nn.owq_linear import OWQLinear
-from wct.pack import FORMAT_VERSION, SUPPORTED_BITS, pack_codes, stored_bits
+from wct.hf.config import QUANT_METHOD, check_quantization_config, guard_config
+from wct.pack import FORMAT_VERSION, pack_codes, stored_bits
 
 WEIGHTS = "model.safetensors"
-QUANT_METHOD = "owq"
 
 
 def owq_layers(model: nn.Module) -> dict[str, OWQLinear]:
@@ -153,7 +153,7 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtyp
         for name, t in state.items()
     }
     config = model.config.to_dict()
-    config["quantization_config"] = meta
+    config["quantization_config"] = dict(meta)
     float_dtypes = {t.dtype for n, t in tensors.items() if t.is_floating_point() and not n.startswith(owq_prefixes)}
     config["dtype"] = str(float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32).removeprefix("torch.")
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "owq_format_version": str(FORMAT_VERSION)})
@@ -161,22 +161,11 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtyp
         for name, t in tensors.items():
             if not torch.equal(f.get_tensor(name), t):
                 raise OSError(f"{folder / WEIGHTS}: tensor {name} reads back different from what was written")
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(json.dumps(guard_config(config), indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-
-
-def _skeleton(config):
-    """The model of ``config`` with uninitialized weights (no random init: they are all overwritten)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()
-    return model
 
 
 def _read_config(path: Path) -> dict:
@@ -189,26 +178,8 @@ def _read_config(path: Path) -> dict:
         raise WCTError(f"{path} has no config.json; it is not an owq-pack checkpoint folder") from None
     except json.JSONDecodeError as e:
         raise WCTError(f"{path / 'config.json'} is corrupt ({e}); re-create the checkpoint") from None
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise WCTError(f"{path} is not an OWQ checkpoint (quant_method={qc.get('quant_method')!r}); "
-                       "load a plain model with wct.models.load_model")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise WCTError(f"{path} uses owq-pack format_version={qc.get('format_version')!r}; this wct reads version "
-                       f"{FORMAT_VERSION}. Upgrade wct or re-create the checkpoint")
-    if not isinstance(qc.get("n_weak"), dict) or qc.get("bits") not in SUPPORTED_BITS:
-        raise WCTError(f"{path / 'config.json'}: quantization_config lacks valid bits / n_weak; re-create the checkpoint")
+    check_quantization_config(config.get("quantization_config"), str(path))
     return config
-
-
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise WCTError(f"{file} is missing; the checkpoint is incomplete, re-create it")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise WCTError(f"{file} is corrupt ({e}); re-create the checkpoint") from None
 
 
 def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -227,43 +198,34 @@ def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path
 
 
 def load_quantized(
-    path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, device: torch.device | str | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: torch.device | str | None = None,
+    delta: str | os.PathLike | None = None,
 ):
     """``(model, tokenizer)`` from an owq-pack v1 folder; ``dtype`` casts the unquantized floating tensors
-    (None keeps the stored dtypes), OWQLinear tensors keep their stored dtypes. Reloads are bit-exact."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    (None keeps the dtype the config records), OWQLinear tensors keep their stored dtypes. Reloads are bit-exact.
+    ``delta``: a weak-column delta of this base to apply (:func:`wct.delta.apply_delta`).
 
-    path, dtype = Path(path), as_dtype(dtype)
-    config = _read_config(path)
-    meta = config["quantization_config"]
-    tensors = _load_tensors(path / WEIGHTS)
-    hf_config = AutoConfig.from_pretrained(path)
-    del hf_config.quantization_config
-    model = _skeleton(hf_config)
-    modules = dict(model.named_modules())
-    for name, n_weak in meta["n_weak"].items():
-        linear, scales = modules.get(name), tensors.get(f"{name}.scales")
-        if linear is None or scales is None or scales.dim() != 2 or linear.in_features % scales.shape[0]:
-            raise WCTError(f"{path}: quantized layer {name} is missing from the model or has no valid scales; "
-                           "the checkpoint is corrupt")
-        group = linear.in_features // scales.shape[0]  # tensors are assigned below: dtypes come from the file
-        layer = OWQLinear(linear.in_features, linear.out_features, meta["bits"], group, n_weak, f"{name}.bias" in tensors)
-        model.set_submodule(name, layer)
-    owq_prefixes = tuple(f"{name}." for name in meta["n_weak"])
-    if dtype is not None:
-        tensors = {n: t if n.startswith(owq_prefixes) or not t.is_floating_point() else t.to(dtype)
-                   for n, t in tensors.items()}
-    _load_state(model, tensors, path / WEIGHTS)
-    model.config.quantization_config = meta
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    The model comes from :func:`wct.hf.load_packed`, i.e. transformers' ``from_pretrained`` with the owq quantizer:
+    OWQLinear modules built on the meta device, packed tensors read straight into them (docs/interop.md)."""
+    from transformers import AutoTokenizer
+
+    from wct.hf import load_packed
+    from wct.hf.quantizer import read_header, weight_files
+
+    path = Path(path)
+    _read_config(path)
+    read_header(weight_files(path))  # a missing or corrupt file is named before transformers reads it
+    model = load_packed(path, as_dtype(dtype), device)
     if not (path / "tokenizer_config.json").is_file():
         raise WCTError(f"{path} has no tokenizer files (tokenizer_config.json); copy the base model's tokenizer into "
                        "it (AutoTokenizer.from_pretrained(BASE).save_pretrained(FOLDER)) or re-export the run")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if device is not None:
-        model = model.to(device)
-    return model.eval(), tokenizer
+    if delta is not None:
+        from wct.delta import apply_delta
+
+        apply_delta(model, delta)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 # --------------------------------------------------------------------------- reference OWQ checkpoints (docs/owq-pack.md §2.2)
