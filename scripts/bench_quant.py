@@ -9,7 +9,7 @@ conf/quant/; every quantized model is saved as an owq-pack checkpoint, reloaded,
 
 Prints a table and writes JSON (``--out``). The load average is recorded: compare only runs under similar load.
 The "reference OWQ code" column is the perplexity the authors' code (github.com/xvyaward/owq) gave on this protocol
-(128 x 512 Emma windows seed 0, 40 windows of Pride and Prejudice, fp32; docs/algorithm.md §2.5); it is shown
+(128 x 512 Emma windows seed 0, 40 windows of Pride and Prejudice, fp32; docs/algorithm.md §2.1); it is shown
 only when the run uses that protocol.
 """
 
@@ -36,7 +36,7 @@ from wct.quant.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
 
 ROWS = "fp,rtn-w4,rtn-w3,gptq-w4,gptq-w3,owq-w4-t4.01,owq-w3-t3.01,owq-w3-t3.1,owq-w3-t3.01-g128"
-# perplexity of the authors' OWQ code on the full protocol below, measured once (docs/algorithm.md §2.5)
+# perplexity of the authors' OWQ code on the full protocol below, measured once (docs/algorithm.md §2.1)
 REFERENCE_PPL = {"gptq-w3": 97.13, "owq-w3-t3.01": 40.64, "owq-w4-t4.01": 29.36}
 REFERENCE_PROTOCOL = {"model": "smollm2-135m", "n_samples": 128, "seqlen": 512, "eval_windows": 40, "seed": 0,
                       "dtype": "float32"}
