@@ -52,6 +52,7 @@ def test_every_verb_composes_into_its_schema(verb):
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),
     ("method.name=dora", "method.name='dora' is unknown"),
     ("model.dtype=int8", "model.dtype='int8' is unknown"),
+    ("model.dtype=auto", "model.dtype='auto' is for quantize, evaluate and generate; training keeps"),
     ("calib.n_samples=0", "calib.n_samples=0 is invalid"),
     ("quant.group_size=0", "quant.group_size=0 must be -1"),
     ("quant.percdamp=-0.01", "quant.percdamp=-0.01 must lie in"),
@@ -60,6 +61,12 @@ def test_every_verb_composes_into_its_schema(verb):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(WCTError, match=message):
         to_app(composed("train", "model=tiny-llama", override), TrainApp)
+
+
+@pytest.mark.parametrize("verb", ["quantize", "evaluate"])
+def test_device_and_auto_dtype_compose_for_the_verbs_that_place_models(verb):
+    app = to_app(composed(verb, "model.dtype=auto", "device=cpu"), APPS[verb])
+    assert (app.device, app.model.dtype) == ("cpu", "auto")
 
 
 def test_unknown_appended_key_is_refused():

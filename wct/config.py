@@ -29,6 +29,7 @@ CONF_DIR = str(_PACKAGE / "conf" if (_PACKAGE / "conf" / "quantize.yaml").is_fil
 REPO_ROOT = str(_PACKAGE.parent)
 
 DTYPES = ("float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
+MODEL_DTYPES = (*DTYPES, "auto")  # auto: fp32 on a CPU, bf16/fp16 on a GPU (wct.device); quantize/evaluate/generate
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
@@ -59,11 +60,12 @@ class ModelConfig:
     """The base model: a built-in name (smollm2-135m, tiny-llama), a local folder, a .gguf file or a hub id."""
 
     name: str = "smollm2-135m"
-    dtype: str = "float32"  # compute dtype of unquantized tensors (fp32 or bf16 on CPU; never fp16 there)
+    dtype: str = "float32"  # compute dtype of unquantized tensors (fp32 or bf16 on CPU; never fp16 there); auto:
+    # fp32 on a CPU, bf16/fp16 on a GPU (wct.device; the verbs with a ``device`` setting)
     quantized: Optional[str] = None  # an owq-pack checkpoint folder to use instead of quantizing ``name``
 
     def __post_init__(self) -> None:
-        one_of("model.dtype", self.dtype, DTYPES)
+        one_of("model.dtype", self.dtype, MODEL_DTYPES)
 
 
 @dataclass
@@ -296,6 +298,7 @@ class QuantizeApp:
     paths: PathsConfig = field(default_factory=PathsConfig)
     out: Optional[str] = None  # checkpoint folder (None: <paths.quantized_dir>/<model>-<quant.name>)
     overwrite: bool = False  # replace an earlier wct.quantize output at out (never a folder wct did not write)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device); blocks are quantized there one at a time
     progress: bool = True
 
 
@@ -306,6 +309,7 @@ class EvaluateApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -329,6 +333,7 @@ class GenerateApp:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device)
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -377,6 +382,8 @@ class TrainApp:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        require(self.model.dtype != "auto", "model.dtype", self.model.dtype, "training keeps the base in one dtype "
+                "on every device; use float32 or bfloat16", "is for quantize, evaluate and generate")
         if self.tuning.select == "task" and (self.method.name != "wct" or self.model.quantized):
             raise WCTError("tuning.select=task chooses the weak columns while the base is quantized on the fly, so it "
                            "needs method=wct with model.name and no model.quantized (a packed base has its columns "

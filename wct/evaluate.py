@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> dict:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     app = to_app(cfg, EvaluateApp)
     start = time.time()
-    loaded = load_for_use(app.model)
+    loaded = load_for_use(app.model, device=app.device)
     sets = load_eval_sets(loaded.tokenizer, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
     ppl = evaluate_all(loaded.model, sets, app.eval.seqlen, app.progress)
     if ppl:
@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> dict:
         "ppl": ppl,
         "tokens": {c: t.numel() for c, t in sets.items()},
         "seqlen": app.eval.seqlen,
+        "device": str(next(loaded.model.parameters()).device),
         "quantization_config": getattr(loaded.model.config, "quantization_config", None),
         "lm_eval": harness,
         "seconds": time.time() - start,

@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> str:
     from wct.loading import load_for_use
 
     app = to_app(cfg, GenerateApp)
-    loaded = load_for_use(app.model, app.ckpt_path)
+    loaded = load_for_use(app.model, app.ckpt_path, app.device)
     template = resolve_template(app.template, loaded.tokenizer, loaded.tuned, bool(app.input))
     text = render(loaded.tokenizer, app.prompt, app.input, template)
     answer = generate(loaded.model, loaded.tokenizer, text, app.max_new_tokens, app.do_sample, app.temperature,

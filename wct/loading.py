@@ -61,25 +61,32 @@ def load_any(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = 
     if path.is_dir() and is_owq_checkpoint(path):
         return load_quantized(path, dtype=dtype, device=device)
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        return load_adapter_export(path)
+        model, tok = load_adapter_export(path)
+        return (model.to(device) if device is not None else model), tok
     return load_model(name_or_path, dtype=dtype, device=device)
 
 
-def load_for_use(model_cfg, ckpt_path: str | None = None) -> Loaded:
-    """The model a verb runs: ``ckpt_path`` (a training checkpoint: base + trained tensors), else
-    ``model.quantized`` (an owq-pack folder), else ``model.name``."""
+def load_for_use(model_cfg, ckpt_path: str | None = None, device: str | torch.device | None = "cpu") -> Loaded:
+    """The model a verb runs, on ``device`` (``auto|cpu|cuda|cuda:N``, :mod:`wct.device`, checked before any
+    loading): ``ckpt_path`` (a training checkpoint: base + trained tensors, in its own dtype), else
+    ``model.quantized`` (an owq-pack folder), else ``model.name``, in ``model.dtype`` (``auto``: fp32 on a CPU,
+    bf16/fp16 on a GPU)."""
+    from wct.device import place, resolve_device
+
     if ckpt_path:
         from wct.data.chat import with_chat_template
         from wct.runs import load_trained
 
+        where = resolve_device(device)
         trained = load_trained(ckpt_path)
         tok, template = with_chat_template(trained.tokenizer, trained.config)
-        return Loaded(trained.model, tok, Path(ckpt_path).parent.parent.name, template)
+        return Loaded(trained.model.to(where), tok, Path(ckpt_path).parent.parent.name, template)
+    where, dtype = place(device, model_cfg.dtype)
     if model_cfg.quantized:
         path = Path(model_cfg.quantized)
-        model, tok = load_quantized(path, dtype=model_cfg.dtype)
+        model, tok = load_quantized(path, dtype=dtype, device=where)
     else:
         path = Path(model_cfg.name)
-        model, tok = load_any(model_cfg.name, dtype=model_cfg.dtype)
+        model, tok = load_any(model_cfg.name, dtype=dtype, device=where)
     meta = path / EXPORT_META
     return Loaded(model, tok, path.name, json.loads(meta.read_text())["template"] if meta.is_file() else None)

@@ -24,6 +24,7 @@ from wct.io import check_output
 @cli_errors
 def run(cfg: DictConfig) -> dict:
     from wct.data.text import calibration_windows
+    from wct.device import place
     from wct.evaluation.perplexity import evaluate_all, load_eval_sets, ppl_table
     from wct.io import write_json
     from wct.models import load_model, model_tag
@@ -32,16 +33,17 @@ def run(cfg: DictConfig) -> dict:
 
     print(OmegaConf.to_yaml(cfg, resolve=True))
     app = to_app(cfg, QuantizeApp)
+    device, dtype = place(app.device, app.model.dtype)  # a missing GPU fails before anything is loaded
     q = app.quant
     out = Path(app.out or Path(app.paths.quantized_dir) / f"{model_tag(app.model.name)}-{q.name}")
     check_output(out, "quantized", app.overwrite)  # before the work, not after it
     start = time.time()
-    model, tok = load_model(app.model.name, dtype=app.model.dtype)
+    model, tok = load_model(app.model.name, dtype=dtype)
     sets = load_eval_sets(tok, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
     calib = calibration_windows(tok, app.calib.source, app.calib.n_samples, app.calib.seqlen, app.calib.seed)
-    report = quantize_model(model, calib, q, progress=app.progress)
+    report = quantize_model(model, calib, q, device=device, progress=app.progress)
     save_quantized(model, tok, out, overwrite=app.overwrite)
-    ppl = evaluate_all(model, sets, app.eval.seqlen, app.progress) if sets else {}
+    ppl = evaluate_all(model.to(device), sets, app.eval.seqlen, app.progress) if sets else {}
     weak = weak_by_type(report.n_weak)
     results = {
         "model": app.model.name,
@@ -51,6 +53,8 @@ def run(cfg: DictConfig) -> dict:
         "stored_bits": report.stored_bits,
         "low_bit_fraction": report.low_bit_fraction,
         "weak_by_type": weak,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "quantize_seconds": report.seconds,
         "seconds": time.time() - start,
         "checkpoint": str(out),

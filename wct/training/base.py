@@ -13,6 +13,7 @@ from wct.config import TrainApp
 from wct.data import chat, instruct
 from wct.data.embedded import TEXTS
 from wct.data.text import HUB_CORPORA, calibration_windows
+from wct.device import resolve_device
 from wct.io import atomic_file
 from wct.models import cache_dir, load_model, model_tag
 from wct.quant.checkpoint import load_quantized, save_quantized
@@ -85,7 +86,7 @@ def quantized_base(app: TrainApp, data: tuple[list[dict[str, str]], str]) -> Pat
     if select:
         windows = calibration_windows(tok, select, c.n_samples, c.seqlen, c.seed)
         print(f"base: weak columns chosen on the Hessians of {c.n_samples} x {c.seqlen} tokens of the task's rows")
-    report = quantize_model(model, calib, qcfg, progress=app.progress, select=windows,
+    report = quantize_model(model, calib, qcfg, device=resolve_device("auto"), progress=app.progress, select=windows,
                             selection_label=f"task:{select.name}" if select else "select")
     print(report.summary())
     try:
