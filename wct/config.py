@@ -299,6 +299,7 @@ class QuantizeApp:
     out: Optional[str] = None  # checkpoint folder (None: <paths.quantized_dir>/<model>-<quant.name>)
     overwrite: bool = False  # replace an earlier wct.quantize output at out (never a folder wct did not write)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device); blocks are quantized there one at a time
+    stream: bool = False  # read one block at a time from the safetensors shards (models larger than memory)
     progress: bool = True
 
 

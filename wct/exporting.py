@@ -32,7 +32,8 @@ from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.loading import EXPORT_META
 from wct.nn.modes import eval_mode
-from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, weak_by_type, write_quantized
+from wct.quant.checkpoint import load_quantized, owq_layers, weak_by_type, write_quantized
+from wct.quant.shards import payload_bytes, weights_bytes
 from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
 
 CHECK_TOKENS = 32  # tokens per row of the logits check batch
@@ -144,10 +145,10 @@ def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
             raise WCTError(f"the exported model's logits differ from the in-training model's by {diff:g} (must be 0); "
                            "nothing was written. Report this as a bug")
         meta["max_abs_diff"] = diff
-        meta["bytes"] = (tmp / WEIGHTS).stat().st_size
-        meta["base_bytes"] = (trained.base_dir / WEIGHTS).stat().st_size
-        if meta["bytes"] != meta["base_bytes"]:
-            raise WCTError(f"the export's {WEIGHTS} has {meta['bytes']} bytes, the base's {meta['base_bytes']}; they "
+        meta["bytes"], meta["base_bytes"] = weights_bytes(tmp), weights_bytes(trained.base_dir)
+        ours, base = payload_bytes(tmp), payload_bytes(trained.base_dir)  # the base may be sharded (stream=true)
+        if ours != base:
+            raise WCTError(f"the export's weights hold {ours} bytes of tensors, the base's {base}; they "
                            "must hold the same tensors. Report this as a bug")
         _write_common(tmp, trained, meta)
     return meta
@@ -183,7 +184,7 @@ def export_delta(trained: Trained, out: Path, overwrite: bool = False) -> dict:
         tmp.unlink(missing_ok=True)
     return {"path": str(out), "bytes": out.stat().st_size, "tensors": len(tensors),
             "trained_params": sum(t.numel() for t in tensors.values()),
-            "base_bytes": (trained.base_dir / WEIGHTS).stat().st_size}
+            "base_bytes": weights_bytes(trained.base_dir)}
 
 
 def export_adapter(trained: Trained, out: Path, overwrite: bool = False) -> dict:

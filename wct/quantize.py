@@ -28,8 +28,9 @@ def run(cfg: DictConfig) -> dict:
     from wct.evaluation.perplexity import evaluate_all, load_eval_sets, ppl_table
     from wct.io import write_json
     from wct.models import load_model, model_tag
-    from wct.quant.checkpoint import save_quantized, weak_by_type
+    from wct.quant.checkpoint import load_quantized, save_quantized, weak_by_type
     from wct.quant.owq import quantize_model
+    from wct.quant.stream import quantize_streaming, source_folder, tokenizer_of
 
     print(OmegaConf.to_yaml(cfg, resolve=True))
     app = to_app(cfg, QuantizeApp)
@@ -38,11 +39,20 @@ def run(cfg: DictConfig) -> dict:
     out = Path(app.out or Path(app.paths.quantized_dir) / f"{model_tag(app.model.name)}-{q.name}")
     check_output(out, "quantized", app.overwrite)  # before the work, not after it
     start = time.time()
-    model, tok = load_model(app.model.name, dtype=dtype)
+    if app.stream:  # one block in memory at a time, read from the safetensors shards (docs/scale.md)
+        folder = source_folder(app.model.name)
+        model, tok = None, tokenizer_of(folder)
+    else:
+        model, tok = load_model(app.model.name, dtype=dtype)
     sets = load_eval_sets(tok, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
     calib = calibration_windows(tok, app.calib.source, app.calib.n_samples, app.calib.seqlen, app.calib.seed)
-    report = quantize_model(model, calib, q, device=device, progress=app.progress)
-    save_quantized(model, tok, out, overwrite=app.overwrite)
+    if app.stream:
+        report = quantize_streaming(folder, out, calib, q, device=device, dtype=dtype, progress=app.progress,
+                                    overwrite=app.overwrite)
+        model, _ = load_quantized(out, dtype=dtype)
+    else:
+        report = quantize_model(model, calib, q, device=device, progress=app.progress)
+        save_quantized(model, tok, out, overwrite=app.overwrite)
     ppl = evaluate_all(model.to(device), sets, app.eval.seqlen, app.progress) if sets else {}
     weak = weak_by_type(report.n_weak)
     results = {

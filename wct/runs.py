@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from wct.errors import WCTError
-from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers
+from wct.quant.checkpoint import load_quantized, owq_layers
+from wct.quant.shards import ShardReader, weights_present
 from wct.training.module import fingerprint
 
 
@@ -63,7 +64,7 @@ def load_trained(ckpt_path: str | Path) -> Trained:
     dtype = config["model"].get("dtype", "float32")
     if method == "wct":
         base_dir = Path(meta["base_dir"])
-        if not (base_dir / WEIGHTS).is_file():
+        if not weights_present(base_dir):
             raise WCTError(f"the checkpoint's base folder {base_dir} is missing; re-create it with the run's "
                            f"model/quant/calib settings (python -m wct.quantize ... out={base_dir})")
         model, tok = load_quantized(base_dir, dtype=dtype)
@@ -124,12 +125,17 @@ def set_weak_columns(model: nn.Module, weak: dict[str, torch.Tensor], dtype: tor
 
 
 def stored_dtypes(folder: Path, names: list[str]) -> dict[str, torch.dtype]:
-    """The dtype each named tensor has in ``folder``'s weights file (an fp32-loaded base may store fp16)."""
+    """The dtype each named tensor has in ``folder``'s weights (one file or shards; an fp32-loaded base may store
+    fp16)."""
     from safetensors import safe_open
 
     codes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-    with safe_open(str(folder / WEIGHTS), "pt") as f:
-        return {n: codes[f.get_slice(n).get_dtype()] for n in names}
+    files = ShardReader(folder).map
+    out = {}
+    for n in names:
+        with safe_open(str(files[n]), "pt") as f:
+            out[n] = codes[f.get_slice(n).get_dtype()]
+    return out
 
 
 def set_parameters(model: nn.Module, params: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:

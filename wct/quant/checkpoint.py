@@ -18,8 +18,6 @@ import types
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from wct.errors import WCTError
@@ -28,8 +26,10 @@ from wct.models import as_dtype, load_model
 from wct.nn.owq_linear import OWQLinear
 from wct.hf.config import QUANT_METHOD, check_quantization_config, guard_config
 from wct.pack import FORMAT_VERSION, pack_codes, stored_bits
+from wct.quant.shards import ShardWriter
 
 WEIGHTS = "model.safetensors"
+SAFETENSORS_META = {"format": "pt", "owq_format_version": str(FORMAT_VERSION)}
 
 
 def owq_layers(model: nn.Module) -> dict[str, OWQLinear]:
@@ -109,10 +109,13 @@ def _tensor_key(t: torch.Tensor) -> tuple | None:
     return None if t.numel() == 0 else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """The state dict with tied tensors kept once (first name wins), and the names of the dropped duplicates."""
+def _unique_state(model: nn.Module, skip: str | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The state dict with tied tensors kept once (first name wins), and the names of the dropped duplicates;
+    names starting with ``skip`` (e.g. the decoder blocks' prefix) are left out."""
     seen, state, tied = set(), {}, set()
     for name, t in model.state_dict().items():
+        if skip is not None and name.startswith(skip):
+            continue
         key = _tensor_key(t)
         if key is not None and key in seen:
             tied.add(name)
@@ -130,42 +133,59 @@ def _storage_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return c if torch.equal(c.to(t.dtype), t) else t
 
 
+def storage_form(t: torch.Tensor, owq: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as the checkpoint stores it: OWQLinear tensors as they are, others in ``dtype`` when lossless."""
+    return (t if owq else _storage_dtype(t, dtype)).detach().cpu().contiguous()
+
+
+def packed_config(model: nn.Module, float_dtypes: set[torch.dtype]) -> dict:
+    """``config.json`` of a packed checkpoint: the model's config with ``quantization_config``
+    (:func:`describe_quantization`, reused when it is current), and ``dtype`` the one storage dtype of its
+    unquantized floating tensors (fp32 when they mix)."""
+    config = model.config.to_dict()
+    config["quantization_config"] = dict(model.config.quantization_config if _described(model) else
+                                         describe_quantization(model))
+    config["dtype"] = str(next(iter(float_dtypes)) if len(float_dtypes) == 1 else torch.float32).removeprefix("torch.")
+    return guard_config(config)
+
+
+def write_side_files(model: nn.Module, tokenizer, folder: Path, config: dict) -> None:
+    """config.json, generation_config.json and the tokenizer files of a checkpoint folder."""
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, max_shard_bytes: int | None = None) -> Path:
     """Write an owq-pack v1 folder at ``path`` atomically (complete under its final name or absent). An existing
     ``path`` is refused unless it is an earlier ``save_quantized`` output and ``overwrite`` (``wct.io.atomic_dir``).
 
     ``dtype``: storage dtype of unquantized floating tensors wherever it is lossless (module docstring). The
     written file is read back and compared tensor by tensor before the folder is renamed into place.
+    ``max_shard_bytes``: cut the weights into ``model-0000x-of-0000y.safetensors`` shards of at most this size
+    with an index, as transformers does (None: one ``model.safetensors``).
     """
     with atomic_dir(path, "quantized", overwrite) as tmp:
-        write_quantized(model, tokenizer, tmp, dtype)
+        write_quantized(model, tokenizer, tmp, dtype, max_shard_bytes)
     return Path(path)
 
 
-def write_quantized(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype = torch.float16) -> None:
+def write_quantized(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype = torch.float16,
+                    max_shard_bytes: int | None = None) -> None:
     """The files of :func:`save_quantized` written into the existing (temporary) folder ``folder``."""
-    meta = model.config.quantization_config if _described(model) else describe_quantization(model)
     owq_prefixes = tuple(f"{name}." for name in owq_layers(model))
     state, _ = _unique_state(model)
-    tensors = {
-        name: (t if name.startswith(owq_prefixes) else _storage_dtype(t, dtype)).detach().cpu().contiguous()
-        for name, t in state.items()
-    }
-    config = model.config.to_dict()
-    config["quantization_config"] = dict(meta)
-    float_dtypes = {t.dtype for n, t in tensors.items() if t.is_floating_point() and not n.startswith(owq_prefixes)}
-    config["dtype"] = str(float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32).removeprefix("torch.")
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "owq_format_version": str(FORMAT_VERSION)})
-    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-        for name, t in tensors.items():
-            if not torch.equal(f.get_tensor(name), t):
-                raise OSError(f"{folder / WEIGHTS}: tensor {name} reads back different from what was written")
-    (folder / "config.json").write_text(json.dumps(guard_config(config), indent=2, sort_keys=True) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    tensors = {name: storage_form(t, name.startswith(owq_prefixes), dtype) for name, t in state.items()}
+    floats = {t.dtype for n, t in tensors.items() if t.is_floating_point() and not n.startswith(owq_prefixes)}
+    config = packed_config(model, floats)  # refuses a model without OWQ layers before anything is written
+    writer = ShardWriter(folder, max_shard_bytes or 2**62, SAFETENSORS_META)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    write_side_files(model, tokenizer, folder, config)
 
 
 def _read_config(path: Path) -> dict:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from wct import kernels
 from wct.errors import WCTError
 from wct.nn.owq_linear import OWQLinear
 from wct.quant.budget import global_counts
@@ -48,6 +49,7 @@ class QuantReport:
     low_bit_fraction: float
     seconds: float
     loss: dict[str, float] = field(default_factory=dict)  # GPTQ's Σ (w - q)²/U_cc²/2 per layer (0 for RTN)
+    block_seconds: list[float] = field(default_factory=list)  # streaming: read + quantize + write, per block
 
     def summary(self) -> str:
         roles = ", ".join(f"{r}={n}" for r, n in self.weak_by_role.items())
@@ -172,11 +174,15 @@ def _hessians(
 
 
 def _sensitivities(blocks: nn.ModuleList, prefix: str, inps: torch.Tensor, kwargs: dict[str, Any],
-                   enabled: set[str], cfg: QuantConfig, device: torch.device) -> dict[str, torch.Tensor]:
+                   enabled: set[str], cfg: QuantConfig, device: torch.device,
+                   visit: Callable[[int, bool], None] | None = None) -> dict[str, torch.Tensor]:
     """Pre-pass for ``quant.budget=global``: the sensitivity (docs/algorithm.md §1.6) of every layer named in ``enabled``, on
-    Hessians of the full-precision model (blocks run unquantized)."""
+    Hessians of the full-precision model (blocks run unquantized). ``visit(i, True)`` before block ``i`` is used
+    and ``visit(i, False)`` after (streaming reads the block's weights and drops them again)."""
     scores = {}
     for i, block in enumerate(blocks):
+        if visit is not None:
+            visit(i, True)
         home = next(block.parameters()).device
         block.to(device)
         linears = {n: m for n, m in find_linears(block).items() if n in enabled}
@@ -185,6 +191,8 @@ def _sensitivities(blocks: nn.ModuleList, prefix: str, inps: torch.Tensor, kwarg
         if i + 1 < len(blocks):
             inps = _run_block(block, inps, kwargs)
         block.to(home)
+        if visit is not None:
+            visit(i, False)
     return scores
 
 
@@ -273,6 +281,125 @@ def _check_inputs(
             )
 
 
+@dataclass
+class _Setup:
+    """What every block's quantization shares: the blocks, the names of block 0's linears (not the layers: a
+    streamed block 0 must be freed), weak columns per block-0 layer name and per qualified layer (``per_layer``:
+    the global budget changes them block by block), and the dtype of stored scales / weak columns."""
+
+    prefix: str
+    blocks: nn.ModuleList
+    first: list[str]
+    counts: dict[str, int]
+    per_layer: dict[str, int]
+    storage: torch.dtype
+
+
+@dataclass
+class _Stream:
+    """The calibration (and selection) hidden states entering the next block, and the blocks' keyword args."""
+
+    inps: torch.Tensor | None
+    sel_inps: torch.Tensor | None
+    kwargs: dict[str, Any]
+
+
+def _recipe(cfg: QuantConfig | None, recipe: dict[str, Any]) -> QuantConfig:
+    """``cfg``, or the QuantConfig of the recipe keywords."""
+    if cfg is not None and recipe:
+        raise WCTError(f"pass either cfg or recipe keywords ({', '.join(recipe)}), not both")
+    if cfg is None:
+        try:
+            cfg = QuantConfig(**recipe)
+        except TypeError as e:
+            fields = ", ".join(QuantConfig.__annotations__)
+            raise WCTError(f"{e}; the recipe fields are those of QuantConfig: {fields}") from None
+    return cfg
+
+
+def _setup(model: nn.Module, calib: torch.Tensor, select: torch.Tensor | None, cfg: QuantConfig) -> _Setup:
+    """Checks and per-layer counts from block 0 (its weights may still be on the meta device)."""
+    prefix, blocks = find_blocks(model)
+    first = find_linears(blocks[0])
+    _check_inputs(model, calib, select, cfg, first)
+    ratios = budget_ratios(first)
+    layers = {n: (_weight(m).shape[1], layer_role(n), ratios[n]) for n, m in first.items()}
+    counts = weak_counts(cfg, layers) if cfg.method == "owq" else dict.fromkeys(first, 0)
+    per_layer = {f"{prefix}.{i}.{n}": counts[n] for i in range(len(blocks)) for n in first}
+    return _Setup(prefix, blocks, list(first), counts, per_layer, _storage_dtype(model))
+
+
+def _catch(model: nn.Module, setup: _Setup, calib: torch.Tensor, select: torch.Tensor | None, cfg: QuantConfig,
+           device: torch.device, visit: Callable[[int, bool], None] | None = None) -> _Stream:
+    """Block 0's calibration (and selection) inputs; for ``quant.budget=global`` also the pre-pass that spreads
+    the weak columns over all blocks' layers (``visit``: as :func:`_sensitivities`'s)."""
+    inps, kwargs = (None, {}) if cfg.method == "rtn" else _catch_block_inputs(model, setup.blocks, calib, device)
+    sel_inps = None if select is None else _catch_block_inputs(model, setup.blocks, select, device)[0]
+    if cfg.budget == "global" and inps is not None:  # docs/algorithm.md: wct/quant/budget.py
+        enabled = {n for n in setup.first if setup.counts[n]}
+        scores = _sensitivities(setup.blocks, setup.prefix, inps, kwargs, enabled, cfg, device, visit)
+        setup.per_layer = dict.fromkeys(setup.per_layer, 0) | global_counts(scores, sum(setup.per_layer.values()))
+    return _Stream(inps, sel_inps, kwargs)
+
+
+def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, device: torch.device,
+                    n_weak: dict[str, int], losses: dict[str, float]) -> None:
+    """Quantize block ``i`` on ``device`` (its linears become OWQLinear), record its layers in ``n_weak`` /
+    ``losses``, advance ``stream`` through the quantized block, and move the block back where it was."""
+    block, prefix, per_layer = setup.blocks[i], setup.prefix, setup.per_layer
+    home = next(block.parameters()).device
+    block.to(device)
+    linears = find_linears(block)
+    groups = sequential_groups(list(linears)) if cfg.true_sequential else [list(linears)]
+    for group in groups:
+        gptqs: dict[str, GPTQ] = {}
+        choosers: dict[str, GPTQ] = {}
+        if cfg.method != "rtn":
+            gptqs = _hessians(block, {n: linears[n] for n in group}, stream.inps, stream.kwargs)
+        if stream.sel_inps is not None:
+            choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"]},
+                                 stream.sel_inps, stream.kwargs)
+        for n in group:
+            layer = linears[n]
+            packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
+                layer, gptqs.get(n), per_layer[f"{prefix}.{i}.{n}"], cfg, setup.storage, choosers.get(n))
+            k = _weight(layer).shape[1]
+            block.set_submodule(n, OWQLinear.from_packed(packed, cfg.bits, k))
+            n_weak[f"{prefix}.{i}.{n}"] = per_layer[f"{prefix}.{i}.{n}"]
+        del gptqs, choosers
+    if stream.inps is not None and i + 1 < len(setup.blocks):
+        stream.inps = _run_block(block, stream.inps, stream.kwargs)  # the quantized block feeds the next one
+        if stream.sel_inps is not None:
+            stream.sel_inps = _run_block(block, stream.sel_inps, stream.kwargs)
+    kernels.clear_cache()  # running the quantized block cached its dense weights (wct.kernels); not needed again
+    block.to(home)
+
+
+def _finish(model: nn.Module, setup: _Setup, cfg: QuantConfig, n_weak: dict[str, int], losses: dict[str, float],
+            start: float, selection: str) -> QuantReport:
+    """The report, and ``model.config.quantization_config`` (a plain dict) for checkpointing. ``selection``: the
+    ``weak_selection`` entry (``calib`` or the selection text's label)."""
+    meta = describe_quantization(model, {
+        "method": cfg.method,
+        "target_bit": cfg.target_bit,
+        "target_rank": cfg.target_rank,
+        "sym": cfg.sym,
+        "recipe": asdict(cfg),
+        "weak_selection": selection,
+    })
+    model.config.quantization_config = meta
+    return QuantReport(
+        cfg=cfg,
+        n_weak=n_weak,
+        weak_by_role={layer_role(n): setup.counts[n] for n in setup.first},
+        paper_bits=meta["paper_bits"],
+        stored_bits=meta["stored_bits"],
+        low_bit_fraction=meta["low_bit_fraction"],
+        seconds=time.time() - start,
+        loss=losses,
+    )
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -294,80 +421,20 @@ def quantize_model(
     instead of calib's: s_j = H^sel_jj·‖W_:,j − RTN(W)_:,j‖² (docs/algorithm.md §1.6 on H^sel). Like calib they are
     propagated through the already-quantized blocks; GPTQ's error compensation still runs on calib's Hessian.
     ``selection_label`` names that text in ``quantization_config["weak_selection"]``.
+
+    :func:`wct.quant.stream.quantize_streaming` does the same block by block from safetensors shards.
     """
     start = time.time()
-    if cfg is not None and recipe:
-        raise WCTError(f"pass either cfg or recipe keywords ({', '.join(recipe)}), not both")
-    if cfg is None:
-        try:
-            cfg = QuantConfig(**recipe)
-        except TypeError as e:
-            fields = ", ".join(QuantConfig.__annotations__)
-            raise WCTError(f"{e}; the recipe fields are those of QuantConfig: {fields}") from None
+    cfg = _recipe(cfg, recipe)
     device = torch.device(device or "cpu")
-    prefix, blocks = find_blocks(model)
-    first = find_linears(blocks[0])
-    _check_inputs(model, calib, select, cfg, first)
-    ratios = budget_ratios(first)
-    layers = {n: (_weight(m).shape[1], layer_role(n), ratios[n]) for n, m in first.items()}
-    counts = weak_counts(cfg, layers) if cfg.method == "owq" else dict.fromkeys(first, 0)
-    storage = _storage_dtype(model)
-
+    setup = _setup(model, calib, select, cfg)
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
     model.eval()
     model.config.use_cache = False
-    inps, kwargs = (None, {}) if cfg.method == "rtn" else _catch_block_inputs(model, blocks, calib, device)
-    sel_inps = None if select is None else _catch_block_inputs(model, blocks, select, device)[0]
-    per_layer = {f"{prefix}.{i}.{n}": counts[n] for i in range(len(blocks)) for n in first}
-    if cfg.budget == "global" and inps is not None:  # docs/algorithm.md: wct/quant/budget.py
-        scores = _sensitivities(blocks, prefix, inps, kwargs, {n for n in first if counts[n]}, cfg, device)
-        per_layer = dict.fromkeys(per_layer, 0) | global_counts(scores, sum(per_layer.values()))
+    stream = _catch(model, setup, calib, select, cfg, device)
     n_weak, losses = {}, {}
-    for i, block in enumerate(tqdm(blocks, desc=f"quantize {cfg.name}", unit="block", disable=not progress)):
-        home = next(block.parameters()).device
-        block.to(device)
-        linears = find_linears(block)
-        groups = sequential_groups(list(linears)) if cfg.true_sequential else [list(linears)]
-        for group in groups:
-            gptqs: dict[str, GPTQ] = {}
-            choosers: dict[str, GPTQ] = {}
-            if cfg.method != "rtn":
-                gptqs = _hessians(block, {n: linears[n] for n in group}, inps, kwargs)
-            if sel_inps is not None:
-                choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"]},
-                                     sel_inps, kwargs)
-            for n in group:
-                layer = linears[n]
-                packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
-                    layer, gptqs.get(n), per_layer[f"{prefix}.{i}.{n}"], cfg, storage, choosers.get(n))
-                k = _weight(layer).shape[1]
-                block.set_submodule(n, OWQLinear.from_packed(packed, cfg.bits, k))
-                n_weak[f"{prefix}.{i}.{n}"] = per_layer[f"{prefix}.{i}.{n}"]
-            del gptqs, choosers
-        if inps is not None and i + 1 < len(blocks):
-            inps = _run_block(block, inps, kwargs)  # the quantized block feeds the next one
-            if sel_inps is not None:
-                sel_inps = _run_block(block, sel_inps, kwargs)
-        block.to(home)
+    for i in tqdm(range(len(setup.blocks)), desc=f"quantize {cfg.name}", unit="block", disable=not progress):
+        _quantize_block(i, setup, stream, cfg, device, n_weak, losses)
     model.train(was_training)
     model.config.use_cache = use_cache
-
-    meta = describe_quantization(model, {
-        "method": cfg.method,
-        "target_bit": cfg.target_bit,
-        "target_rank": cfg.target_rank,
-        "sym": cfg.sym,
-        "recipe": asdict(cfg),
-        "weak_selection": "calib" if select is None else selection_label,
-    })
-    model.config.quantization_config = meta
-    return QuantReport(
-        cfg=cfg,
-        n_weak=n_weak,
-        weak_by_role={layer_role(n): counts[n] for n in first},
-        paper_bits=meta["paper_bits"],
-        stored_bits=meta["stored_bits"],
-        low_bit_fraction=meta["low_bit_fraction"],
-        seconds=time.time() - start,
-        loss=losses,
-    )
+    return _finish(model, setup, cfg, n_weak, losses, start, "calib" if select is None else selection_label)

@@ -1,0 +1,159 @@
+"""Memory and time of wct at scale, on a model folder (e.g. one from scripts/make_synthetic_llama.py):
+
+    python scripts/bench_scale.py --model /tmp/synth-1.5b --out results/bench_scale-1.5b.json
+
+Three phases, each in a fresh process so its peak resident memory (ru_maxrss of that process, from wait4) is its
+own: (1) streaming quantization (wct.quant.stream; few calibration windows: the point is memory and time per
+block, not quality), (2) loading the packed result (wct.quant.checkpoint.load_quantized), (3) one WCT training
+step (forward, backward, AdamW on the weak columns). Prints the model's fp16 size, the packed size, each phase's
+peak RSS (and peak GPU memory on CUDA), seconds per block and weights per block, and the memory estimate of
+wct.training.memory from config.json alone next to the measured peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _gpu_peak(device) -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def phase_quantize(args) -> dict:
+    import torch
+
+    from wct.device import resolve_device
+    from wct.quant.stream import quantize_streaming
+
+    device = resolve_device(args.device)
+    calib = torch.randint(0, 256, (args.n_samples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    report = quantize_streaming(args.model, args.packed, calib, device=device, progress=False, bits=args.bits,
+                                target_bit=args.bits + 0.01, tuning=args.tuning, overwrite=True)
+    return {"seconds": report.seconds, "block_seconds": report.block_seconds, "gpu_peak": _gpu_peak(device),
+            "paper_bits": report.paper_bits}
+
+
+def phase_load(args) -> dict:
+    from wct.quant.checkpoint import load_quantized
+
+    start = time.time()
+    load_quantized(args.packed, dtype=None)
+    return {"seconds": time.time() - start}
+
+
+def phase_train(args) -> dict:
+    import torch
+
+    from wct.device import resolve_device
+    from wct.quant.checkpoint import load_quantized, owq_layers
+
+    device = resolve_device(args.device)
+    model, _ = load_quantized(args.packed, dtype=None, device=device)
+    model.requires_grad_(False)
+    weak = [m.weak_weight for m in owq_layers(model).values()]
+    for p in weak:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW(weak, lr=1e-5)
+    ids = torch.randint(0, 256, (1, args.seqlen), generator=torch.Generator().manual_seed(1)).to(device)
+    start = time.time()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    return {"seconds": time.time() - start, "loss": float(loss), "trainable": sum(p.numel() for p in weak),
+            "gpu_peak": _gpu_peak(device)}
+
+
+PHASES = {"quantize": phase_quantize, "load": phase_load, "train": phase_train}
+
+
+def run_phase(name: str, args) -> dict:
+    """One phase in a child process; its result plus the child's own peak RSS (bytes)."""
+    argv = [sys.executable, __file__, "--phase", name, "--model", str(args.model), "--packed", str(args.packed),
+            "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen), "--bits", str(args.bits),
+            "--device", args.device, "--tuning", args.tuning]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"error: phase {name} failed (exit code {proc.returncode})")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["peak_rss"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--packed", type=Path, default=None, help="output folder (default: <model>-owq)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results file")
+    ap.add_argument("--n-samples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--tuning", default="minmax", help="minmax (fast) or mse (the paper's search)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip (quantize, load, train)")
+    ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.packed = args.packed or args.model.with_name(args.model.name + "-owq")
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return
+
+    from wct.training.memory import estimate_from_config
+
+    config = json.loads((args.model / "config.json").read_text())
+    fp16 = sum(f.stat().st_size for f in args.model.glob("*.safetensors"))
+    skip = set(filter(None, args.skip.split(",")))
+    res: dict = {"model": str(args.model), "fp16_bytes": fp16, "blocks": config["num_hidden_layers"],
+                 "hidden": config["hidden_size"], "n_samples": args.n_samples, "seqlen": args.seqlen,
+                 "bits": args.bits, "tuning": args.tuning, "threads": os.environ.get("OMP_NUM_THREADS"),
+                 "loadavg_before": os.getloadavg()}
+    h, i = config["hidden_size"], config["intermediate_size"]
+    res["block_weights"] = 4 * h * h + 3 * h * i
+    for name in ("quantize", "load", "train"):
+        if name not in skip:
+            res[name] = run_phase(name, args)
+    res["packed_bytes"] = sum(f.stat().st_size for f in args.packed.glob("*.safetensors"))
+    res["estimate"] = estimate_from_config(config, bits=args.bits, n_samples=args.n_samples, seqlen=args.seqlen)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"model {args.model}: {res['blocks']} blocks, hidden {h}, fp16 {gib(fp16)}, packed {gib(res['packed_bytes'])}")
+    if "quantize" in res:
+        q = res["quantize"]
+        per = sorted(q["block_seconds"])[len(q["block_seconds"]) // 2]
+        print(f"quantize (streaming): peak RSS {gib(q['peak_rss'])} = {q['peak_rss'] / fp16:.0%} of fp16; "
+              f"{q['seconds']:.0f} s, median {per:.2f} s per block of {res['block_weights'] / 1e6:.1f} M weights "
+              f"({per / res['block_weights'] * 1e9:.2f} s per G weights)"
+              + (f"; peak GPU {gib(q['gpu_peak'])}" if q.get("gpu_peak") else ""))
+    if "load" in res:
+        ld = res["load"]
+        print(f"load packed: peak RSS {gib(ld['peak_rss'])} = {ld['peak_rss'] / res['packed_bytes']:.2f}x the "
+              f"packed size; {ld['seconds']:.1f} s")
+    if "train" in res:
+        t = res["train"]
+        print(f"one WCT step (seq {args.seqlen}): peak RSS {gib(t['peak_rss'])}; {t['seconds']:.1f} s; loss "
+              f"{t['loss']:.3f}" + (f"; peak GPU {gib(t['gpu_peak'])}" if t.get("gpu_peak") else ""))
+    print("estimate from config.json: " + ", ".join(f"{k} {gib(v)}" for k, v in res["estimate"].items()))
+    if args.out:
+        from wct.io import atomic_file
+
+        with atomic_file(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

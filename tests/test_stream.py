@@ -1,0 +1,167 @@
+"""Streaming quantization (wct.quant.stream) and sharded owq-pack folders (wct.quant.shards): bit for bit equal to
+the in-memory path, reloadable, and one clear error for broken shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from wct.errors import WCTError
+from wct.models import load_model, tiny_llama
+from wct.quant.checkpoint import load_quantized, save_quantized
+from wct.quant.owq import quantize_model
+from wct.quant.shards import INDEX, SINGLE, ShardReader, payload_bytes
+from wct.quant.stream import block_need, check_fits, quantize_streaming
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """tiny-llama saved as a Hugging Face folder cut into several safetensors shards (fp16, like real models)."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-sharded"
+    model, tok = tiny_llama()
+    model.to(torch.float16).save_pretrained(folder, max_shard_size="60KB")
+    tok.save_pretrained(folder)
+    assert len(json.loads((folder / INDEX).read_text())["weight_map"]) > 3
+    return folder
+
+
+def calib_ids(n: int = 4, seq: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(1))
+
+
+RECIPES = [
+    dict(bits=3, target_rank=4, act_order=True),
+    dict(bits=4, target_rank=2, group_size=32, act_order=True, true_sequential=True),
+    dict(bits=4, group_size=32, method="gptq"),
+    dict(bits=3, target_bit=3.1, budget="global"),
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["w3-k4-act", "w4-k2-g32-act-seq", "gptq-w4-g32", "w3-t3.1-global"])
+def test_streaming_equals_in_memory_bitwise(sharded, tmp_path, recipe):
+    calib = calib_ids()
+    model, tok = load_model(sharded, dtype=torch.float32)
+    report_mem = quantize_model(model, calib, progress=False, **recipe)
+    save_quantized(model, tok, tmp_path / "mem")
+    report_str = quantize_streaming(sharded, tmp_path / "str", calib, progress=False, max_shard_bytes=20_000,
+                                    **recipe)
+    assert (tmp_path / "str" / INDEX).is_file() and not (tmp_path / "str" / SINGLE).exists()
+    shards = sorted(p.name for p in (tmp_path / "str").glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    a, b = ShardReader(tmp_path / "mem").load_all(), ShardReader(tmp_path / "str").load_all()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    conf_a, conf_b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "str"))
+    assert conf_a == conf_b
+    assert report_mem.n_weak == report_str.n_weak and report_mem.loss == report_str.loss
+    assert (tmp_path / "str" / "tokenizer_config.json").is_file()
+
+
+def test_sharded_packed_checkpoint_reloads_bitwise(sharded, tmp_path):
+    quantize_streaming(sharded, tmp_path / "str", calib_ids(), progress=False, max_shard_bytes=20_000, bits=3,
+                       target_rank=4)
+    model, tok = load_quantized(tmp_path / "str")
+    stored = ShardReader(tmp_path / "str").load_all()
+    state = model.state_dict()
+    for name, t in stored.items():
+        assert torch.equal(state[name].to(t.dtype), t), name
+    save_quantized(model, tok, tmp_path / "again", max_shard_bytes=20_000)
+    again = ShardReader(tmp_path / "again").load_all()
+    assert again.keys() == stored.keys() and all(torch.equal(again[n], stored[n]) for n in stored)
+    save_quantized(model, tok, tmp_path / "single")  # what an export of a run on the streamed base compares
+    assert (tmp_path / "single" / SINGLE).is_file()
+    tensor_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    assert payload_bytes(tmp_path / "single") == payload_bytes(tmp_path / "str") == tensor_bytes
+    ids = calib_ids(1, 16)
+    reloaded, _ = load_quantized(tmp_path / "again")
+    assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def broken_copy(sharded: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "broken"
+    shutil.copytree(sharded, folder)
+    return folder
+
+
+def test_missing_shard_is_one_clear_error(sharded, tmp_path):
+    folder = broken_copy(sharded, tmp_path)
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(WCTError, match=f"{victim.name} is missing: .* lists \\d+ tensors in it") as e:
+        quantize_streaming(folder, tmp_path / "out", calib_ids(), progress=False, bits=4)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_index_naming_absent_tensors_is_one_clear_error(sharded, tmp_path):
+    folder = broken_copy(sharded, tmp_path)
+    index = json.loads((folder / INDEX).read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = first
+    (folder / INDEX).write_text(json.dumps(index))
+    with pytest.raises(WCTError, match=f"places 1 tensor\\(s\\) in {first} that it does not hold "
+                                       "\\(e.g. model.layers.9.mlp.up_proj.weight\\)"):
+        quantize_streaming(folder, tmp_path / "out", calib_ids(), progress=False, bits=4)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_lacking_a_block_tensor_leaves_no_output(sharded, tmp_path):
+    folder = broken_copy(sharded, tmp_path)
+    index = json.loads((folder / INDEX).read_text())
+    del index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    (folder / INDEX).write_text(json.dumps(index))
+    with pytest.raises(WCTError, match="lacks 1 tensor\\(s\\) of decoder block 1 \\(e.g. "
+                                       "model.layers.1.mlp.down_proj.weight\\)"):
+        quantize_streaming(folder, tmp_path / "out", calib_ids(), progress=False, bits=4)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_block_that_does_not_fit_names_itself():
+    model, _ = tiny_llama()
+    block = model.model.layers[0]
+    weights = sum(p.numel() * 4 for p in block.parameters())
+    hessians = 4 * (64**2 * 3 + 64**2 + 64**2 * 2 + 128**2)  # q k v o up gate (K=64), down (K=128)
+    assert block_need(block, 1000) == weights + hessians + 2000
+    check_fits(3, 10, 10, torch.device("cuda", 0))
+    with pytest.raises(WCTError, match="decoder block 3 needs about 0.50 GiB on cuda:0 .* 0.25 GiB is free"):
+        check_fits(3, 2**29, 2**28, torch.device("cuda", 0))
+
+
+def test_cli_stream_gives_the_same_checkpoint_and_perplexity(sharded, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    text = tmp_path / "book.txt"
+    text.write_text("".join(f"Line {i}: the letter came by the {i * 37 % 101}th post.\n" for i in range(200)))
+    repo = Path(__file__).resolve().parents[1]
+    results = {}
+    for stream in ("false", "true"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "wct.quantize", f"model.name={sharded}", "calib=local", f"calib.source={text}",
+             "calib.n_samples=4", "calib.seqlen=64", f"eval.corpora=[{text}]", "eval.seqlen=64",
+             "eval.max_windows=3", "quant.target_bit=null", "quant.target_rank=4", "device=cpu", f"stream={stream}",
+             "progress=false", f"out={tmp_path / stream}", f"hydra.run.dir={tmp_path / ('run-' + stream)}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(repo)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[stream] = json.loads((tmp_path / f"run-{stream}" / "results.json").read_text())
+    assert results["true"]["ppl"] == results["false"]["ppl"]
+    a, b = ShardReader(tmp_path / "false").load_all(), ShardReader(tmp_path / "true").load_all()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streaming_on_cuda_equals_in_memory_on_cuda(sharded, tmp_path):
+    calib, recipe = calib_ids(), RECIPES[1]
+    model, tok = load_model(sharded, dtype=torch.float32)
+    quantize_model(model, calib, device="cuda", progress=False, **recipe)
+    save_quantized(model, tok, tmp_path / "mem")
+    quantize_streaming(sharded, tmp_path / "str", calib, device="cuda", progress=False, **recipe)
+    a, b = ShardReader(tmp_path / "mem").load_all(), ShardReader(tmp_path / "str").load_all()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
