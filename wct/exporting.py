@@ -75,6 +75,8 @@ Fine-tuned with **{meta['method']}** (wct) on the base `{meta['base']}`.
 | bits | {meta.get('bits', 'full precision')} |
 | weak columns per layer (by type) | {meta.get('weak_by_type', 'n/a')} |
 | training data | {meta.get('training_data', 'n/a')} |
+| training steps | {meta['metrics'].get('steps', 'n/a')} |
+| held-out loss (val/loss: before training → at this checkpoint; best) | {meta['metrics'].get('val/loss_before', 'n/a')} → {meta['metrics'].get('val/loss', 'n/a')}; {meta['metrics'].get('val/loss_best', 'n/a')} |
 | trainable parameters | {meta['trainable_params']:,} |
 | chat template | {meta['template']} |
 | export check: max abs logit diff vs in-training model (stored dtype) | {meta['max_abs_diff']} |

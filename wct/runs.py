@@ -91,7 +91,8 @@ def load_trained(ckpt_path: str | Path) -> Trained:
                            f"({sorted(mismatch)[:3]}); the checkpoint is corrupt")
         model.load_state_dict(state, strict=False)
         trained = state
-    metrics = {k: v for k, v in (("val/loss_best", meta.get("best_val")), ("tokens_seen", meta.get("tokens_seen")))
+    metrics = {k: v for k, v in (("steps", ckpt.get("global_step")), ("val/loss_best", meta.get("best_val")),
+                                 ("tokens_seen", meta.get("tokens_seen")))
                if v is not None}
     results = Path(ckpt_path).parent.parent / "results.json"  # the run's summary, if this is its final checkpoint
     summary = json.loads(results.read_text()) if results.is_file() else {}
