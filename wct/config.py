@@ -212,7 +212,7 @@ class OptimConfig:
     ``scheduler``: constant | cosine | linear, after ``warmup_steps`` (or ``warmup_ratio`` of max_steps)."""
 
     name: str = "adamw"
-    lr: float = 2e-5
+    lr: float = 3e-4  # the default 30-step run's sweep (conf/optim/adamw.yaml)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
