@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from wct.config import TEMPLATES
 from wct.errors import WCTError
 from wct.nn.modes import eval_mode
-
-TEMPLATES = ("auto", "alpaca", "chat", "none")
 
 
 def render(tokenizer, prompt: str, input: str = "", template: str = "alpaca") -> str:
