@@ -1,4 +1,4 @@
-"""Streaming quantization (wct.quant.stream) and sharded owq-pack folders (wct.quant.shards): bit for bit equal to
+"""Streaming quantization (wct.quant.stream) and sharded owq-pack folders (wct.shards): bit for bit equal to
 the in-memory path, reloadable, and one clear error for broken shards."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from wct.errors import WCTError
 from wct.models import load_model, tiny_llama
 from wct.quant.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
-from wct.quant.shards import INDEX, SINGLE, ShardReader, payload_bytes
+from wct.shards import INDEX, SINGLE, ShardReader, payload_bytes
 from wct.quant.stream import block_need, check_fits, quantize_streaming
 
 

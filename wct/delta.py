@@ -19,6 +19,7 @@ import json
 import os
 import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open

@@ -33,7 +33,7 @@ from wct.io import atomic_dir
 from wct.loading import EXPORT_META
 from wct.nn.modes import eval_mode
 from wct.quant.checkpoint import load_quantized, owq_layers, weak_by_type, write_quantized
-from wct.quant.shards import payload_bytes, weights_bytes
+from wct.shards import payload_bytes, weights_bytes
 from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
 
 CHECK_TOKENS = 32  # tokens per row of the logits check batch

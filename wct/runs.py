@@ -13,7 +13,7 @@ from torch import nn
 
 from wct.errors import WCTError
 from wct.quant.checkpoint import load_quantized, owq_layers
-from wct.quant.shards import ShardReader, weights_present
+from wct.shards import ShardReader, weights_present
 from wct.training.module import fingerprint
 
 

@@ -9,7 +9,6 @@ OWQ tensors keep their stored dtypes whatever ``dtype=`` asks for the rest of th
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from transformers.quantizers.base import HfQuantizer
 from wct.errors import WCTError
 from wct.hf.config import OWQConfig, check_quantization_config
 from wct.nn.owq_linear import OWQLinear
+from wct.shards import weight_map
 
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,12 +33,9 @@ Header = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a local checkpoint folder (one file, or the shards its index names)."""
-    folder = Path(folder)
-    index = folder / WEIGHTS_INDEX
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [folder / WEIGHTS]
+    """The safetensors files of a local checkpoint folder (one file, or the shards its index names), each checked
+    to hold what the index places in it (:func:`wct.shards.weight_map`)."""
+    return sorted(set(weight_map(Path(folder)).values()))
 
 
 def read_header(files: list[str | os.PathLike]) -> Header:

@@ -26,7 +26,7 @@ from wct.models import as_dtype, load_model
 from wct.nn.owq_linear import OWQLinear
 from wct.hf.config import QUANT_METHOD, check_quantization_config, guard_config
 from wct.pack import FORMAT_VERSION, pack_codes, stored_bits
-from wct.quant.shards import ShardWriter
+from wct.shards import ShardWriter
 
 WEIGHTS = "model.safetensors"
 SAFETENSORS_META = {"format": "pt", "owq_format_version": str(FORMAT_VERSION)}

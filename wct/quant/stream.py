@@ -37,7 +37,7 @@ from wct.quant.checkpoint import (
 )
 from wct.quant.config import QuantConfig
 from wct.quant.owq import QuantReport, _catch, _finish, _quantize_block, _recipe, _setup, _Setup
-from wct.quant.shards import ShardReader, ShardWriter
+from wct.shards import ShardReader, ShardWriter
 
 SHARD_BYTES = 256 * 2**20  # output shard size: a shard waits in memory until it is full
 
