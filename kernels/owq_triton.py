@@ -15,6 +15,13 @@ int→float conversion); scale and zero once per BLOCK_K tile (BLOCK_K divides t
 word; a 2-D fp32 accumulator [words, BLOCK_N] reduced once after the loop. Split-K over grid axis 1 is fused and deterministic: partials go to ws [splits, M, N],
 an atomic ticket per (row, column tile) elects the last program, which sums the partials in split order, adds the
 bias and casts. The weak columns are spread over the splits. Offsets that can pass 2^31 are int64.
+HALF2 (fp16 activations and scales, K even, x rows 4-byte aligned) is owq_gemv's fp16x2 path, the CUDA fast path's
+arithmetic: 16 (4 bits) or 32 (3 bits) rows of a column per step, code pairs decoded into fp16x2 by LOP3 with the
+0x6400 magic number, the zero removed exactly (HSUB2, or HFMA2 by 1/16 for the high nibbles), HFMA2 against x read as
+half2 pairs in the same order, and every 8 products per lane the fp16x2 partial flushed into the fp32 accumulator
+with the scale (error bound: docs/kernels.md). ASM selects the PTX inline assembly (asm_gemv4/asm_gemv3 below, one
+call per column and step); without it the same bit operations and roundings run as plain tl code (fp16x2 lanes
+emulated in fp64, rounded once like fma.rn), which is what TRITON_INTERPRET can execute.
 owq_dx: dX = dY·deq(W_q), tiles (BLOCK_M, BLOCK_K) walking N; the caller adds dY·W_oᵀ at the weak columns.
 UPCAST casts tl.dot operands to fp32; the caller sets it for bf16 under TRITON_INTERPRET (docs/kernels.md).
 """
@@ -143,13 +150,243 @@ def _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride
     return t
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# fp16x2 decode (HALF2). The PTX text is built here so tests can run it through an emulator (tests/ptx_emulator.py).
+
+_AND_OR = 0xEA  # lop3: (a & b) | c
+_OR_AND = 0xF8  # lop3: a | (b & c)
+
+
+def _dot_lines(pairs: list[str], x0: int) -> list[str]:
+    """The dot of the decoded pairs with the x pairs $x0, $x0+1, ...: p = sum_i pairs[i] · x_i in fp16x2 (a MUL,
+    then FMAs, each lane rounded once per instruction); its two lanes go to $0 and $1 as fp32."""
+    out = []
+    for i, (decode, v) in enumerate(pairs):
+        out += decode + [f"mul.rn.f16x2 p, {v}, ${x0};" if i == 0 else f"fma.rn.f16x2 p, {v}, ${x0 + i}, p;"]
+    return out + ["mov.b32 {l, h}, p;", "cvt.f32.f16 $0, l;", "cvt.f32.f16 $1, h;"]
+
+
+def _asm(lines: list[str], weights: int = 0) -> str:
+    """An asm block; a decode block names the weights it decodes in a PTX comment (read by wct/kernels/budget.py)."""
+    return "{\n" + (f"// owq-decode {weights} weights\n" if weights else "") + "\n".join(lines) + "\n}"
+
+
+def asm_gemv4() -> str:
+    """16 rows of one column at 4 bits. In: $2, $3 the two words (rows 0-7, 8-15), $4 = 1024 + z, $5 = -(64 + z),
+    $6 = 1/16 (fp16x2, both lanes), $7..$14 the x pairs (x_r, x_{r+4}) of rows r = 0-3, 8-11. Out: $0, $1 the two
+    lanes of the fp16x2 partial as fp32. A word's nibble c sits at bits 4c: lop3 with 0x000f000f | 0x6400 gives
+    (1024 + code_c, 1024 + code_{c+4}) for c = 0 (2 after >> 8), with 0x00f000f0 the same times 16 for c = 1 (3):
+    HSUB2 of 1024 + z, or HFMA2 by 1/16 plus -(64 + z), gives code - z exactly."""
+    pairs = []
+    for w in range(2):
+        src = f"${2 + w}"
+        for c in range(4):
+            decode = [f"shr.u32 u, {src}, 8;"] if c == 2 else []
+            mask = "0x00f000f0" if c % 2 else "0x000f000f"
+            decode.append(f"lop3.b32 v, {src if c < 2 else 'u'}, {mask}, 0x64006400, {_AND_OR:#x};")
+            decode.append("fma.rn.f16x2 v, v, $6, $5;" if c % 2 else "sub.rn.f16x2 v, v, $4;")
+            pairs.append((decode, "v"))
+    return _asm([".reg .b32 v, u, p;", ".reg .b16 l, h;"] + _dot_lines(pairs, 7), 16)
+
+
+def pair3(r: int) -> tuple[int, int, int]:
+    """(s, t, q) of pair r of a 3-bit half step (rows r and r + 8 of a 2-bit word): the word shifted right by s puts
+    the pair's 2-bit codes at bits q, q+1 of each lane, the aligned 1-bit word shifted left by t puts their high bits
+    at q + 2. Two shifts of the 2-bit word (4, 8) and three of the 1-bit word (1, 2, 3) serve the eight pairs."""
+    s = 0 if r < 2 else 4 if r < 6 else 8
+    return s, r + 2 - s, 2 * r - s
+
+
+def asm_gemv3() -> str:
+    """32 rows of one column at 3 bits. In: $2, $3 the 2-bit words (rows 0-15, 16-31), $4 the 1-bit word, $5..$8 the
+    zero constants 2^(10-q) + z for q = 0, 2, 4, 6 (fp16x2), $9..$24 the x pairs (x_{16h+r}, x_{16h+r+8}), h = 0, 1,
+    r = 0..7. Out: $0, $1 the two lanes of the fp16x2 partial as fp32. Per half h one PRMT moves bytes 2h, 2h+1 of
+    the 1-bit word to the two lanes (rows 16h+r at bit r of lane 0, 16h+8+r at bit r of lane 1); pair r (pair3) is
+    assembled at mantissa bits q..q+2 by one lop3 from the shifted 2-bit word that also writes the exponent field
+    25 - q, and one lop3 that ORs in the high bit: each lane reads 2^(10-q) + code, and one HSUB2 of 2^(10-q) + z
+    leaves code - z exactly."""
+    pairs = []
+    for h in range(2):
+        a = f"${2 + h}"
+        pre = [f"prmt.b32 b0, $4, $4, {'0x3120' if h == 0 else '0x1302'};"]  # bytes 2h, 2h+1 to bytes 0, 2
+        pre += [f"shl.b32 b{t}, b0, {t};" for t in (1, 2, 3)] + [f"shr.u32 a4, {a}, 4;", f"shr.u32 a8, {a}, 8;"]
+        for r in range(8):
+            s, t, q = pair3(r)
+            exp = ((25 - q) << 10) * 0x00010001
+            decode = (pre if r == 0 else []) + [
+                f"lop3.b32 v, {a if s == 0 else f'a{s}'}, {0x00030003 << q:#010x}, {exp:#010x}, {_AND_OR:#x};",
+                f"lop3.b32 v, v, b{t}, {0x00040004 << q:#010x}, {_OR_AND:#x};",
+                f"sub.rn.f16x2 v, v, ${5 + q // 2};"]
+            pairs.append((decode, "v"))
+    return _asm([".reg .b32 b<4>, a4, a8, v, p;", ".reg .b16 l, h;"] + _dot_lines(pairs, 9), 32)
+
+
+ASM_GEMV4 = tl.constexpr(asm_gemv4())
+ASM_GEMV3 = tl.constexpr(asm_gemv3())
+_CONSTRAINTS4 = tl.constexpr("=f,=f," + ",".join(["r"] * 13))
+_CONSTRAINTS3 = tl.constexpr("=f,=f," + ",".join(["r"] * 23))
+
+
+@triton.jit
+def _h2(u):
+    """The fp16x2 bits u (int32) as its two lanes in fp64 (exact)."""
+    lo = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float64)
+    hi = ((u >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float64)
+    return lo, hi
+
+
+@triton.jit
+def _pack_h2(lo, hi):
+    """fp16x2 bits of two exact fp64 lanes, each rounded once to fp16 (round to nearest even, as .rn)."""
+    a = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+    b = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+    return a | (b << 16)
+
+
+@triton.jit
+def _fma_h2(a, b, c):
+    """fma.rn.f16x2 on int32 bit patterns: each lane a·b + c exact in fp64 (for the operands here: at most 44
+    significant bits, docs/kernels.md), rounded once."""
+    a0, a1 = _h2(a)
+    b0, b1 = _h2(b)
+    c0, c1 = _h2(c)
+    return _pack_h2(a0 * b0 + c0, a1 * b1 + c1)
+
+
+@triton.jit
+def _sub_h2(a, b):
+    """sub.rn.f16x2 on int32 bit patterns (exact here: both lanes hold small integers)."""
+    a0, a1 = _h2(a)
+    b0, b1 = _h2(b)
+    return _pack_h2(a0 - b0, a1 - b1)
+
+
+@triton.jit
+def _dot_h2(t, xp):
+    """The tl form of _dot_lines: t and xp are tuples of fp16x2 int32 tensors; the two lanes of the partial as fp32."""
+    a0, a1 = _h2(t[0])
+    x0, x1 = _h2(xp[0])
+    p = _pack_h2(a0 * x0, a1 * x1)
+    for i in tl.static_range(1, len(t)):
+        p = _fma_h2(t[i], xp[i], p)
+    lo, hi = _h2(p)
+    return lo.to(tl.float32), hi.to(tl.float32)
+
+
+def asm_x_pairs(d: int) -> str:
+    """The x pairs of one step: D = 4 (4 bits, 16 rows) or 8 (3 bits, 32 rows). In: $(2D) the address of the step's
+    first x half (16-byte aligned). Out: $0..$(2D-1) the fp16x2 pairs (x_r, x_{r+D}) for r in [0, D) then
+    [2D, 3D). Loaded by 128-bit loads and paired by PRMT 0x5410 (low halves) / 0x7632 (high halves)."""
+    words = 4 * d // 2  # x halves of the step / 2
+    lines = [f".reg .b32 q<{words}>;"]
+    lines += [f"ld.global.nc.v4.b32 {{q{4 * i}, q{4 * i + 1}, q{4 * i + 2}, q{4 * i + 3}}}, [${2 * d} + {16 * i}];"
+              for i in range(words // 4)]
+    out = 0
+    for base in (0, d):  # the word of rows 2j, 2j+1 pairs with the word D rows later
+        for j in range(d // 2):
+            for sel in ("0x5410", "0x7632"):
+                lines.append(f"prmt.b32 ${out}, q{base + j}, q{base + j + d // 2}, {sel};")
+                out += 1
+    return _asm(lines)
+
+
+ASM_X4 = tl.constexpr(asm_x_pairs(4))
+ASM_X3 = tl.constexpr(asm_x_pairs(8))
+
+
+@triton.jit
+def _x_pairs(xw, D: tl.constexpr, ASM: tl.constexpr):
+    """The fp16x2 x pairs of a step (asm_x_pairs) from the int32 words (halves 2j, 2j+1) of the x row at xw."""
+    if ASM:
+        addr = xw.to(tl.int64, bitcast=True)
+        if D == 4:
+            out = tl.inline_asm_elementwise(ASM_X4, "=r,=r,=r,=r,=r,=r,=r,=r,l", [addr], dtype=(tl.int32,) * 8,
+                                            is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(ASM_X3, ",".join(["=r"] * 16) + ",l", [addr], dtype=(tl.int32,) * 16,
+                                            is_pure=True, pack=1)
+    else:
+        out = ()
+        for base in tl.static_range(2):
+            for j in tl.static_range(D // 2):
+                qa = tl.load(xw + base * D + j)
+                qb = tl.load(xw + base * D + j + D // 2)
+                out = out + ((qa & 0xFFFF) | (qb << 16), ((qa >> 16) & 0xFFFF) | (qb & -65536))
+    return out
+
+
+@triton.jit
+def _step4(pa, stride_a, xw, mn, z0, z1, sixteenth, ASM: tl.constexpr):
+    """16 rows of the columns at 4 bits (words at pa, pa + stride_a; x words at xw): the two fp32 lanes of each
+    column's fp16x2 partial (asm_gemv4)."""
+    w0 = tl.load(pa, mask=mn)
+    w1 = tl.load(pa + stride_a, mask=mn)
+    xp = _x_pairs(xw, 4, ASM)
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(ASM_GEMV4, _CONSTRAINTS4,
+                                           [w0, w1, z0, z1, sixteenth, xp[0], xp[1], xp[2], xp[3], xp[4], xp[5],
+                                            xp[6], xp[7]], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        t = ()
+        for w in tl.static_range(2):
+            word = w0 if w == 0 else w1
+            for c in tl.static_range(4):
+                u = word if c < 2 else word >> 8
+                v = (u & (0x00F000F0 if c % 2 else 0x000F000F)) | 0x64006400
+                t = t + ((_fma_h2(v, sixteenth, z1) if c % 2 else _sub_h2(v, z0)),)
+        lo, hi = _dot_h2(t, xp)
+    return lo, hi
+
+
+@triton.jit
+def _step3(pa, pb, stride_a, xw, mn, zc, ASM: tl.constexpr):
+    """32 rows of the columns at 3 bits (2-bit words at pa, pa + stride_a, the 1-bit word at pb): the two fp32 lanes
+    of each column's fp16x2 partial (asm_gemv3)."""
+    a0 = tl.load(pa, mask=mn)
+    a1 = tl.load(pa + stride_a, mask=mn)
+    b = tl.load(pb, mask=mn)
+    xp = _x_pairs(xw, 8, ASM)
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(ASM_GEMV3, _CONSTRAINTS3,
+                                           [a0, a1, b, zc[0], zc[1], zc[2], zc[3], xp[0], xp[1], xp[2], xp[3], xp[4],
+                                            xp[5], xp[6], xp[7], xp[8], xp[9], xp[10], xp[11], xp[12], xp[13], xp[14],
+                                            xp[15]], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        t = ()
+        for h in tl.static_range(2):
+            a = a0 if h == 0 else a1
+            hb = ((b >> (16 * h)) & 0xFF) | (((b >> (16 * h + 8)) & 0xFF) << 16)
+            for r in tl.static_range(8):
+                S: tl.constexpr = 0 if r < 2 else (4 if r < 6 else 8)  # pair3
+                T: tl.constexpr = r + 2 - S
+                Q: tl.constexpr = 2 * r - S
+                v = ((a >> S) & (0x00030003 << Q)) | (((25 - Q) << 10) * 0x00010001)
+                t = t + (_sub_h2(v | ((hb << T) & (0x00040004 << Q)), zc[Q // 2]),)
+        lo, hi = _dot_h2(t, xp)
+    return lo, hi
+
+
+@triton.jit
+def _zero_consts(z, BITS: tl.constexpr):
+    """The fp16x2 constants (int32 bits, both lanes) a group's zero points give the decode, built by integer ops:
+    3 bits: 2^(10-q) + z for q = 0, 2, 4, 6 (exponent field 25 - q, z at mantissa bit q); 4 bits: 1024 + z,
+    -(64 + z) and 1/16."""
+    zi = z.to(tl.int32)
+    if BITS == 3:
+        return ((zi | (25 << 10)) * 0x00010001, ((zi << 2) | (23 << 10)) * 0x00010001,
+                ((zi << 4) | (21 << 10)) * 0x00010001, ((zi << 6) | (19 << 10)) * 0x00010001)
+    else:
+        return ((zi | 0x6400) * 0x00010001, (0xD400 | (zi << 4)) * 0x00010001,
+                tl.full(zi.shape, 0x2C002C00, tl.int32))
+
+
 @triton.jit
 def owq_gemv(
     x, plane_a, plane_b, scales, zeros, idx, wo, bias, ws, counters, y,
     M, N, K, n_o, group_size,
     stride_xm, stride_a, stride_b, stride_g, stride_wo,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HALF2: tl.constexpr = False, ASM: tl.constexpr = False, EVEN_N: tl.constexpr = False,
 ):
     pid_n, pid_s, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
@@ -160,16 +397,37 @@ def owq_gemv(
     k_per_split = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    C: tl.constexpr = 16 if BITS == 3 else 32 // BITS
-    acc = tl.zeros((BLOCK_K // C, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        g = (k0 // group_size).to(tl.int64) * stride_g
-        s = tl.load(scales + g + rn64, mask=mn, other=0).to(tl.float32)
-        z = tl.load(zeros + g + rn64, mask=mn, other=0)
-        mz = (z.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + z
-        acc += _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride_b, BITS,
-                          BLOCK_K) * s[None, :]
-    out = tl.sum(acc, axis=0)
+    if HALF2:  # K % 32 == 0: every step lies wholly below or above k_hi
+        STEP: tl.constexpr = 32 if BITS == 3 else 16  # rows per fp16x2 partial (one asm call per column)
+        sa = stride_a.to(tl.int64)
+        sb = stride_b.to(tl.int64)
+        pa0 = plane_a + rn64
+        pb0 = plane_b + rn64
+        xw0 = x_row.to(tl.pointer_type(tl.int32), bitcast=True)
+        mask = None if EVEN_N else mn  # plane words past N are read only when masked (their products are dropped)
+        out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for g in range(k_lo // group_size, tl.cdiv(k_hi, group_size)):  # scale and zero constants once per group
+            g_off = stride_g.to(tl.int64) * g
+            s = tl.load(scales + g_off + rn64, mask=mn, other=0).to(tl.float32)
+            zc = _zero_consts(tl.load(zeros + g_off + rn64, mask=mn, other=0), BITS)
+            g_hi = tl.minimum((g + 1) * group_size, k_hi)
+            for i in range(tl.maximum(g * group_size, k_lo) // STEP, g_hi // STEP):  # K % 32 == 0: whole steps
+                if BITS == 3:
+                    lo, hi = _step3(pa0 + i * (2 * sa), pb0 + i * sb, sa, xw0 + i * 16, mask, zc, ASM)
+                else:
+                    lo, hi = _step4(pa0 + i * (2 * sa), sa, xw0 + i * 8, mask, zc[0], zc[1], zc[2], ASM)
+                out = tl.fma(s, hi, tl.fma(s, lo, out))  # the step's fp16x2 partial flushed into fp32
+    else:
+        C: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+        acc = tl.zeros((BLOCK_K // C, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            g = (k0 // group_size).to(tl.int64) * stride_g
+            s = tl.load(scales + g + rn64, mask=mn, other=0).to(tl.float32)
+            z = tl.load(zeros + g + rn64, mask=mn, other=0)
+            mz = (z.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + z
+            acc += _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride_b, BITS,
+                              BLOCK_K) * s[None, :]
+        out = tl.sum(acc, axis=0)
     o_lo = (n_o * pid_s) // splits
     o_hi = (n_o * (pid_s + 1)) // splits
     for o0 in range(o_lo, o_hi, BLOCK_O):  # this split's share of the weak columns

@@ -85,8 +85,9 @@ def loops(lines: list[str]) -> list[Loop]:
 
 
 def hot_loop(lines: list[str], count=is_ptx_instruction) -> tuple[list[str], list[str]]:
-    """The body of the innermost loop with the most instructions (the K loop of a GEMV), and the lines of the loop
-    enclosing it that lie outside it (empty when it is outermost)."""
+    """The body of the innermost loop with the most instructions (the K loop of a GEMV; loops with fp16x2 arithmetic
+    first, so a decode loop wins over a longer fp32 weak-column loop), and the lines of the loop enclosing it that
+    lie outside it (empty when it is outermost)."""
     all_loops = loops(lines)
 
     def inside(a: Loop, b: Loop) -> bool:
@@ -95,7 +96,13 @@ def hot_loop(lines: list[str], count=is_ptx_instruction) -> tuple[list[str], lis
     inner = [lp for lp in all_loops if not any(inside(o, lp) for o in all_loops)]
     if not inner:
         raise WCTError("no loop found in the kernel: cannot measure an inner loop")
-    best = max(inner, key=lambda lp: sum(map(count, lines[lp.start:lp.end + 1])))
+    sass = count is not is_ptx_instruction
+
+    def key(lp: Loop) -> tuple[bool, int]:  # a loop with fp16x2 math (the decode) before a larger fp32 one
+        body = lines[lp.start:lp.end + 1]
+        return f16x2_ops(body, sass) > 0, sum(map(count, body))
+
+    best = max(inner, key=key)
     parents = [o for o in all_loops if inside(best, o)]
     if not parents:
         return lines[best.start:best.end + 1], []
@@ -165,6 +172,24 @@ def words_loaded(loop: list[str]) -> int:
     return words
 
 
+_DECODE = re.compile(r"//\s*owq-decode (\d+) weights")
+_F16X2_PTX = re.compile(r"^(fma|sub|add|mul)(\.rn)?\.f16x2\b")
+_F16X2_SASS = re.compile(r"\bH(FMA2|ADD2|MUL2)(\.\w+)*\b")
+
+
+def marked_weights(loop: list[str]) -> int:
+    """Weights the decode blocks of a loop name (the Triton fp16x2 asm marks each block ``// owq-decode N weights``):
+    counted from the code itself, so the compiler's unrolling and peeling are accounted for."""
+    return sum(int(m.group(1)) for line in loop if (m := _DECODE.search(line)))
+
+
+def f16x2_ops(loop: list[str], sass: bool) -> int:
+    """fp16x2 arithmetic instructions of a loop (PTX fma/sub/mul .f16x2, SASS HFMA2/HADD2/HMUL2: one to one)."""
+    if sass:
+        return sum(1 for line in loop if is_sass_instruction(line) and _F16X2_SASS.search(line))
+    return sum(1 for line in loop if is_ptx_instruction(line) and _F16X2_PTX.match(_unpredicated(line)))
+
+
 def _unpredicated(line: str) -> str:
     return re.sub(r"^@!?%\w+\s+", "", line.strip().lstrip("{").strip())
 
@@ -175,10 +200,19 @@ def measure(backend: str, kernel: str, arch: str, bits: int, body: list[str], we
     inner loop, weights per iteration of its enclosing loop or None): with the second, the enclosing loop's own
     instructions (a decode done once per 32 rows outside the dot loop) are amortized over its weights."""
     w_out = weights[1]
+    ptx_loop = hot_loop(body)[0]
+    marked = marked_weights(ptx_loop)
+
+    def weights_in(loop: list[str], count) -> float:
+        if weights[0]:
+            return weights[0]
+        if marked:  # marked decode blocks; in SASS scaled by its fp16x2 instructions (one per PTX one)
+            return marked if count is is_ptx_instruction else marked * f16x2_ops(loop, True) / f16x2_ops(ptx_loop, False)
+        return words_loaded(loop) * 32 // bits
 
     def per_weight(lines: list[str], count, pick=lambda s: True) -> float:
         loop, outer = hot_loop(lines, count)
-        w_in = weights[0] or words_loaded(loop) * 32 // bits
+        w_in = weights_in(loop, count)
         n_in = sum(1 for ln in loop if count(ln) and pick(_unpredicated(ln)))
         n_out = sum(1 for ln in outer if count(ln) and pick(_unpredicated(ln))) if w_out else 0
         return n_in / w_in + n_out / (w_out or 1)
@@ -189,8 +223,8 @@ def measure(backend: str, kernel: str, arch: str, bits: int, body: list[str], we
     sass_w = per_weight(sass, is_sass_instruction) if sass else None
     stack, regs, spill = info
     ok = stack == 0 and i2f == 0 and per_w <= TARGET.get(bits, 3.5)
-    w_in = weights[0] or words_loaded(hot_loop(body)[0]) * 32 // bits
-    return Figures(backend, kernel, arch, bits, w_in, round(per_w, 3), round(i2f, 3), round(loads_per_word, 3),
+    w_in = weights_in(ptx_loop, is_ptx_instruction)
+    return Figures(backend, kernel, arch, bits, int(w_in), round(per_w, 3), round(i2f, 3), round(loads_per_word, 3),
                    None if sass_w is None else round(sass_w, 3), stack, regs, spill, ok)
 
 

@@ -1,7 +1,8 @@
 """Launchers for the Triton kernels in ``kernels/owq_triton.py`` (the ``triton`` backend).
 
 Path by rows M: M ≤ 4 the GEMV kernel ``owq_gemv`` (one row per program, fused deterministic split-K, splits
-chosen per tile width so every autotuned BLOCK_N fills the SMs); otherwise a tensor-core GEMM with BLOCK_M 16
+chosen per tile width so every autotuned BLOCK_N fills the SMs; fp16 activations take its fp16x2 path, inline PTX
+on a GPU and the same bit operations in plain tl under the interpreter: ``half2_path``); otherwise a tensor-core GEMM with BLOCK_M 16
 (M ≤ 64, split-K over K to fill the SMs) or 64 (large M), its split-K partials summed in a fixed order. Tile sizes
 are autotuned on a GPU and fixed small under ``TRITON_INTERPRET=1``.
 """
@@ -27,14 +28,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_N, BLOCK_K, warps): the 2-D fp32 path takes BLOCK_N <= 256, the fp16x2 path (one column per thread
+# element, its words in registers) BLOCK_N >= 256: 2-8 columns per thread.
 _GEMV_CONFIGS = [(bn, bk, w) for bn, bk, w in [(32, 64, 2), (64, 32, 2), (64, 64, 4), (128, 32, 4), (128, 64, 4),
-                                                (256, 32, 8), (64, 128, 4)]]
+                                                (256, 32, 8), (64, 128, 4), (256, 64, 2), (512, 64, 4),
+                                                (1024, 64, 4), (1024, 128, 8)]]
+_HALF2_MIN_BLOCK_N = 256
 
 
 def _gemv_prune(configs, named_args, **kwargs):
-    """BLOCK_K must divide the group (grouped layers): a tile never straddles two scales."""
-    group, k = named_args["group_size"], named_args["K"]
-    return [c for c in configs if group >= k or group % c.kwargs["BLOCK_K"] == 0]
+    """BLOCK_K must divide the group (grouped layers): a tile never straddles two scales; the block widths of the
+    path taken (HALF2 or not)."""
+    group, k, half2 = named_args["group_size"], named_args["K"], kwargs.get("HALF2", named_args.get("HALF2"))
+    return [c for c in configs if (group >= k or group % c.kwargs["BLOCK_K"] == 0)
+            and (c.kwargs["BLOCK_N"] >= _HALF2_MIN_BLOCK_N if half2 else c.kwargs["BLOCK_N"] <= 256)
+            and (c.kwargs["BLOCK_N"] != 256 or c.num_warps == (2 if half2 else 8))]
+
+
+def half2_path(x: Tensor, scales: Tensor, k: int, group: int) -> bool:
+    """Whether owq_gemv takes its fp16x2 path (docs/kernels.md): fp16 activations and scales, K and the group a
+    multiple of 32 (whole 16- or 32-row steps), x rows 16-byte aligned (128-bit loads of x)."""
+    return (x.dtype == torch.float16 and scales.dtype == torch.float16 and k % 32 == 0 and group % 32 == 0
+            and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
 
 
 @functools.cache
@@ -44,8 +59,9 @@ def _gemv_kernel():
     if interpreting():
         return mod.owq_gemv
     cfg = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3) for bn, bk, w in _GEMV_CONFIGS]
-    return triton.autotune(cfg, key=["M", "N", "K", "BITS", "group_size"],
-                           prune_configs_by={"early_config_prune": _gemv_prune})(mod.owq_gemv)
+    even = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(mod.owq_gemv)
+    return triton.autotune(cfg, key=["M", "N", "K", "BITS", "group_size", "HALF2"],
+                           prune_configs_by={"early_config_prune": _gemv_prune})(even)
 
 
 def gemv_splits(m: int, n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
@@ -67,6 +83,10 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
     counters = tile_counters(x.device, m * triton.cdiv(n, 32))
     a, b = _plane_args(planes)
     group = k // scales.shape[0] if scales.shape[0] > 1 else k
+    half2 = half2_path(x, scales, k, group)
+    meta = dict(BITS=bits, BLOCK_O=BLOCK_O, HAS_BIAS=bias is not None, HALF2=half2, ASM=half2 and not interpreting())
+    if interpreting():  # fixed tiles (_fixed), so EVEN_N is known here
+        meta["EVEN_N"] = n % 32 == 0
 
     def grid(meta):
         splits = split_k or gemv_splits(m, n, k, meta["BLOCK_N"], meta["BLOCK_K"], x.device)
@@ -77,7 +97,7 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
         bias if bias is not None else y, ws, counters, y,
         m, n, k, weak_idx.numel(), group,
         x.stride(0), a.stride(0), b.stride(0), scales.stride(0), n,
-        **_fixed(dict(BITS=bits, BLOCK_O=BLOCK_O, HAS_BIAS=bias is not None)),
+        **_fixed(meta),
     )
     return y
 
