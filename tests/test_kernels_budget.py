@@ -1,14 +1,15 @@
 """The static check of the CUDA GEMV (issue 13, docs/kernels.md): compiled by nvcc for sm_90 on the CPU, the M = 1
 fast kernels have no stack frame, no spills and no int→float conversion in their inner loop; the checker itself
-reports a planted stack frame and a planted conversion. Skipped without nvcc."""
+reports a planted stack frame and a planted conversion (skipped without nvcc). The Triton GEMV's fp16x2 path,
+compiled ahead of time with Triton's own ptxas, is held to the same checks and, at 4 bits, to the budget."""
 
 from __future__ import annotations
 
 import pytest
 
-from wct.kernels.budget import cuda_figures, tools
+from wct.kernels.budget import cuda_figures, tools, triton_figures
 
-pytestmark = pytest.mark.skipif(tools()["nvcc"] is None, reason="nvcc (CUDA toolkit) not found")
+needs_nvcc = pytest.mark.skipif(tools()["nvcc"] is None, reason="nvcc (CUDA toolkit) not found")
 
 PLANTED = r"""
 // Two defects the budget forbids, one per kernel: a runtime-indexed local array (stack frame) and an int→float
@@ -38,6 +39,7 @@ __global__ void planted_i2f(const int* w, const float* x, float* y, int n) {
 """
 
 
+@needs_nvcc
 def test_fast_gemv_m1_has_no_stack_frame_and_no_int_to_float():
     rows = cuda_figures(["90"], tools(), defines=("OWQ_BUDGET_ONLY",))
     assert sorted(r.bits for r in rows) == [3, 4]
@@ -47,6 +49,7 @@ def test_fast_gemv_m1_has_no_stack_frame_and_no_int_to_float():
         assert r.loads_per_word == 0.25  # one 128-bit load per 4 packed words
 
 
+@needs_nvcc
 def test_checker_reports_a_planted_stack_frame_and_conversion(tmp_path):
     src = tmp_path / "planted.cu"
     src.write_text(PLANTED)
@@ -56,3 +59,14 @@ def test_checker_reports_a_planted_stack_frame_and_conversion(tmp_path):
     assert stack.stack_bytes > 0 and stack.i2f_per_weight == 0
     assert i2f.stack_bytes == 0 and i2f.i2f_per_weight == 1
     assert not stack.within_budget and not i2f.within_budget
+
+
+def test_triton_half2_gemv_m1_budget():
+    """The Triton GEMV's fp16x2 path compiled ahead of time for sm_90 (inline PTX): no stack frame, no spills, no
+    int→float conversion, its decode blocks found in the measured loop; 4 bits within the instruction budget."""
+    rows = {r.bits: r for r in triton_figures(["90"], tools())}
+    assert sorted(rows) == [3, 4]
+    for r in rows.values():
+        assert (r.stack_bytes, r.spill_bytes, r.i2f_per_weight) == (0, 0, 0)
+        assert r.weights_per_iter > 0 and r.ptx_per_weight > 0
+    assert rows[4].within_budget, rows[4]

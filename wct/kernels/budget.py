@@ -85,9 +85,9 @@ def loops(lines: list[str]) -> list[Loop]:
 
 
 def hot_loop(lines: list[str], count=is_ptx_instruction) -> tuple[list[str], list[str]]:
-    """The body of the innermost loop with the most instructions (the K loop of a GEMV; loops with fp16x2 arithmetic
-    first, so a decode loop wins over a longer fp32 weak-column loop), and the lines of the loop enclosing it that
-    lie outside it (empty when it is outermost)."""
+    """The body of the innermost loop with the most instructions (the K loop of a GEMV; fp16x2 decode loops first,
+    so a decode loop wins over a longer fp32 weak-column loop), and the lines of the loop enclosing it that lie
+    outside it (empty when it is outermost)."""
     all_loops = loops(lines)
 
     def inside(a: Loop, b: Loop) -> bool:
@@ -98,9 +98,9 @@ def hot_loop(lines: list[str], count=is_ptx_instruction) -> tuple[list[str], lis
         raise WCTError("no loop found in the kernel: cannot measure an inner loop")
     sass = count is not is_ptx_instruction
 
-    def key(lp: Loop) -> tuple[bool, int]:  # a loop with fp16x2 math (the decode) before a larger fp32 one
+    def key(lp: Loop) -> tuple[bool, int]:  # a loop with fp16x2 decode before a larger fp32 one
         body = lines[lp.start:lp.end + 1]
-        return f16x2_ops(body, sass) > 0, sum(map(count, body))
+        return is_decode_loop(body, sass), sum(map(count, body))
 
     best = max(inner, key=key)
     parents = [o for o in all_loops if inside(best, o)]
@@ -174,7 +174,8 @@ def words_loaded(loop: list[str]) -> int:
 
 _DECODE = re.compile(r"//\s*owq-decode (\d+) weights")
 _F16X2_PTX = re.compile(r"^(fma|sub|add|mul)(\.rn)?\.f16x2\b")
-_F16X2_SASS = re.compile(r"\bH(FMA2|ADD2|MUL2)(\.\w+)*\b")
+_F16X2_SASS = re.compile(r"\bH(FMA2|ADD2|MUL2)(?!\.F32)(\.MMA)?\s")  # HADD2.F32 is an fp16→fp32 conversion
+_LOP3 = re.compile(r"\blop3\.b32|\bLOP3\.LUT\b")
 
 
 def marked_weights(loop: list[str]) -> int:
@@ -184,10 +185,16 @@ def marked_weights(loop: list[str]) -> int:
 
 
 def f16x2_ops(loop: list[str], sass: bool) -> int:
-    """fp16x2 arithmetic instructions of a loop (PTX fma/sub/mul .f16x2, SASS HFMA2/HADD2/HMUL2: one to one)."""
+    """fp16x2 arithmetic instructions of a loop: PTX fma/sub/mul .f16x2, SASS HFMA2/HADD2/HMUL2 (ptxas may turn a
+    multiply into an HFMA2, but keeps one instruction per PTX one; HADD2.F32 conversions are not counted)."""
     if sass:
         return sum(1 for line in loop if is_sass_instruction(line) and _F16X2_SASS.search(line))
     return sum(1 for line in loop if is_ptx_instruction(line) and _F16X2_PTX.match(_unpredicated(line)))
+
+
+def is_decode_loop(loop: list[str], sass: bool) -> bool:
+    """A loop that decodes into fp16x2 (LOP3 and fp16x2 arithmetic), not an fp32 loop that converts fp16 values."""
+    return f16x2_ops(loop, sass) > 0 and any(_LOP3.search(line) for line in loop)
 
 
 def _unpredicated(line: str) -> str:
@@ -206,8 +213,10 @@ def measure(backend: str, kernel: str, arch: str, bits: int, body: list[str], we
     def weights_in(loop: list[str], count) -> float:
         if weights[0]:
             return weights[0]
-        if marked:  # marked decode blocks; in SASS scaled by its fp16x2 instructions (one per PTX one)
-            return marked if count is is_ptx_instruction else marked * f16x2_ops(loop, True) / f16x2_ops(ptx_loop, False)
+        if marked:  # marked decode blocks; in SASS scaled by its fp16x2 arithmetic (one instruction per PTX one)
+            if count is is_ptx_instruction:
+                return marked
+            return marked * f16x2_ops(loop, True) / f16x2_ops(ptx_loop, False)
         return words_loaded(loop) * 32 // bits
 
     def per_weight(lines: list[str], count, pick=lambda s: True) -> float:
@@ -291,13 +300,28 @@ def cuda_figures(archs: list[str], t: dict, source: Path | None = None, kernels:
     return rows
 
 
+TRITON_HALF2_TILE = (1024, 64, 4)  # BLOCK_N, BLOCK_K, warps of the measured fp16x2 GEMV: 8 columns per thread
+
+
 def triton_specs(bits: int) -> list[tuple]:
     """(jit function, signature, constexprs, attrs, (weights per loop iteration per thread, None), num_warps) of the
-    Triton GEMV at M = 1 as a GPU launch specializes it (pointers and sizes 16-divisible): ``owq_gemv`` with
-    BLOCK_N = BLOCK_K = 64 and 4 warps, or, in sources before it existed, ``owq_fwd`` in its GEMV mode."""
+    Triton GEMV at M = 1 with fp16 activations as a GPU launch specializes it (pointers and sizes 16-divisible, N a
+    multiple of BLOCK_N): ``owq_gemv``'s fp16x2 path (HALF2, inline PTX) with :data:`TRITON_HALF2_TILE`, its
+    weights counted from the marked decode blocks of the loop (0); in sources before that path, ``owq_gemv`` with
+    BLOCK_N = BLOCK_K = 64 and 4 warps, or before that kernel, ``owq_fwd`` in its GEMV mode."""
     mod = load_module("owq_triton.py", "owq_triton_budget")
     types = {"plane_a": "*i32", "plane_b": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "ws": "*fp32",
              "counters": "*i32"}
+    if hasattr(mod, "asm_gemv4"):
+        fn = mod.owq_gemv
+        block_n, block_k, warps = TRITON_HALF2_TILE
+        const = dict(BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_O=16, HAS_BIAS=True, HALF2=True, ASM=True,
+                     EVEN_N=True)
+        sig = {a: "constexpr" if a in const else types.get(a, "*fp16" if a in ("x", "wo", "bias", "y") else "i32")
+               for a in fn.arg_names}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                   if a not in const and a not in ("M", "n_o")}
+        return [(fn, sig, const, aligned, (0, None), warps)]
     if hasattr(mod, "owq_gemv"):
         fn = mod.owq_gemv
         const = dict(BITS=bits, BLOCK_N=64, BLOCK_K=64, BLOCK_O=16, HAS_BIAS=True)

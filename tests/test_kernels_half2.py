@@ -1,0 +1,169 @@
+"""The Triton GEMV's fp16x2 path (issue 13, docs/kernels.md "fp16x2 path").
+
+Its inline PTX cannot run without a GPU, so: the assembly text runs through a numpy PTX emulator
+(tests/ptx_emulator.py) and must decode every code exactly (code - z, against the codes unpacked here from the
+owq-pack v1 bit layout) and pair x in the documented order; the tl form that TRITON_INTERPRET runs must give
+bit-identical partials to the emulated assembly; and the whole kernel (tl form) must stay within the documented
+fp16x2 error bound of a float64 reference, with forced splits and weak columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from ptx_emulator import run as run_ptx
+from test_kernels import make_layer
+from wct.kernels import triton_backend
+from wct.kernels.sources import load_module
+
+SRC = load_module("owq_triton.py", "wct_kernels_src_owq_triton")
+_step3, _step4, _zero_consts = SRC._step3, SRC._step4, SRC._zero_consts
+U = 2.0**-11  # unit roundoff of fp16
+ROWS = {4: 16, 3: 32}  # rows of K per step (one fp16x2 partial)
+PRODUCTS = {4: 8, 3: 16}  # products accumulated per fp16x2 lane before the fp32 flush
+
+
+def pair_rows(bits: int) -> list[tuple[int, int]]:
+    """The rows (lane 0, lane 1) of each x pair of a step, in the order the kernel documents."""
+    if bits == 4:  # two words of 8 nibbles: pairs (c, c+4)
+        return [(8 * w + c, 8 * w + c + 4) for w in range(2) for c in range(4)]
+    return [(16 * h + r, 16 * h + r + 8) for h in range(2) for r in range(8)]  # 2-bit words: pairs (r, r+8)
+
+
+def random_step(bits: int, n: int, seed: int):
+    """Codes [rows, n], zero points [n] and the v1 plane words of one step (packed here from the spec)."""
+    g = np.random.default_rng(seed)
+    codes = g.integers(0, 2**bits, (ROWS[bits], n)).astype(np.uint32)
+    z = g.integers(0, 2**bits, n).astype(np.uint32)
+    if bits == 4:  # row r of word r // 8 at bits 4 (r % 8)
+        a = np.stack([sum(codes[8 * w + c] << np.uint32(4 * c) for c in range(8)) for w in range(2)])
+        return codes, z, a.astype(np.uint32), None
+    a = np.stack([sum((codes[16 * w + c] & 3) << np.uint32(2 * c) for c in range(16)) for w in range(2)])
+    b = sum((codes[c] >> 2) << np.uint32(c) for c in range(32))[None]
+    return codes, z, a.astype(np.uint32), b.astype(np.uint32)
+
+
+def zero_args(bits: int, z: np.ndarray) -> list[np.ndarray]:
+    """The asm's zero-point operands, from their definitions in docs/kernels.md: fp16 bit patterns of 1024 + z,
+    -(64 + z), 1/16 (4 bits) or 2^(10-q) + z, q = 0, 2, 4, 6 (3 bits), in both lanes."""
+    def h2(values: np.ndarray) -> np.ndarray:
+        bits16 = values.astype(np.float16).view(np.uint16).astype(np.uint32)
+        return bits16 | (bits16 << np.uint32(16))
+    zf = z.astype(np.float64)
+    if bits == 4:
+        return [h2(1024 + zf), h2(-(64 + zf)), h2(np.full_like(zf, 1 / 16))]
+    return [h2(2.0 ** (10 - q) + zf) for q in (0, 2, 4, 6)]
+
+
+def emulate_step(bits: int, a: np.ndarray, b: np.ndarray | None, z: np.ndarray, xpairs: list[np.ndarray]):
+    """The two fp32 lanes of the step partial per column, from the assembly text."""
+    words = [a[0], a[1]] + ([] if bits == 4 else [b[0]])
+    ins = words + zero_args(bits, z) + xpairs
+    out = run_ptx(SRC.asm_gemv4() if bits == 4 else SRC.asm_gemv3(), {i + 2: v for i, v in enumerate(ins)})
+    return out[0], out[1]
+
+
+def h2_of(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return lo.astype(np.float16).view(np.uint16).astype(np.uint32) | (
+        hi.astype(np.float16).view(np.uint16).astype(np.uint32) << np.uint32(16))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_asm_decodes_every_code_exactly(bits):
+    """One-hot x pairs read the decoded value of each pair and lane out of the partial: code - z, exactly."""
+    n = 64
+    codes, z, a, b = random_step(bits, n, seed=bits)
+    rows = pair_rows(bits)
+    for i, (r0, r1) in enumerate(rows):
+        for lane, row in ((0, r0), (1, r1)):
+            one = np.float16(1.0)
+            xp = [h2_of(np.full(n, one if (j == i and lane == 0) else 0), np.full(n, one if (j == i and lane == 1)
+                                                                                  else 0)) for j in range(len(rows))]
+            lo, hi = emulate_step(bits, a, b, z, xp)
+            got = (lo, hi)[lane].astype(np.float64)
+            np.testing.assert_array_equal(got, codes[row].astype(np.float64) - z, err_msg=f"pair {i} lane {lane}")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_asm_x_pairs_follow_the_decode_order(bits):
+    """asm_x_pairs reads the step's x halves (128-bit loads) and pairs them as pair_rows says."""
+    x = np.random.default_rng(1).standard_normal(ROWS[bits]).astype(np.float16)
+    memory = x.view(np.uint32)
+    d = 4 if bits == 4 else 8
+    out = run_ptx(SRC.asm_x_pairs(d), {2 * d: np.zeros(1, dtype=np.uint64)}, memory)
+    for i, (r0, r1) in enumerate(pair_rows(bits)):
+        assert out[i][0] == h2_of(x[[r0]], x[[r1]])[0], f"pair {i}"
+
+
+@triton.jit
+def _step_kernel(pa, pb, xw, zeros, lo_ptr, hi_ptr, stride, BITS: tl.constexpr, N: tl.constexpr):
+    rn = tl.arange(0, N)
+    zc = _zero_consts(tl.load(zeros + rn), BITS)
+    if BITS == 3:
+        lo, hi = _step3(pa + rn, pb + rn, stride, xw, None, zc, False)
+    else:
+        lo, hi = _step4(pa + rn, stride, xw, None, zc[0], zc[1], zc[2], False)
+    tl.store(lo_ptr + rn, lo)
+    tl.store(hi_ptr + rn, hi)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_tl_form_is_bit_identical_to_the_assembly(bits):
+    """The interpreter's tl decode (ASM=False) and the emulated PTX give the same fp32 bits for random x."""
+    if not triton_backend.interpreting():
+        pytest.skip("the tl form runs here under TRITON_INTERPRET; on a GPU the parity tests cover the asm")
+    n = 64
+    t = lambda v: torch.from_numpy(v.astype(np.int64)).to(torch.int32)  # noqa: E731 (bit patterns)
+    for seed in range(4):
+        _, z, a, b = random_step(bits, n, seed=10 * seed + bits)
+        x = (np.random.default_rng(seed).standard_normal(ROWS[bits]) * 3).astype(np.float16)
+        xpairs = [np.full(n, h2_of(x[[r0]], x[[r1]])[0], dtype=np.uint32) for r0, r1 in pair_rows(bits)]
+        want_lo, want_hi = emulate_step(bits, a, b, z, xpairs)
+        lo, hi = torch.empty(n), torch.empty(n)
+        _step_kernel[(1,)](t(a), t(b if b is not None else a), torch.from_numpy(x.view(np.int32).copy()),
+                           torch.from_numpy(z.astype(np.uint8)), lo, hi, n, BITS=bits, N=n)
+        np.testing.assert_array_equal(lo.numpy().view(np.uint32), want_lo.view(np.uint32))
+        np.testing.assert_array_equal(hi.numpy().view(np.uint32), want_hi.view(np.uint32))
+
+
+def half2_bound(bits: int, w64: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The documented bound (docs/kernels.md) on |y - y_float64| per output: γ_n·Σ_k |W[n,k]·x_k| over the quantized
+    columns (n fp16x2 products per lane between fp32 flushes, γ_n = n·u / (1 - n·u)), 2^-20·Σ_k |W[n,k]·x_k| for the
+    fp32 sums, and half an fp16 ulp of the output (2^-11·|y|)."""
+    n = PRODUCTS[bits]
+    gamma = n * U / (1 - n * U)
+    terms = (w64.unsqueeze(0) * x.double().unsqueeze(1)).abs()  # [M, N, K]
+    quantized = terms.clone()
+    quantized[..., idx.long()] = 0
+    return gamma * quantized.sum(-1) + 2.0**-20 * terms.sum(-1) + U * ref.abs() + 1e-30
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("n_o,splits,n", [(0, 1, 64), (1, 3, 40), (40, 7, 40), (40, 2, 64)])
+def test_half2_gemv_within_its_error_bound(bits, group, n_o, splits, n):
+    """owq_gemv's fp16x2 path (forced splits, weak columns, N on and off the tile grid) against float64."""
+    layer, w64 = make_layer(bits, group, n_o, torch.float16, n=n, k=256)
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, bits)
+    x = (torch.randn(2, 256) * 2).half()
+    assert triton_backend.half2_path(x, layer.scales, 256, group or 256)
+    y = triton_backend.gemv(x, *args, split_k=splits)
+    ref = x.double() @ w64.t() + layer.bias.double()
+    bound = half2_bound(bits, w64, layer.weak_idx, x, ref)
+    assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max()
+
+
+def test_half2_path_needs_fp16_and_aligned_rows():
+    """Activations the fp16x2 path cannot take go to the fp32 path (same results, tested in test_kernels.py)."""
+    s16 = torch.ones(1, 8, dtype=torch.float16)
+    x = torch.zeros(3, 264, dtype=torch.float16)
+    assert triton_backend.half2_path(x[:, :256], s16, 256, 256)
+    assert not triton_backend.half2_path(x[:, :256].float(), s16, 256, 256)  # fp32 activations
+    assert not triton_backend.half2_path(x[:, :256], s16.float(), 256, 256)  # fp32 scales
+    assert not triton_backend.half2_path(x[:, 1:257], s16, 256, 256)  # rows not 16-byte aligned
+    assert not triton_backend.half2_path(x[:, :200], s16, 200, 200)  # K not a multiple of 32
+    assert not triton_backend.half2_path(x[:, :256], s16, 256, 16)  # groups of 16 rows
