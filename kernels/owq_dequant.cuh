@@ -192,39 +192,46 @@ OWQ_HD void owq_decode_word(uint32_t w, __half2 zh, __half2 out[OwqStep<BITS>::P
     out[i] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_AND_OR, mask, 0x64006400u>(w >> (i * BITS))), zh);
 }
 
-// 3 bits: pair i of a 2-bit word is decoded with its code at mantissa bits i .. i+2 of each half, so the low bits
-// need a shift by i (not 2i) and the high bits one shift per word. With exponent field 25 - i the half reads
-// 2^(10-i) + code: owq_zero3_h2 builds the eight matching 2^(10-i) + z once per group, one HSUB2 removes them.
-// On the device the values are pinned by a volatile asm: otherwise nvcc rebuilds them inside the K loop.
+// 3 bits: pair i (rows i, i+8 of a 2-bit word) is assembled at mantissa bits q..q+2 of each half: the word shifted
+// right by s puts its 2-bit codes at bits q, q+1, the aligned 1-bit word shifted left by t puts the high bits at
+// q + 2, with (s, t, q) = owq_pair3(i): two shifts of the 2-bit word (4, 8) and three of the 1-bit word (1, 2, 3)
+// serve the eight pairs (the Triton kernel's pair3, kernels/owq_triton.py). With exponent field 25 - q the half
+// reads 2^(10-q) + code: owq_zero3_h2 builds the four 2^(10-q) + z (q = 0, 2, 4, 6) once per group, one HSUB2
+// removes them. On the device the values are pinned by a volatile asm: otherwise nvcc rebuilds them in the K loop.
+constexpr int owq_pair3_s(int i) { return i < 2 ? 0 : i < 6 ? 4 : 8; }
+constexpr int owq_pair3_t(int i) { return i + 2 - owq_pair3_s(i); }
+constexpr int owq_pair3_q(int i) { return 2 * i - owq_pair3_s(i); }
+
 template <int C>
-OWQ_HD void owq_zero3_h2(uint32_t zw, __half2 zc[8]) {
+OWQ_HD void owq_zero3_h2(uint32_t zw, __half2 zc[4]) {
   const uint32_t zl = owq_prmt(zw, 0u, 0x4040u | C | (C << 8));  // z in both lanes
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    uint32_t v = (zl << i) | ((25u - i) << 10) * 0x00010001u;
+  for (int j = 0; j < 4; ++j) {
+    uint32_t v = (zl << (2 * j)) | ((25u - 2 * j) << 10) * 0x00010001u;
 #ifdef __CUDA_ARCH__
     asm volatile("" : "+r"(v));
 #endif
-    zc[i] = owq_bits_h2(v);
+    zc[j] = owq_bits_h2(v);
   }
 }
 
 // Pairs I..7 of owq_decode_word3 (a template recursion, so every mask and magic number is an immediate).
 template <int I>
-OWQ_HD void owq_decode3_pairs(uint32_t a, uint32_t hb, const __half2 zc[8], __half2 out[8]) {
+OWQ_HD void owq_decode3_pairs(uint32_t a, uint32_t hb, const __half2 zc[4], __half2 out[8]) {
   if constexpr (I < 8) {
-    const uint32_t lo = owq_lop3i<OWQ_AND_OR, (0x00030003u << I), ((25u - I) << 10) * 0x00010001u>(a >> I);
-    out[I] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_OR_AND, (0x00040004u << I)>(lo, hb)), zc[I]);
+    constexpr int S = owq_pair3_s(I), T = owq_pair3_t(I), Q = owq_pair3_q(I);
+    const uint32_t lo = owq_lop3i<OWQ_AND_OR, (0x00030003u << Q), ((25u - Q) << 10) * 0x00010001u>(a >> S);
+    out[I] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_OR_AND, (0x00040004u << Q)>(lo, hb << T)), zc[Q / 2]);
     owq_decode3_pairs<I + 1>(a, hb, zc, out);
   }
 }
 
 // The 8 fp16x2 values (code - z) of rows 16h .. 16h + 15 of a 3-bit step (h = 0, 1): 2-bit word a holds those rows'
-// low bits, 1-bit word b the high bits of all 32 rows; one PRMT moves b's bytes 2h, 2h + 1 to lanes 0 and 1, one
-// shift puts the high bit of pair i at bit i + 2.
+// low bits, 1-bit word b the high bits of all 32 rows; one PRMT moves b's bytes 2h, 2h + 1 to lanes 0 and 1 (rows
+// 16h + i at bit i of lane 0, 16h + 8 + i at bit i of lane 1).
 template <int H>
-OWQ_HD void owq_decode_word3(uint32_t a, uint32_t b, const __half2 zc[8], __half2 out[8]) {
-  owq_decode3_pairs<0>(a, owq_prmt(b, 0u, H ? 0x4342u : 0x4140u) << 2, zc, out);
+OWQ_HD void owq_decode_word3(uint32_t a, uint32_t b, const __half2 zc[4], __half2 out[8]) {
+  owq_decode3_pairs<0>(a, owq_prmt(b, 0u, H ? 0x4342u : 0x4140u), zc, out);
 }
 
 // acc[m] += sum over the PAIRS pairs of a word of (code - z) * x, with x the word's staged pairs for row m: one
@@ -328,7 +335,7 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* s
     uint32_t zw;
     owq_copy<4>(&zw, zeros + g * N + n0);
     const float s[OWQ_COLS] = {__half2float(sh[0]), __half2float(sh[1]), __half2float(sh[2]), __half2float(sh[3])};
-    __half2 zh[OWQ_COLS][BITS == 3 ? 8 : 1];  // 1024 + z (2, 4 bits) or the eight 2^(10-i) + z (3 bits)
+    __half2 zh[OWQ_COLS][BITS == 3 ? 4 : 1];  // 1024 + z (2, 4 bits) or the four 2^(10-q) + z (3 bits)
     if constexpr (BITS == 3) {
       owq_zero3_h2<0>(zw, zh[0]), owq_zero3_h2<1>(zw, zh[1]), owq_zero3_h2<2>(zw, zh[2]), owq_zero3_h2<3>(zw, zh[3]);
     } else {

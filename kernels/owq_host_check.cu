@@ -92,7 +92,7 @@ static int decode(const Layer& L) {
                          : n % 4 == 2 ? owq_zero_h2<2>(zw) : owq_zero_h2<3>(zw);
       __half2 t[R / 2];
       if constexpr (BITS == 3) {
-        __half2 zc[8];
+        __half2 zc[4];
         n % 4 == 0 ? owq_zero3_h2<0>(zw, zc) : n % 4 == 1 ? owq_zero3_h2<1>(zw, zc)
                    : n % 4 == 2 ? owq_zero3_h2<2>(zw, zc) : owq_zero3_h2<3>(zw, zc);
         const uint32_t hb = L.b[(k / 32) * L.N + n];
