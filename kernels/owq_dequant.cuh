@@ -149,8 +149,9 @@ OWQ_HD void owq_copy16(void* dst, const void* src) { owq_copy<16>(dst, src); }
 // Fast path: pair order, staged x, word decoders.
 
 // A step is the rows of K one iteration decodes per column: two 4-bit words (16 rows), one 2-bit word (16 rows),
-// or two 2-bit words plus one 1-bit word (32 rows, 3 bits). PAIRS = fp16x2 pairs per 32-bit code word; every 8
-// pairs (16 rows) the fp16x2 partial is converted and added to the fp32 accumulator.
+// or two 2-bit words plus one 1-bit word (32 rows, 3 bits). PAIRS = fp16x2 pairs per 32-bit code word; once per
+// step (8 products per lane at 2 and 4 bits, 16 at 3 bits) the fp16x2 partial is converted and added to the fp32
+// accumulator (error bound: docs/kernels.md).
 template <int BITS> struct OwqStep {
   static constexpr int ROWS = BITS == 3 ? 32 : 16;
   static constexpr int PAIRS = BITS == 3 ? 8 : 16 / BITS;
@@ -198,9 +199,9 @@ OWQ_HD void owq_decode_word(uint32_t w, __half2 zh, __half2 out[OwqStep<BITS>::P
 // serve the eight pairs (the Triton kernel's pair3, kernels/owq_triton.py). With exponent field 25 - q the half
 // reads 2^(10-q) + code: owq_zero3_h2 builds the four 2^(10-q) + z (q = 0, 2, 4, 6) once per group, one HSUB2
 // removes them. On the device the values are pinned by a volatile asm: otherwise nvcc rebuilds them in the K loop.
-constexpr int owq_pair3_s(int i) { return i < 2 ? 0 : i < 6 ? 4 : 8; }
-constexpr int owq_pair3_t(int i) { return i + 2 - owq_pair3_s(i); }
-constexpr int owq_pair3_q(int i) { return 2 * i - owq_pair3_s(i); }
+__host__ __device__ constexpr int owq_pair3_s(int i) { return i < 2 ? 0 : i < 6 ? 4 : 8; }
+__host__ __device__ constexpr int owq_pair3_t(int i) { return i + 2 - owq_pair3_s(i); }
+__host__ __device__ constexpr int owq_pair3_q(int i) { return 2 * i - owq_pair3_s(i); }
 
 template <int C>
 OWQ_HD void owq_zero3_h2(uint32_t zw, __half2 zc[4]) {
@@ -234,7 +235,7 @@ OWQ_HD void owq_decode_word3(uint32_t a, uint32_t b, const __half2 zc[4], __half
   owq_decode3_pairs<0>(a, owq_prmt(b, 0u, H ? 0x4342u : 0x4140u), zc, out);
 }
 
-// acc[m] += sum over the PAIRS pairs of a word of (code - z) * x, with x the word's staged pairs for row m: one
+// acc[m] += sum over PAIRS pairs (a step) of (code - z) * x, with x the step's staged pairs for row m: one
 // HMUL2/HFMA2 per pair in fp16, then the half2 partial goes to fp32 scaled by the column's scale (fp32 accumulate).
 template <int M, int PAIRS>
 OWQ_HD void owq_dot_word(const __half2 t[PAIRS], const __half2* xs2, int ld2, float s, float acc[M]) {
@@ -346,17 +347,17 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* s
     const int32_t* pb = b + (g0 / 32) * N + n0;
     const __half2* xk = xs2 + (g0 - k_lo) / 2;
     for (int k = g0; k < g_end; k += R, pa += (R / A_ROWS) * N, pb += N, xk += R / 2) {
-      __half2 t[8];
-      if constexpr (BITS == 3) {
+      if constexpr (BITS == 3) {  // one fp16x2 partial per 32 rows (16 products per lane), as the Triton GEMV
+        __half2 t[16];
         const uint4 a0 = owq_ld128(pa), a1 = owq_ld128(pa + N), hb = owq_ld128(pb);
 #pragma unroll
         for (int c = 0; c < OWQ_COLS; ++c) {
           owq_decode_word3<0>(owq_lane(a0, c), owq_lane(hb, c), zh[c], t);
-          owq_dot_word<M, 8>(t, xk, ld / 2, s[c], acc[c]);
-          owq_decode_word3<1>(owq_lane(a1, c), owq_lane(hb, c), zh[c], t);
-          owq_dot_word<M, 8>(t, xk + 8, ld / 2, s[c], acc[c]);
+          owq_decode_word3<1>(owq_lane(a1, c), owq_lane(hb, c), zh[c], t + 8);
+          owq_dot_word<M, 16>(t, xk, ld / 2, s[c], acc[c]);
         }
       } else {
+        __half2 t[8];
         uint4 w[R / A_ROWS];
 #pragma unroll
         for (int i = 0; i < R / A_ROWS; ++i) w[i] = owq_ld128(pa + i * N);
