@@ -15,13 +15,15 @@ int→float conversion); scale and zero once per BLOCK_K tile (BLOCK_K divides t
 word; a 2-D fp32 accumulator [words, BLOCK_N] reduced once after the loop. Split-K over grid axis 1 is fused and deterministic: partials go to ws [splits, M, N],
 an atomic ticket per (row, column tile) elects the last program, which sums the partials in split order, adds the
 bias and casts. The weak columns are spread over the splits. Offsets that can pass 2^31 are int64.
-HALF2 (fp16 activations and scales, K even, x rows 4-byte aligned) is owq_gemv's fp16x2 path, the CUDA fast path's
-arithmetic: 16 (4 bits) or 32 (3 bits) rows of a column per step, code pairs decoded into fp16x2 by LOP3 with the
-0x6400 magic number, the zero removed exactly (HSUB2, or HFMA2 by 1/16 for the high nibbles), HFMA2 against x read as
-half2 pairs in the same order, and every 8 products per lane the fp16x2 partial flushed into the fp32 accumulator
-with the scale (error bound: docs/kernels.md). ASM selects the PTX inline assembly (asm_gemv4/asm_gemv3 below, one
-call per column and step); without it the same bit operations and roundings run as plain tl code (fp16x2 lanes
-emulated in fp64, rounded once like fma.rn), which is what TRITON_INTERPRET can execute.
+HALF2 (fp16 activations and scales, K and the group multiples of 32, x rows 16-byte aligned) is owq_gemv's fp16x2
+path, the CUDA fast path's arithmetic: one column per tensor element, a loop over groups (scale and zero constants
+once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits) rows; per step and column one asm call
+decodes code pairs into fp16x2 by LOP3 with the 0x6400 magic number, removes the zero exactly (HSUB2, or HFMA2 by
+1/16 for the high nibbles), HFMA2s them against x read as half2 pairs in the same order, and the step's fp16x2
+partial is flushed into the fp32 accumulator with the scale (error bound: docs/kernels.md). EVEN_N (N a multiple of
+BLOCK_N) drops the column mask of the plane loads. ASM selects the PTX inline assembly (asm_gemv4 / asm_gemv3 /
+asm_x_pairs below); without it the same bit operations and roundings run as plain tl code (fp16x2 lanes computed in
+fp64 and rounded once, as .rn), which is what TRITON_INTERPRET can execute.
 owq_dx: dX = dY·deq(W_q), tiles (BLOCK_M, BLOCK_K) walking N; the caller adds dY·W_oᵀ at the weak columns.
 UPCAST casts tl.dot operands to fp32; the caller sets it for bf16 under TRITON_INTERPRET (docs/kernels.md).
 """
@@ -404,7 +406,7 @@ def owq_gemv(
         pa0 = plane_a + rn64
         pb0 = plane_b + rn64
         xw0 = x_row.to(tl.pointer_type(tl.int32), bitcast=True)
-        mask = None if EVEN_N else mn  # plane words past N are read only when masked (their products are dropped)
+        mask = None if EVEN_N else mn  # EVEN_N: no column of the tile is past N, the plane loads need no mask
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for g in range(k_lo // group_size, tl.cdiv(k_hi, group_size)):  # scale and zero constants once per group
             g_off = stride_g.to(tl.int64) * g
