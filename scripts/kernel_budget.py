@@ -11,8 +11,9 @@ prints per kernel and bit width, for the M = 1 instantiation:
 - ``ld/word``: global loads issued per packed 32-bit word in that loop (a 128-bit load of 4 words counts 1);
 - ``stack``  : stack frame bytes and ``regs`` registers from ``ptxas -v``.
 
-Weights per loop iteration come from the kernel's tiling (declared below with each kernel): the budget at batch 1
-on an H100/H200 is ≤ 3.5 instructions per weight at 4 bits and ≤ 2.6 at 3 bits, no conversions, no stack frame.
+Weights per loop iteration come from the code (the packed words the CUDA loop loads, the weights the Triton
+fp16x2 decode blocks name; wct/kernels/budget.py): the budget at batch 1 on an H100/H200 is ≤ 3.5 instructions per
+weight at 4 bits and ≤ 2.6 at 3 bits, no conversions, no stack frame.
 
     python scripts/kernel_budget.py [--arch 80 --arch 90] [--out results/kernel_budget.json] [--skip-triton]
 """

@@ -4,7 +4,8 @@ The PTX of a kernel is split into loops by its backward branches; the inner loop
 with the most instructions (the K loop of a GEMV). Per decoded weight in that loop: PTX instructions (SASS with
 nvdisasm, which Triton ships), int→float conversions, global loads per packed 32-bit word; from ``ptxas -v``: stack
 frame bytes, registers, spills. Weights per loop iteration come from each kernel's tiling, declared with it below,
-or (``0``) from the packed words the loop loads. Used by ``scripts/kernel_budget.py`` and the static-check test.
+or (``0``) from the decode blocks the loop holds (the Triton fp16x2 asm names its weights in a comment) or else the
+packed words the loop loads. Used by ``scripts/kernel_budget.py`` and the static-check test.
 """
 
 from __future__ import annotations
