@@ -37,8 +37,9 @@ def weight_map(folder: Path) -> dict[str, Path]:
     elif (folder / SINGLE).is_file():
         names, files = None, {SINGLE: folder / SINGLE}
     else:
-        raise WCTError(f"{folder} has neither {SINGLE} nor {INDEX}; streaming reads safetensors weights only "
-                       "(convert .bin / GGUF models with save_pretrained(safe_serialization=True) first)")
+        raise WCTError(f"{folder / SINGLE} is missing and there is no {INDEX}: the folder holds no safetensors "
+                       "weights; copy the whole checkpoint folder (.bin / GGUF models: convert them with "
+                       "save_pretrained(safe_serialization=True) first)")
     out: dict[str, Path] = {}
     for fname, path in files.items():
         if not path.is_file():
