@@ -18,7 +18,7 @@ from wct.io import atomic_file
 from wct.training.base import load_base
 from wct.training.callbacks import AtomicCheckpointIO, LossPlot
 from wct.training.datamodule import InstructDataModule, task_rows
-from wct.training.memory import memory_estimate
+from wct.training.memory import estimate_run, memory_estimate
 from wct.training.module import TuneModule, logical_params
 from wct.training.objects import instantiate_group
 from wct.training.resume import resume_checkpoint
@@ -85,8 +85,12 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
     padding = dm.padding_fraction(trainer.world_size)
     print(f"padding: {100 * padding:.1f}% of the training forwards' token positions (task.group_by_length="
           f"{app.task.group_by_length}, task.packing={app.task.packing})")
-    print(memory_estimate(model, app.optim.name, app.task.micro_batch_size, app.task.max_length,
-                          app.trainer.gradient_checkpointing))
+    if meta["method"] == "wct":
+        print(estimate_run(app, model.config.to_dict()).table())
+        print(f"(trainer.gradient_checkpointing={app.trainer.gradient_checkpointing})")
+    else:
+        print(memory_estimate(model, app.optim.name, app.task.micro_batch_size, app.task.max_length,
+                              app.trainer.gradient_checkpointing))
 
     before = None
     if app.trainer.validate_first and ckpt_path is None:
