@@ -134,7 +134,7 @@ def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
 
     Keyed by dtype, device and the packed buffers' storage and version counters, so ``.to()`` and
     ``load_state_dict`` invalidate it. Returns None when caching is off or the budget is spent."""
-    packed = [*layer.planes.values(), layer.scales, layer.zeros]
+    packed = layer.packed
     device = layer.scales.device
     budget = cache_budget(device)
     if budget == 0:

@@ -38,13 +38,13 @@ def fingerprint(model: nn.Module) -> str:
 
 def logical_params(model: nn.Module) -> int:
     """Parameters of the model as a dense model would count them (each quantized weight counts once)."""
-    seen, n = set(), 0
+    owq = [m for m in model.modules() if isinstance(m, OWQLinear)]
+    seen, n = {id(p) for m in owq for p in m.packed}, 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
-    for m in model.modules():
-        if isinstance(m, OWQLinear):
+    for m in owq:
             n += (m.in_features - m.n_weak) * m.out_features
             n += 0 if m.bias is None else m.bias.numel()
     return n
