@@ -169,6 +169,20 @@ class TuneModule(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/loss_best": self.best_val},
                       prog_bar=True)
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy, which sets ``device_mesh``): shard the model
+        with FSDP2 over the data-parallel ranks, packed OWQ tensors included (:mod:`wct.training.sharding`), once.
+        The torch kernel's dense-weight cache is turned off there: it would hold every layer's dense weight whole."""
+        from torch.distributed.fsdp import FSDPModule
+
+        from wct import kernels
+        from wct.training.sharding import shard_model
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        kernels.configure(cache_dense="0")
+        shard_model(self.model, self.device_mesh["data_parallel"])
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = make_optimizer(params, self.optim)

@@ -32,6 +32,13 @@ def build_trainer(app: TrainApp, total_steps: int, config: dict) -> L.Trainer:
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(broadcast_buffers=False)
+    elif strategy == "fsdp":  # FSDP2 over every device (TuneModule.configure_model shards; wct.training.sharding)
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(t.devices, int):
+            raise WCTError(f"trainer=fsdp needs trainer.devices as a number of devices, not {t.devices!r}")
+        strategy = ModelParallelStrategy(data_parallel_size=t.devices * t.num_nodes, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=False)
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     loggers = instantiate_group("logger", app.logger)

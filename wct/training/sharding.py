@@ -20,14 +20,26 @@ from wct.quant.blocks import find_blocks
 
 def shard_model(model: nn.Module, mesh=None) -> nn.Module:
     """``fully_shard`` every decoder block of ``model``, then the rest (embeddings, norm, head) at the root, over
-    ``mesh`` (None: the default process group's world); in place, returns ``model``."""
+    ``mesh`` (None: the default process group's world); in place, returns ``model``.
+
+    Parameters split along their first dimension, except scales and zeros with fewer rows than ranks (per-row
+    quantization: one row), which split along the output channels instead, so every rank holds its share."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
+
+    ranks = mesh.size() if mesh is not None else dist.get_world_size()
+    few_rows = {id(t) for m in model.modules() if isinstance(m, OWQLinear) for t in (m.scales, m.zeros)
+                if t.shape[0] < ranks}
+
+    def placement(p: nn.Parameter) -> Shard | None:
+        return Shard(1) if id(p) in few_rows else None
 
     policy = MixedPrecisionPolicy()  # no param_dtype: parameters (the fp16 scales among them) keep their dtype
     _, blocks = find_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)
     return model
 
 
