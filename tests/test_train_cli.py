@@ -130,6 +130,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert results["steps"] == 2
 
 
+@pytest.mark.slow  # two Lightning processes on 2 cores: ~35 s
 def test_fsdp_two_processes_on_cpu(tmp_path):
     """trainer=fsdp (FSDP2 via Lightning's ModelParallelStrategy) over gloo: both ranks shard the packed weights,
     the run trains, validates and writes a checkpoint holding the trained tensors only."""
