@@ -85,6 +85,8 @@ def test_train_estimate_of_published_llama_shapes(size):
     packed = est.rows["packed weights"][0]
     assert codes < packed < codes * 1.001  # plus the weak-column indices
     assert est.rows["dense-weight cache (torch kernel)"] == (0, 0)  # a GPU kernel caches nothing
+    outside = config["vocab_size"] * h * 2 + h * (2 * config["num_hidden_layers"] + 1)  # embeddings, head, norms
+    assert est.rows["other weights (embeddings, head, norms)"][0] == 4 * outside
     off, on = est.total
     assert on < off and est.rows["activations (1 x 2048 tokens)"][1] < est.rows["activations (1 x 2048 tokens)"][0] / 4
     # checkpointed, a step needs less than the fp16 weights alone

@@ -210,7 +210,7 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
         weak += n * lin.out_features
         dense += lin.in_features * lin.out_features
         largest = max(largest, lin.in_features * lin.out_features)
-    other = sum(p.numel() for p in model.parameters()) - dense - weak
+    other = sum(p.numel() for p in model.parameters()) - dense  # dense counts the weak columns too
     ws = torch.empty(0, dtype=master).element_size()
     state = weak * (4 + (2 if "8bit" in optim else 8))
     cache = min(dense * size, cache_budget)
