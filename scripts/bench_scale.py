@@ -59,15 +59,17 @@ def phase_train(args) -> dict:
     from wct.quant.checkpoint import load_quantized, owq_layers
 
     device = resolve_device(args.device)
-    model, _ = load_quantized(args.packed, dtype=None, device=device)
+    model, _ = load_quantized(args.packed, dtype=args.train_dtype, device=device)
     model.requires_grad_(False)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weak = [m.weak_weight for m in owq_layers(model).values()]
     for p in weak:
         p.data = p.data.float()
         p.requires_grad_(True)
     model.train()
     opt = torch.optim.AdamW(weak, lr=1e-5)
-    ids = torch.randint(0, 256, (1, args.seqlen), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(0, 256, (args.micro, args.seqlen), generator=torch.Generator().manual_seed(1)).to(device)
     start = time.time()
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(ids, labels=ids, use_cache=False).loss
@@ -84,7 +86,8 @@ def run_phase(name: str, args) -> dict:
     """One phase in a child process; its result plus the child's own peak RSS (bytes)."""
     argv = [sys.executable, __file__, "--phase", name, "--model", str(args.model), "--packed", str(args.packed),
             "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen), "--bits", str(args.bits),
-            "--device", args.device, "--tuning", args.tuning]
+            "--device", args.device, "--tuning", args.tuning, "--micro", str(args.micro),
+            "--train-dtype", args.train_dtype] + (["--checkpointing"] if args.checkpointing else [])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -106,6 +109,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--tuning", default="minmax", help="minmax (fast) or mse (the paper's search)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--micro", type=int, default=1, help="training step: sequences of --seqlen tokens")
+    ap.add_argument("--train-dtype", default="float32", help="training step: model.dtype (wct.train's default)")
+    ap.add_argument("--checkpointing", action="store_true", help="training step: gradient checkpointing")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip (quantize, load, train)")
     ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -114,7 +120,13 @@ def main() -> None:
         print(json.dumps(PHASES[args.phase](args)))
         return
 
-    from wct.training.memory import estimate_from_config
+    import torch
+
+    from wct.device import resolve_device
+    from wct.kernels.dispatch import cache_budget
+    from wct.models import as_dtype
+    from wct.quant.config import QuantConfig
+    from wct.training.memory import estimate_from_config, train_memory
 
     config = json.loads((args.model / "config.json").read_text())
     fp16 = sum(f.stat().st_size for f in args.model.glob("*.safetensors"))
@@ -144,8 +156,16 @@ def main() -> None:
         print(f"load packed: peak RSS {gib(ld['peak_rss'])} = {ld['peak_rss'] / res['packed_bytes']:.2f}x the "
               f"packed size; {ld['seconds']:.1f} s")
     if "train" in res:
+        packed_config = json.loads((args.packed / "config.json").read_text())
+        device = resolve_device(args.device)
+        est = train_memory(packed_config, QuantConfig(), as_dtype(args.train_dtype), "bf16-mixed", args.micro,
+                           args.seqlen, "adamw", device.type, cache_budget=cache_budget(device),
+                           torch_kernel=device.type == "cpu")
+        print(est.table())
+        res["train_estimate"] = {"rows": est.rows, "total": est.total, "checkpointing": args.checkpointing}
         t = res["train"]
-        print(f"one WCT step (seq {args.seqlen}): peak RSS {gib(t['peak_rss'])}; {t['seconds']:.1f} s; loss "
+        print(f"one WCT step ({args.micro} x {args.seqlen} tokens, checkpointing {args.checkpointing}): peak RSS "
+              f"{gib(t['peak_rss'])}, estimate {gib(est.total[args.checkpointing])}; {t['seconds']:.1f} s; loss "
               f"{t['loss']:.3f}" + (f"; peak GPU {gib(t['gpu_peak'])}" if t.get("gpu_peak") else ""))
     print("estimate from config.json: " + ", ".join(f"{k} {gib(v)}" for k, v in res["estimate"].items()))
     if args.out:

@@ -1,12 +1,28 @@
-"""Memory estimates from config.json alone (wct.training.memory.estimate_from_config) on the public Llama-2 shapes."""
+"""Memory estimates from config.json alone (wct.training.memory) on the public Llama-2 shapes, checked against
+parameter counts, a really quantized model and what autograd really saves; ``model.estimate_only`` on the CLI."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wct.training.memory import Shapes, estimate_from_config
+from wct import kernels
+from wct.config import TuningConfig
+from wct.models import tiny_llama
+from wct.nn import OWQLinear
+from wct.quant.config import QuantConfig
+from wct.quant.owq import quantize_model
+from wct.training.memory import Shapes, estimate_from_config, train_memory
+from wct.training.module import prepare_wct
+
+REPO = Path(__file__).resolve().parent.parent
 
 LLAMA2 = {  # config.json fields of meta-llama/Llama-2-{7,13,70}b-hf and their published parameter counts
     "7b": ({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -49,3 +65,108 @@ def test_streaming_estimate_grows_with_calibration_not_depth():
     deeper = estimate_from_config({**config, "num_hidden_layers": 64}, n_samples=16, seqlen=512)
     assert deeper["quantize_stream_peak"] == base and deeper["fp16"] > 1.9 * estimate_from_config(config)["fp16"]
     assert estimate_from_config(config, n_samples=64, seqlen=512)["quantize_stream_peak"] > base
+
+
+# --------------------------------------------------------------------------- one training step (train_memory)
+
+Q4 = QuantConfig(bits=4, target_bit=4.01)
+
+
+@pytest.mark.parametrize("size", list(LLAMA2))
+def test_train_estimate_of_published_llama_shapes(size):
+    config, params = LLAMA2[size]
+    est = train_memory({"model_type": "llama", **config}, Q4, torch.float32, "bf16-mixed", 1, 2048, "adamw",
+                       device="cuda", torch_kernel=False)
+    assert est.params == params
+    h, i, kv = config["hidden_size"], config["intermediate_size"], config["hidden_size"] // config[
+        "num_attention_heads"] * config["num_key_value_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out) of q k v o gate up down
+    codes = config["num_hidden_layers"] * sum(k * n * 4 // 8 + 3 * n for k, n in shapes)  # + fp16 scale, u8 zero
+    packed = est.rows["packed weights"][0]
+    assert codes < packed < codes * 1.001  # plus the weak-column indices
+    assert est.rows["dense-weight cache (torch kernel)"] == (0, 0)  # a GPU kernel caches nothing
+    outside = config["vocab_size"] * h * 2 + h * (2 * config["num_hidden_layers"] + 1)  # embeddings, head, norms
+    assert est.rows["other weights (embeddings, head, norms)"][0] == 4 * outside
+    off, on = est.total
+    assert on < off and est.rows["activations (1 x 2048 tokens)"][1] < est.rows["activations (1 x 2048 tokens)"][0] / 4
+    # checkpointed, a step needs less than the fp16 weights alone
+    assert packed + est.rows["other weights (embeddings, head, norms)"][0] < on < 2 * params
+
+
+def _quantized_tiny(target_rank: int):
+    model, _ = tiny_llama()
+    calib = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, calib, bits=4, target_rank=target_rank, progress=False)
+    return model
+
+
+def test_train_estimate_counts_what_a_quantized_model_holds():
+    """Weak columns and packed bytes from config.json alone equal those of a really quantized tiny-llama, both
+    for the columns ``quant`` would choose and for those an owq-pack config records."""
+    model = _quantized_tiny(4)
+    config = model.config.to_dict()
+    layers = [m for m in model.modules() if isinstance(m, OWQLinear)]
+    weak = sum(m.weak_weight.numel() for m in layers)
+    packed = sum(t.numel() * t.element_size() for m in layers for k, t in m.state_dict().items() if k != "weak_weight")
+    bare = {k: v for k, v in config.items() if k != "quantization_config"}
+    for cfg in (config, bare):
+        est = train_memory(cfg, QuantConfig(bits=4, target_rank=4), torch.float32, "32-true", 1, 8, "adamw")
+        assert est.trainable == weak and est.rows["packed weights"][0] == packed
+        assert est.rows["weak columns"][0] == 4 * weak and est.rows["gradients + optimizer state"][0] == 12 * weak
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_activation_estimate_matches_what_autograd_saves(precision):
+    """The activation item against the bytes autograd really keeps for the backward of one step of a quantized
+    tiny-llama (storages saved for backward, minus the model's own tensors), without checkpointing."""
+    model = _quantized_tiny(4)
+    prepare_wct(model, TuningConfig())
+    model.train()
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(1))
+    kernels.configure(cache_dense="0")  # the cached dense weights are saved for backward too: not activations
+    try:
+        with kernels.use_kernel("torch"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "32-true"):
+                model.model(ids, use_cache=False).last_hidden_state.sum().backward()  # the blocks, not the logits
+    finally:
+        kernels.configure(cache_dense="auto")
+    est = train_memory(model.config.to_dict(), QuantConfig(), torch.float32, precision, 2, 96, "adamw")
+    acts = est.rows["activations (2 x 96 tokens)"][0]
+    assert 0.8 * sum(saved.values()) < acts < 1.25 * sum(saved.values())
+
+
+def _write_config(folder, config):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_estimate_only_on_the_command_line(tmp_path):
+    """``python -m wct.train model.estimate_only=true`` on a folder holding only the 70B config.json: the table,
+    exit 0, nothing loaded; a folder without config.json and the flag on another verb: one error line."""
+    folder = _write_config(tmp_path / "llama-70b", {"model_type": "llama", **LLAMA2["70b"][0]})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "wct.train", "model=hf", f"model.name={folder}", "model.estimate_only=true",
+           f"hydra.run.dir={tmp_path / 'run'}", "task.micro_batch_size=1", "task.max_length=4096"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "68.98 B parameters" in p.stdout and "| activations (1 x 4096 tokens) |" in p.stdout
+    assert "| **total (peak)** |" in p.stdout and sorted(f.name for f in folder.iterdir()) == ["config.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = subprocess.run(cmd[:4] + [f"model.name={empty}", *cmd[5:]], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "config.json" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    other = subprocess.run([sys.executable, "-m", "wct.generate", "model=tiny-llama", "model.estimate_only=true",
+                            "prompt=hi", f"hydra.run.dir={tmp_path / 'gen'}"], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=REPO)
+    assert other.returncode == 2 and "model.estimate_only" in other.stderr and "wct.train" in other.stderr

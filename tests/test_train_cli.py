@@ -4,12 +4,14 @@ a failing job, Optuna with a resumable SQLite study), DDP on CPU, and a short ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +128,21 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     (run,) = run_dirs(tmp_path / "outputs" / "train")
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 2
+
+
+@pytest.mark.slow  # two Lightning processes on 2 cores: ~35 s
+def test_fsdp_two_processes_on_cpu(tmp_path):
+    """trainer=fsdp (FSDP2 via Lightning's ModelParallelStrategy) over gloo: both ranks shard the packed weights,
+    the run trains, validates and writes a checkpoint holding the trained tensors only."""
+    p = train("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+              *tiny(tmp_path), "logger=csv", "task.global_batch_size=8")
+    assert "batch: global 8 = micro 2 x 2 device(s) x 2 accumulation steps" in p.stdout
+    (run,) = run_dirs(tmp_path / "outputs" / "train")
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 and math.isfinite(results["metrics"]["val/loss"])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and all(k.endswith("weak_weight") for k in ckpt["state_dict"])
+    assert all(not hasattr(v, "to_local") for v in ckpt["state_dict"].values())  # gathered, plain tensors
 
 
 @pytest.mark.slow

@@ -63,9 +63,16 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of unquantized tensors (fp32 or bf16 on CPU; never fp16 there); auto:
     # fp32 on a CPU, bf16/fp16 on a GPU (wct.device; the verbs with a ``device`` setting)
     quantized: Optional[str] = None  # an owq-pack checkpoint folder to use instead of quantizing ``name``
+    estimate_only: bool = False  # wct.train: print the memory estimate from config.json alone, load nothing, exit
 
     def __post_init__(self) -> None:
         one_of("model.dtype", self.dtype, MODEL_DTYPES)
+
+    def train_only(self) -> None:
+        """The verbs other than wct.train refuse ``model.estimate_only``."""
+        require(not self.estimate_only, "model.estimate_only", self.estimate_only,
+                "the memory estimate is printed by python -m wct.train model.estimate_only=true",
+                "is a training setting")
 
 
 @dataclass
@@ -302,6 +309,9 @@ class QuantizeApp:
     stream: bool = False  # read one block at a time from the safetensors shards (models larger than memory)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.model.train_only()
+
 
 @dataclass
 class EvaluateApp:
@@ -314,6 +324,7 @@ class EvaluateApp:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.model.train_only()
         if not self.eval.corpora and not self.eval.tasks:
             raise WCTError("eval.corpora and eval.tasks are empty; name a corpus (eval.corpora=[wikitext2]) or lm-eval "
                            "tasks (eval=lm_eval eval.tasks=[arc_easy])")
@@ -337,6 +348,7 @@ class GenerateApp:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device)
 
     def __post_init__(self) -> None:
+        self.model.train_only()
         if not self.prompt:
             raise WCTError('prompt is required: python -m wct.generate prompt="Name three primary colors."')
         one_of("template", self.template, TEMPLATES)

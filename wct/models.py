@@ -202,3 +202,27 @@ def tiny_llama(seed: int = 0):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     return model, tok
+
+
+def config_dict(name_or_path: str | os.PathLike) -> dict:
+    """The ``config.json`` fields of a model, read without loading a weight: a built-in name, a model or owq-pack
+    folder, or a ``config.json`` file."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name == TINY_LLAMA:
+        return tiny_llama()[0].config.to_dict()
+    if name == SMOLLM2:
+        path = smollm2_dir()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file() or path.suffix != ".json":
+        raise WCTError(f"no config.json for {name!r}: pass a built-in name ({', '.join(BUILTIN)}), a model folder "
+                       "holding config.json, or the path of a config.json file")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WCTError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+    missing = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if k not in config]
+    if missing:
+        raise WCTError(f"{path} lacks {', '.join(missing)}; a transformers config.json of a causal LM has them")
+    return config

@@ -5,11 +5,14 @@
     python -m wct.train task=json task.data.path=my.jsonl task.data.fields.output=answer
     python -m wct.train ckpt_path=last                                 # resume the newest run of this run name
     python -m wct.train -m hparams_search=optuna                       # Optuna sweep (SQLite study, resumable)
+    python -m wct.train model=hf model.name=/models/llama-70b model.estimate_only=true   # memory table, no load
 
 Composes :func:`wct.training.run.fit` from the validated config (:func:`wct.config.to_app`). Prints the resolved
 config, then (from ``fit``) the trainable parameter count, a memory estimate and the first rendered example; writes
 the run folder (checkpoints/, logs, samples.csv, loss.png, config.yaml, results.json). Returns the optimized
-metric to sweepers; in a sweep a failed trial returns NaN instead of ending the sweep.
+metric to sweepers; in a sweep a failed trial returns NaN instead of ending the sweep. With
+``model.estimate_only=true`` it prints the memory estimate from ``config.json`` alone
+(:func:`wct.training.memory.estimate_run`) and exits without loading a weight.
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ from wct.errors import cli_errors
 
 
 def fit(cfg: DictConfig):
-    """``(optimized metric, module)`` of the run ``cfg`` describes (tests call this to inspect the module)."""
+    """``(optimized metric, module)`` of the run ``cfg`` describes (tests call this to inspect the module);
+    ``(nan, None)`` after printing the estimate when ``model.estimate_only``."""
+    app = to_app(cfg, TrainApp)
+    if app.model.estimate_only:
+        from wct.training.memory import estimate_run
+
+        print(estimate_run(app).table())
+        return math.nan, None
     from wct.training.run import fit as fit_app
 
-    app = to_app(cfg, TrainApp)
     print(OmegaConf.to_yaml(cfg, resolve=True))
     return fit_app(app, OmegaConf.to_container(cfg, resolve=True))
 

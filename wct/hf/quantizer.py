@@ -68,11 +68,7 @@ def meta_owq_layer(name: str, linear: nn.Module | None, bits: int, n_weak: int, 
         if stored is None or stored[0] != tuple(t.shape):
             raise WCTError(f"the checkpoint's {name}.{key} is {'missing' if stored is None else stored[0]} where "
                            f"its config needs shape {tuple(t.shape)}; the checkpoint is corrupt, re-create it")
-        empty = torch.empty(stored[0], dtype=stored[1], device="meta")
-        if key == "weak_weight":
-            layer.weak_weight = nn.Parameter(empty, requires_grad=empty.is_floating_point())
-        else:
-            layer._buffers[key] = empty
+        layer.set_tensor(key, torch.empty(stored[0], dtype=stored[1], device="meta"))
     return layer
 
 
@@ -115,11 +111,7 @@ class OWQHfQuantizer(HfQuantizer):
                 for key in cast.intersection(f.keys()):
                     module_name, _, leaf = key.rpartition(".")
                     module, stored = model.get_submodule(module_name), f.get_tensor(key)
-                    stored = stored.to(getattr(module, leaf).device)
-                    if leaf == "weak_weight":
-                        module.weak_weight = nn.Parameter(stored, requires_grad=stored.is_floating_point())
-                    else:
-                        module._buffers[leaf] = stored
+                    module.set_tensor(leaf, stored.to(getattr(module, leaf).device))
         return model
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:

@@ -115,7 +115,8 @@ def resolve_backend(kernel: str, device: torch.device, m: int) -> str:
     return "cuda" if cuda_ok else "torch"
 
 
-def _cache_budget(device: torch.device) -> int:
+def cache_budget(device: torch.device) -> int:
+    """Bytes the torch backend may spend on dense weights on ``device`` (0: no cache)."""
     mode = _config["cache_dense"]
     if mode == "0":
         return 0
@@ -133,9 +134,9 @@ def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
 
     Keyed by dtype, device and the packed buffers' storage and version counters, so ``.to()`` and
     ``load_state_dict`` invalidate it. Returns None when caching is off or the budget is spent."""
-    packed = [*layer.planes.values(), layer.scales, layer.zeros]
+    packed = layer.packed
     device = layer.scales.device
-    budget = _cache_budget(device)
+    budget = cache_budget(device)
     if budget == 0:
         return None
     key = (dtype, device, tuple((t.data_ptr(), t._version) for t in packed))

@@ -3,8 +3,11 @@
     y = deq(W_q) · x + W_o · x[idx] + b
 
 deq(W_q) is exactly 0 at the weak columns ``idx`` (their codes equal the zero-point), W_o = ``weak_weight`` [n_o, N]
-holds those columns in 16-bit (fp32 master copy while training). Packed planes, scales, zeros, indices and bias are
-buffers. The product is computed by :func:`wct.kernels.owq_linear`, which dispatches to a backend.
+holds those columns in 16-bit (fp32 master copy while training). The packed planes, scales and zeros are frozen
+parameters (``requires_grad=False``; integer planes and zeros cannot require a gradient anyway), so sharded data
+parallelism (FSDP2 ``fully_shard``, :mod:`wct.training.sharding`) shards them instead of replicating them as it
+does buffers; the weak-column indices and the bias are buffers. The state_dict keys are the same either way. The
+product is computed by :func:`wct.kernels.owq_linear`, which dispatches to a backend.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ import torch
 from torch import nn
 
 from wct.pack import dequantize_full, padded_k, plane_layout
+
+
+def frozen(t: torch.Tensor) -> nn.Parameter:
+    """``t`` as a parameter that never trains."""
+    return nn.Parameter(t, requires_grad=False)
 
 
 class OWQLinear(nn.Module):
@@ -40,9 +48,10 @@ class OWQLinear(nn.Module):
         self.bits, self.group_size = bits, group
         kp = padded_k(in_features)
         for name, width, _ in plane_layout(bits):
-            self.register_buffer(name, torch.zeros(kp * width // 32, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.ones(in_features // group, out_features, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.zeros(in_features // group, out_features, dtype=torch.uint8, device=device))
+            self.register_parameter(name, frozen(torch.zeros(kp * width // 32, out_features, dtype=torch.int32,
+                                                             device=device)))
+        self.scales = frozen(torch.ones(in_features // group, out_features, dtype=dtype, device=device))
+        self.zeros = frozen(torch.zeros(in_features // group, out_features, dtype=torch.uint8, device=device))
         self.register_buffer("weak_idx", torch.zeros(n_weak, dtype=torch.int32, device=device))
         self.weak_weight = nn.Parameter(torch.zeros(n_weak, out_features, dtype=dtype, device=device))
         if bias:
@@ -68,9 +77,24 @@ class OWQLinear(nn.Module):
         layer.load_state_dict(packed, strict=True)
         return layer
 
+    def set_tensor(self, name: str, t: torch.Tensor) -> None:
+        """Replace tensor ``name`` by ``t`` as what it is: the weak columns a parameter that trains when floating,
+        the packed tensors frozen parameters, the others buffers (loaders that fill a meta-device layer)."""
+        if name == "weak_weight":
+            self.weak_weight = nn.Parameter(t, requires_grad=t.is_floating_point())
+        elif name in self._parameters:
+            self._parameters[name] = frozen(t)
+        else:
+            self._buffers[name] = t
+
     @property
     def planes(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name, _, _ in plane_layout(self.bits)}
+
+    @property
+    def packed(self) -> list[nn.Parameter]:
+        """The frozen packed parameters: planes, scales, zeros."""
+        return [*self.planes.values(), self.scales, self.zeros]
 
     @property
     def n_weak(self) -> int:

@@ -94,15 +94,20 @@ class SampleGenerations(L.Callback):
         self.file = Path(run_dir) / "samples.csv"
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
         from wct.generation import generate, render
 
-        if trainer.sanity_checking or not self.prompts or trainer.global_rank != 0:
+        sharded = isinstance(pl_module.model, FSDPModule)  # trainer=fsdp: every rank must run a sharded forward
+        if trainer.sanity_checking or not self.prompts or (trainer.global_rank != 0 and not sharded):
             return
         tok = trainer.datamodule.tokenizer
         template = "chat" if trainer.datamodule.chat_template else "alpaca"
         rows = [[trainer.global_step, prompt, generate(pl_module.model, tok, render(tok, prompt, template=template),
                                                        self.max_new_tokens, add_special_tokens=template != "chat")]
                 for prompt in self.prompts]
+        if trainer.global_rank != 0:
+            return
         new = not self.file.exists()
         self.file.parent.mkdir(parents=True, exist_ok=True)
         with self.file.open("a", newline="") as f:

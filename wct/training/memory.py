@@ -1,4 +1,5 @@
-"""Memory estimates: the itemised peak printed at the start of a training run, and estimates from a model's
+"""Memory estimates: the itemised training peak (:func:`train_memory`, printed at the start of every training run
+and by ``python -m wct.train model.estimate_only=true``), and estimates from a model's
 ``config.json`` alone (no weight loaded) for streaming quantization, loading the packed result and a training step
 (docs/scale.md), checked against scripts/bench_scale.py's measured peaks."""
 
@@ -6,11 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from wct.config import TrainApp
+from wct.errors import WCTError
+from wct.nn import OWQLinear
+from wct.quant.blocks import budget_ratios, find_blocks, find_linears, layer_role
+from wct.quant.config import QuantConfig
 
 
 def memory_estimate(model: nn.Module, optim: str, micro: int, seq: int, checkpointing: bool) -> str:
-    """An itemised, rough peak-memory estimate: stored tensors, trainable state, activations, logits."""
+    """An itemised, rough peak-memory estimate of a loaded model (the LoRA baselines; WCT runs print
+    :func:`train_memory`): stored tensors, trainable state, activations, logits."""
     seen, stored = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
@@ -31,6 +40,10 @@ def memory_estimate(model: nn.Module, optim: str, micro: int, seq: int, checkpoi
 
 
 RUNTIME = 480 * 2**20  # resident size of Python + torch + transformers + wct once imported (measured, Linux x86-64)
+# the torch kernel's dequantization temporaries (codes expanded to [K, N] int32, float copies, scale/zero grids)
+# and what glibc's allocator keeps of them, per weight of the largest linear: measured with scripts/bench_scale.py
+# on the synthetic 0.3B model (docs/scale.md, "Memory estimate of a training step")
+DEQUANT_BYTES = 112
 SHARD = 256 * 2**20  # wct.quant.stream.SHARD_BYTES: one output shard waits in memory
 
 
@@ -69,11 +82,11 @@ class Shapes:
 
 
 def estimate_from_config(config: dict, bits: int = 4, n_samples: int = 128, seqlen: int = 2048,
-                         compute_bytes: int = 4, train_seq: int = 512) -> dict[str, int]:
+                         compute_bytes: int = 4) -> dict[str, int]:
     """Bytes, from ``config.json`` alone, of: the fp16 model; the packed model (b-bit codes of the blocks'
     linears, fp16 scales/zeros per row, fp16 embeddings, head and norms; weak columns left out: ~1 % more);
-    the peak resident memory of streaming quantization on the CPU in ``compute_bytes`` floats; of loading the
-    packed model; and of one training step (micro-batch 1 x ``train_seq`` tokens, no checkpointing).
+    the peak resident memory of streaming quantization on the CPU in ``compute_bytes`` floats; and of loading the
+    packed model (a training step: :func:`train_memory`).
 
     Streaming peak = runtime + max(outside phase, block phase): outside phase = embeddings and head in the compute
     dtype + calibration hidden states; block phase = one dense block in the compute dtype + its packed form +
@@ -93,6 +106,141 @@ def estimate_from_config(config: dict, bits: int = 4, n_samples: int = 128, seql
     gptq_work = compute_bytes * max(h, i) * max(h, i) * 2
     block_phase = (compute_bytes * s.block_weights + packed_block + hessians + gptq_work + 2 * states
                    + seqlen * i * compute_bytes * 4 + SHARD)
-    train = RUNTIME + packed + s.layers * train_seq * h * 40 + train_seq * s.vocab * 4 * 3  # as memory_estimate
     return {"fp16": fp16, "packed": packed, "quantize_stream_peak": RUNTIME + max(outside_phase, block_phase),
-            "load_packed_peak": RUNTIME + packed, "train_step_peak": train}
+            "load_packed_peak": RUNTIME + packed}
+
+
+def meta_model(config: dict) -> nn.Module:
+    """The causal LM ``config`` describes, built on the meta device (no memory, no weight read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    try:
+        cfg = AutoConfig.for_model(config["model_type"], **fields)
+    except ValueError as e:
+        raise WCTError(f"config.json: {e}; a transformers causal LM config is needed") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def weak_columns(model: nn.Module, config: dict, quant: QuantConfig) -> tuple[int, int, dict[str, int]]:
+    """``(bits, group_size, {qualified linear name: weak columns})`` of the OWQ base of ``model``: those an
+    owq-pack ``config.json`` records, else those ``quant`` would choose (docs/algorithm.md §1.5)."""
+    from wct.quant.owq import weak_counts
+
+    prefix, blocks = find_blocks(model)
+    first = find_linears(blocks[0])
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "owq":
+        n_weak = {f"{prefix}.{i}.{n}": 0 for i in range(len(blocks)) for n in first} | dict(qc["n_weak"])
+        return qc["bits"], qc.get("group_size", -1), n_weak
+    if quant.method == "owq":
+        ratios = budget_ratios(first)
+        counts = weak_counts(quant, {n: (m.in_features, layer_role(n), ratios[n]) for n, m in first.items()})
+    else:
+        counts = dict.fromkeys(first, 0)
+    return quant.bits, quant.group_size, {f"{prefix}.{i}.{n}": counts[n] for i in range(len(blocks)) for n in first}
+
+
+@dataclass
+class TrainMemory:
+    """Peak-memory items of one WCT training step in bytes, each as (without, with) gradient checkpointing."""
+
+    params: int  # parameters of the dense model
+    trainable: int  # weak-column weights
+    tokens: int  # micro-batch x sequence length
+    rows: dict[str, tuple[int, int]]
+
+    @property
+    def total(self) -> tuple[int, int]:
+        return sum(r[0] for r in self.rows.values()), sum(r[1] for r in self.rows.values())
+
+    def table(self) -> str:
+        """The estimate as a Markdown table (GiB)."""
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        lines = [f"memory estimate of one WCT step ({self.params / 1e9:.2f} B parameters, {self.trainable:,} "
+                 f"trainable, {self.tokens} tokens per micro-batch), GiB:",
+                 "| item | checkpointing off | checkpointing on |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {gib(off)} | {gib(on)} |" for name, (off, on) in self.rows.items()]
+        off, on = self.total
+        return "\n".join([*lines, f"| **total (peak)** | **{gib(off)}** | **{gib(on)}** |"])
+
+
+def _activations(model: nn.Module, tokens: int, attn: int, size: int) -> tuple[int, int]:
+    """Bytes autograd keeps for the backward of one micro-batch through the decoder blocks, without and with
+    gradient checkpointing. Per token and block (Llama-like, SDPA attention; listed with
+    ``torch.autograd.graph.saved_tensors_hooks`` on quantized tiny-llama and the synthetic 0.3B model): SDPA's q,
+    k, v and output (2 h + 2 kv) and the MLP's gate, act(gate) and up (3 i) in the compute dtype ``attn`` (bf16
+    under autocast), the two RMSNorms' inputs (2 h) in the model dtype ``size``; wct's OWQLinear op saves only
+    the weak columns of its input. Checkpointing keeps each block's input and recomputes one block."""
+    c = model.config
+    h, layers = c.hidden_size, c.num_hidden_layers
+    i = getattr(c, "intermediate_size", None) or 4 * h
+    heads = c.num_attention_heads
+    kv = (getattr(c, "num_key_value_heads", None) or heads) * (getattr(c, "head_dim", None) or h // heads)
+    per_block = tokens * (attn * (2 * h + 2 * kv + 3 * i) + size * 2 * h)
+    return layers * per_block, layers * tokens * h * size + per_block
+
+
+def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision: str, micro: int, seq: int,
+                 optim: str, device: str = "cpu", master: torch.dtype = torch.float32,
+                 cache_budget: int = 0, torch_kernel: bool = True) -> TrainMemory:
+    """The itemised peak of one WCT step for the model ``config`` (a ``config.json`` dict; an owq-pack's records
+    its weak columns, otherwise ``quant`` chooses them) — from the shapes alone, on the meta device.
+
+    ``dtype``: the base's floating tensors outside OWQLinear (``model.dtype``); OWQLinear keeps its stored dtypes
+    (codes int32, zeros uint8, scales fp16). ``precision``: Lightning's; "*-mixed"/"*-true" 16-bit runs keep
+    activations in 2 bytes. Items: runtime (Python + torch imported, host memory only), packed weights (codes,
+    scales, zeros, indices of every OWQLinear), other weights (embeddings, head, norms), weak columns (``master``
+    dtype), their gradient + optimizer state (AdamW: two fp32 moments; 8-bit: two bytes), the torch backend's
+    dense-weight cache (the blocks' linears dequantized in ``dtype``, up to ``cache_budget`` bytes:
+    :func:`wct.kernels.dispatch.cache_budget`, a quarter of RAM on a CPU, 0 on a GPU or with WCT_CACHE_DENSE=0),
+    the torch kernel's dequantization workspace (``torch_kernel``: :data:`DEQUANT_BYTES` per weight of the largest
+    linear), activations (:func:`_activations`)
+    and the logits (fp32 copy, its log-softmax and gradient)."""
+    model = meta_model(config)
+    bits, group, n_weak = weak_columns(model, config, quant)
+    size = torch.empty(0, dtype=dtype).element_size()
+    compute = 2 if precision.startswith(("bf16", "16")) else size
+    packed = weak = dense = largest = 0
+    for name, n in n_weak.items():
+        lin = model.get_submodule(name)
+        layer = OWQLinear(lin.in_features, lin.out_features, bits, group, n, lin.bias is not None, device="meta")
+        packed += sum(t.numel() * t.element_size() for k, t in layer.state_dict().items() if k != "weak_weight")
+        weak += n * lin.out_features
+        dense += lin.in_features * lin.out_features
+        largest = max(largest, lin.in_features * lin.out_features)
+    other = sum(p.numel() for p in model.parameters()) - dense  # dense counts the weak columns too
+    ws = torch.empty(0, dtype=master).element_size()
+    state = weak * (4 + (2 if "8bit" in optim else 8))
+    cache = min(dense * size, cache_budget)
+    tokens = micro * seq
+    acts = _activations(model, tokens, compute, size)
+    logits = tokens * model.config.vocab_size * (compute + 3 * 4)
+    same = lambda b: (b, b)  # noqa: E731
+    rows = {"runtime (Python, torch)": same(RUNTIME if device == "cpu" else 0), "packed weights": same(packed),
+            "other weights (embeddings, head, norms)": same(other * size), "weak columns": same(weak * ws),
+            "gradients + optimizer state": same(state), "dense-weight cache (torch kernel)": same(cache),
+            "dequantization workspace (torch kernel)": same(DEQUANT_BYTES * largest if torch_kernel else 0),
+            f"activations ({micro} x {seq} tokens)": acts, "logits": same(logits)}
+    return TrainMemory(sum(p.numel() for p in model.parameters()), weak, tokens, rows)
+
+
+def estimate_run(app: TrainApp, config: dict | None = None) -> TrainMemory:
+    """:func:`train_memory` of the WCT run ``app`` describes, from ``config`` (the loaded base's) or else the
+    ``config.json`` of ``model.quantized`` (its recorded weak columns) or of ``model.name`` (the columns ``quant``
+    would choose); no weight is loaded."""
+    from wct.kernels.dispatch import cache_budget
+    from wct.models import as_dtype, config_dict
+
+    if app.method.name != "wct":
+        raise WCTError(f"model.estimate_only=true estimates WCT runs; method={app.method.name} loads the "
+                       "full-precision base, whose size is 2 bytes per parameter in 16 bits; use method=wct")
+    t = app.trainer
+    gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    device = "cuda" if gpu else "cpu"
+    torch_kernel = t.kernel == "torch" or (t.kernel == "auto" and device == "cpu")
+    budget = cache_budget(torch.device(device)) if torch_kernel else 0
+    config = config or config_dict(app.model.quantized or app.model.name)
+    return train_memory(config, app.quant, as_dtype(app.model.dtype), t.precision, app.task.micro_batch_size,
+                        app.task.max_length, app.optim.name, device, as_dtype(app.tuning.master_dtype), budget, torch_kernel)

@@ -38,13 +38,13 @@ def fingerprint(model: nn.Module) -> str:
 
 def logical_params(model: nn.Module) -> int:
     """Parameters of the model as a dense model would count them (each quantized weight counts once)."""
-    seen, n = set(), 0
+    owq = [m for m in model.modules() if isinstance(m, OWQLinear)]
+    seen, n = {id(p) for m in owq for p in m.packed}, 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
-    for m in model.modules():
-        if isinstance(m, OWQLinear):
+    for m in owq:
             n += (m.in_features - m.n_weak) * m.out_features
             n += 0 if m.bias is None else m.bias.numel()
     return n
@@ -168,6 +168,20 @@ class TuneModule(L.LightningModule):
         self.validated_at = self.global_step
         self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/loss_best": self.best_val},
                       prog_bar=True)
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy, which sets ``device_mesh``): shard the model
+        with FSDP2 over the data-parallel ranks, packed OWQ tensors included (:mod:`wct.training.sharding`), once.
+        The torch kernel's dense-weight cache is turned off there: it would hold every layer's dense weight whole."""
+        from torch.distributed.fsdp import FSDPModule
+
+        from wct import kernels
+        from wct.training.sharding import shard_model
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        kernels.configure(cache_dense="0")
+        shard_model(self.model, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -18,7 +18,7 @@ from wct.io import atomic_file
 from wct.training.base import load_base
 from wct.training.callbacks import AtomicCheckpointIO, LossPlot
 from wct.training.datamodule import InstructDataModule, task_rows
-from wct.training.memory import memory_estimate
+from wct.training.memory import estimate_run, memory_estimate
 from wct.training.module import TuneModule, logical_params
 from wct.training.objects import instantiate_group
 from wct.training.resume import resume_checkpoint
@@ -32,6 +32,13 @@ def build_trainer(app: TrainApp, total_steps: int, config: dict) -> L.Trainer:
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(broadcast_buffers=False)
+    elif strategy == "fsdp":  # FSDP2 over every device (TuneModule.configure_model shards; wct.training.sharding)
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(t.devices, int):
+            raise WCTError(f"trainer=fsdp needs trainer.devices as a number of devices, not {t.devices!r}")
+        strategy = ModelParallelStrategy(data_parallel_size=t.devices * t.num_nodes, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=False)
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     loggers = instantiate_group("logger", app.logger)
@@ -85,8 +92,12 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
     padding = dm.padding_fraction(trainer.world_size)
     print(f"padding: {100 * padding:.1f}% of the training forwards' token positions (task.group_by_length="
           f"{app.task.group_by_length}, task.packing={app.task.packing})")
-    print(memory_estimate(model, app.optim.name, app.task.micro_batch_size, app.task.max_length,
-                          app.trainer.gradient_checkpointing))
+    if meta["method"] == "wct":
+        print(estimate_run(app, model.config.to_dict()).table())
+        print(f"(trainer.gradient_checkpointing={app.trainer.gradient_checkpointing})")
+    else:
+        print(memory_estimate(model, app.optim.name, app.task.micro_batch_size, app.task.max_length,
+                              app.trainer.gradient_checkpointing))
 
     before = None
     if app.trainer.validate_first and ckpt_path is None:
