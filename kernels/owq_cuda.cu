@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(OWQ_THREADS)
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float acc[1][M] = {};
   if (n < N) {
-    owq_general_column<BITS, M>(pa, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group, xs, k_per_split, acc);
+    owq_general_column<BITS, M>(pa, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group,
+                                OwqStagedF32{xs, k_per_split}, acc);
     owq_weak_columns<M, 1>(wo, N, n, o_lo, o_hi, xo, o_per_split, acc);
   }
   owq_finish<M, 1>(acc, M_rows, n, N, bias, ws, counters, y);

@@ -15,6 +15,7 @@
 //   2^23 + code, minus (2^23 + z): exact, with no int→float conversion.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -307,6 +308,22 @@ OWQ_HD void owq_dequant_block(const int32_t* a, const int32_t* b, const S* scale
 
 constexpr int OWQ_COLS = 4;  // output columns per thread on the fast path: one 128-bit load per plane row
 
+// Row kk of the split's x for row m: the general kernel's fp32 copy in natural order, xs [M][ld].
+struct OwqStagedF32 {
+  const float* xs;
+  int ld;
+  OWQ_HD float operator()(int m, int kk) const { return xs[m * ld + kk]; }
+};
+// The same from the fast path's half copy in pair order (owq_stage_x_pairs), zero from row len on.
+template <int BITS> struct OwqStagedPairs {
+  const __half* xs;
+  int ld, len;
+  OWQ_HD float operator()(int m, int kk) const {
+    constexpr int R = OwqStep<BITS>::ROWS;
+    return kk < len ? __half2float(xs[m * ld + (kk / R) * R + owq_slot<BITS>(kk % R)]) : 0.f;
+  }
+};
+
 OWQ_HD uint4 owq_ld128(const int32_t* p) {
 #ifdef __CUDA_ARCH__
   return __ldg(reinterpret_cast<const uint4*>(p));
@@ -318,9 +335,36 @@ OWQ_HD uint4 owq_ld128(const int32_t* p) {
 }
 OWQ_HD uint32_t owq_lane(const uint4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 
-// Fast path: acc[c][m] += sum_k W[n0 + c, k] * x[m, k] for the OWQ_COLS columns n0.. (n0 % 4 == 0, N % 4 == 0) over
-// rows [k_lo, k_hi) (a multiple of the step; groups aligned to it; group >= k_hi for one group). x is staged in
-// xs [M][ld] in pair order from k_lo. Scales and 1024 + z are read once per group.
+// General path: acc[0][m] += sum_k W[n, k] * xs(m, k - k_lo) over rows [k_lo, k_hi) (multiples of 32, groups
+// a multiple of 32 or group >= k_hi); 32 rows per iteration, fully unrolled. xs reads the split's staged x:
+// OwqStagedF32 (the general kernel's fp32 copy) or OwqStagedPairs (the fast path's half2 copy, for its fallback).
+template <int BITS, int M, typename S, typename X>
+OWQ_HD void owq_general_column(const int32_t* a, const int32_t* b, const S* scales, const uint8_t* zeros, int64_t N,
+                               int64_t n, int k_lo, int k_hi, int group, const X& xs, float acc[1][M]) {
+  for (int k0 = k_lo; k0 < k_hi; k0 += 32) {
+    uint32_t w[BITS == 3 ? 3 : BITS];
+    owq_load32<BITS>(a, b, N, k0, n, w);
+    const int64_t g = k0 / group;
+    const float s = owq_to_float(scales[g * N + n]);
+    const float mz = owq_magic_zero(zeros[g * N + n]);
+    float part[M] = {};
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const float v = owq_code_minus_zero(owq_code32<BITS>(w, j), mz);
+#pragma unroll
+      for (int m = 0; m < M; ++m) part[m] = fmaf(v, xs(m, k0 - k_lo + j), part[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[0][m] = fmaf(s, part[m], acc[0][m]);
+  }
+}
+
+// Fast path: acc[c][m] = sum_k W[n0 + c, k] * x[m, k] for the OWQ_COLS columns n0.. (n0 % 4 == 0, N % 4 == 0) over
+// rows [k_lo, k_hi) (k_lo % 32 == 0, k_hi - k_lo a multiple of the step; groups multiples of 32, or group >= k_hi
+// for one group). x is staged in xs [M][ld] in pair order from k_lo. Scales and 1024 + z are read once per group.
+// A step whose fp16x2 partial overflows (|partial| > 65504: |x| in the hundreds on quantized columns) leaves inf or
+// NaN in acc, and inf/NaN absorb every later fma: so one test per output after the loop finds every overflow, and
+// only those outputs are recomputed with the general path's fp32 arithmetic (rare; the others keep their bits).
 template <int BITS, int M>
 OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* scales, const uint8_t* zeros,
                              int64_t N, int64_t n0, int k_lo, int k_hi, int group, const __half* xs, int ld,
@@ -328,6 +372,10 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* s
   constexpr int R = OwqStep<BITS>::ROWS, P = OwqStep<BITS>::PAIRS;
   constexpr int A_ROWS = BITS == 3 ? 16 : 32 / BITS;  // rows of K per word of plane a
   const __half2* xs2 = reinterpret_cast<const __half2*>(xs);
+#pragma unroll
+  for (int c = 0; c < OWQ_COLS; ++c)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[c][m] = 0.f;
   for (int g0 = k_lo; g0 < k_hi;) {
     const int64_t g = g0 / group;
     const int g_end = static_cast<int>((g + 1) * group < k_hi ? (g + 1) * group : k_hi);
@@ -371,28 +419,18 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* s
     }
     g0 = g_end;
   }
-}
-
-// General path: acc[0][m] += sum_k W[n, k] * xs[m * ld + k - k_lo] over rows [k_lo, k_hi) (multiples of 32, groups
-// a multiple of 32 or group >= k_hi), x staged as fp32 in natural order; 32 rows per iteration, fully unrolled.
-template <int BITS, int M, typename S>
-OWQ_HD void owq_general_column(const int32_t* a, const int32_t* b, const S* scales, const uint8_t* zeros, int64_t N,
-                               int64_t n, int k_lo, int k_hi, int group, const float* xs, int ld, float acc[1][M]) {
-  for (int k0 = k_lo; k0 < k_hi; k0 += 32) {
-    uint32_t w[BITS == 3 ? 3 : BITS];
-    owq_load32<BITS>(a, b, N, k0, n, w);
-    const int64_t g = k0 / group;
-    const float s = owq_to_float(scales[g * N + n]);
-    const float mz = owq_magic_zero(zeros[g * N + n]);
-    float part[M] = {};
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const float v = owq_code_minus_zero(owq_code32<BITS>(w, j), mz);
+  for (int c = 0; c < OWQ_COLS; ++c) {
+    bool finite = true;
 #pragma unroll
-      for (int m = 0; m < M; ++m) part[m] = fmaf(v, xs[m * ld + k0 - k_lo + j], part[m]);
+    for (int m = 0; m < M; ++m) finite &= fabsf(acc[c][m]) <= FLT_MAX;  // NaN compares false
+    if (!finite) {
+      float f[1][M] = {};
+      owq_general_column<BITS, M>(a, b, scales, zeros, N, n0 + c, k_lo, k_lo + (k_hi - k_lo + 31) / 32 * 32, group,
+                                  OwqStagedPairs<BITS>{xs, ld, k_hi - k_lo}, f);
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[c][m] = fabsf(acc[c][m]) <= FLT_MAX ? acc[c][m] : f[0][m];
     }
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[0][m] = fmaf(s, part[m], acc[0][m]);
   }
 }
 

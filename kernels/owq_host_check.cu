@@ -140,7 +140,7 @@ static int gemv(const Layer& L) {
                                   L.group, xs16.data(), kps, acc);
       else
         owq_general_column<BITS, M>(L.a.data(), L.b.data(), L.s.data(), L.z.data(), N, n0, k_lo, k_lo + len_pad,
-                                    L.group, xs32.data(), kps, acc);
+                                    L.group, OwqStagedF32{xs32.data(), kps}, acc);
       if constexpr (FAST)
         owq_weak_columns<M, COLS>(L.wo16.data(), N, n0, o_lo, o_hi, xo.data(), o_per, acc);
       else

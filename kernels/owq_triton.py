@@ -20,7 +20,8 @@ path, the CUDA fast path's arithmetic: one column per tensor element, a loop ove
 once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits) rows; per step and column one asm call
 decodes code pairs into fp16x2 by LOP3 with the 0x6400 magic number, removes the zero exactly (HSUB2, or HFMA2 by
 1/16 for the high nibbles), HFMA2s them against x read as half2 pairs in the same order, and the step's fp16x2
-partial is flushed into the fp32 accumulator with the scale (error bound: docs/kernels.md). EVEN_N (N a multiple of
+partial is flushed into the fp32 accumulator with the scale (error bound: docs/kernels.md); columns whose sum is
+not finite after the loop (an overflowed step) are recomputed by the fp32 path (_split_fp32). EVEN_N (N a multiple of
 BLOCK_N) drops the column mask of the plane loads. ASM selects the PTX inline assembly (asm_gemv4 / asm_gemv3 /
 asm_x_pairs below); without it the same bit operations and roundings run as plain tl code (fp16x2 lanes computed in
 fp64 and rounded once, as .rn), which is what TRITON_INTERPRET can execute.
@@ -138,9 +139,9 @@ def _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride
     mask = ((k0 + rw * C) < k_hi)[:, None] & mn[None, :]  # a word is needed when its first row is (planes: 32 rows)
     w = tl.load(plane_a + ((k0 // C + rw).to(tl.int64) * stride_a)[:, None] + rn64[None, :], mask=mask, other=0)
     if BITS == 3:  # each 1-bit word serves two 2-bit words: rows 0-15 in its low half, 16-31 in its high half
-        hi = tl.load(plane_b + ((k0 // 32 + rw // 2).to(tl.int64) * stride_b)[:, None] + rn64[None, :], mask=mask,
-                     other=0)
-        hi = hi >> ((rw % 2) * 16)[:, None]
+        rw2 = k0 // 16 + rw  # the 2-bit words' indices (k0 is a multiple of 16)
+        hi = tl.load(plane_b + ((rw2 // 2).to(tl.int64) * stride_b)[:, None] + rn64[None, :], mask=mask, other=0)
+        hi = hi >> ((rw2 % 2) * 16)[:, None]
     t = tl.zeros((W, rn64.shape[0]), dtype=tl.float32)
     for c in tl.static_range(C):
         if BITS == 3:
@@ -150,6 +151,24 @@ def _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride
         xv = tl.load(x_row + k0 + rw * C + c, mask=(k0 + rw * C + c) < k_hi, other=0.0).to(tl.float32)
         t += ((code | 0x4B000000).to(tl.float32, bitcast=True) - mz[None, :]) * xv[:, None]
     return t
+
+
+@triton.jit
+def _split_fp32(x_row, plane_a, plane_b, scales, zeros, k_lo, k_hi, rn64, mn, group_size, stride_a, stride_b,
+                stride_g, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over rows [k_lo, k_hi) of W[n, k]·x_k for the columns rn64 in fp32 (owq_gemv's fp32 path, and the fp16x2
+    path's fallback): BLOCK_K-row tiles (_gemv_tile), the scale applied once per word, a [words, BLOCK_N]
+    accumulator reduced once at the end."""
+    C: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    acc = tl.zeros((BLOCK_K // C, rn64.shape[0]), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        g = (k0 // group_size).to(tl.int64) * stride_g
+        s = tl.load(scales + g + rn64, mask=mn, other=0).to(tl.float32)
+        z = tl.load(zeros + g + rn64, mask=mn, other=0)
+        mz = (z.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + z
+        acc += _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride_b, BITS,
+                          BLOCK_K) * s[None, :]
+    return tl.sum(acc, axis=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,17 +438,17 @@ def owq_gemv(
                 else:
                     lo, hi = _step4(pa0 + i * (2 * sa), sa, xw0 + i * 8, mask, zc[0], zc[1], zc[2], ASM)
                 out = tl.fma(s, hi, tl.fma(s, lo, out))  # the step's fp16x2 partial flushed into fp32
+        # An overflowed step (|partial| > 65504) left an inf or NaN in its column's fp32 sum, and inf/NaN absorb
+        # every later fma: one test per column after the loop finds every overflow. Those columns (rare: |x| in the
+        # hundreds on quantized columns) take this split again in fp32; the others keep their bits.
+        ok = tl.abs(out) <= 3.4028234663852886e38  # finite (NaN compares false)
+        if tl.min(ok.to(tl.int32)) == 0:
+            C: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # one word per column per iteration: few registers
+            out = tl.where(ok, out, _split_fp32(x_row, plane_a, plane_b, scales, zeros, k_lo, k_hi, rn64, mn,
+                                                group_size, stride_a, stride_b, stride_g, BITS, C))
     else:
-        C: tl.constexpr = 16 if BITS == 3 else 32 // BITS
-        acc = tl.zeros((BLOCK_K // C, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            g = (k0 // group_size).to(tl.int64) * stride_g
-            s = tl.load(scales + g + rn64, mask=mn, other=0).to(tl.float32)
-            z = tl.load(zeros + g + rn64, mask=mn, other=0)
-            mz = (z.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + z
-            acc += _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride_b, BITS,
-                              BLOCK_K) * s[None, :]
-        out = tl.sum(acc, axis=0)
+        out = _split_fp32(x_row, plane_a, plane_b, scales, zeros, k_lo, k_hi, rn64, mn, group_size, stride_a,
+                          stride_b, stride_g, BITS, BLOCK_K)
     o_lo = (n_o * pid_s) // splits
     o_hi = (n_o * (pid_s + 1)) // splits
     for o0 in range(o_lo, o_hi, BLOCK_O):  # this split's share of the weak columns

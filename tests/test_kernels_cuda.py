@@ -15,6 +15,7 @@ from wct.kernels.sources import source_dir
 from wct.pack import dequantize_dense
 
 from test_kernels import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
+from test_kernels_half2 import U, half2_bound, overflowing_x
 
 needs_nvcc = pytest.mark.skipif(cuda_backend.nvcc() is None, reason="nvcc (CUDA toolkit) not found")
 
@@ -87,6 +88,24 @@ def test_host_gemv_matches_float64(host_check, path, bits, group, n_o, m, splits
     assert got.shape == (m, 36)
     tol = 2e-5 if path == "general" else 2e-3  # fast: x and the per-step partials in fp16
     assert rel_err(got, x.double() @ w64.t()) < tol
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group,splits", [(None, 1), (64, 3)])
+def test_host_fast_gemv_overflowing_step_falls_back_to_fp32(host_check, bits, group, splits):
+    """|x| ≈ 5000 on quantized columns overflows fp16x2 step partials (inf without the fallback): the fast body's
+    outputs stay finite, within the documented bound, and the overflowed ones within the fp32 path's."""
+    k = 256
+    layer, w64 = make_layer(bits, group, 40, torch.float16, n=64, k=k)
+    x, over = overflowing_x(bits, layer, w64, k)
+    assert over.any() and not over.all()
+    got = run_host_check(host_check, "fast", layer, x, splits)
+    ref = x.double() @ w64.t()
+    assert torch.isfinite(got).all()
+    err = (got - ref).abs()
+    assert (err <= half2_bound(bits, w64, layer.weak_idx, x, ref)).all()
+    terms = (w64.unsqueeze(0) * x.double().unsqueeze(1)).abs().sum(-1)
+    assert (err[over] <= (2.0**-20 * terms + U * ref.abs())[over]).all()  # recomputed in fp32
 
 
 def test_host_fast_gemv_at_k11008(host_check):

@@ -157,6 +157,49 @@ def test_half2_gemv_within_its_error_bound(bits, group, n_o, splits, n):
     assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max()
 
 
+def overflowing_x(bits: int, layer, w64: torch.Tensor, k: int, m: int = 2, big: float = 5000.0):
+    """x [M, K] fp16 with |x| ≈ big on a band of quantized channels (massive activations), ~N(0, 4) elsewhere; and
+    the [M, N] mask of the outputs whose fp16x2 partial overflows in some step (some lane's exact Σ t·x over the
+    step exceeds 65520, which rounds to inf in fp16), from the float64 weights and the documented pair order."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(m, k, generator=g) * 2
+    band = torch.tensor([c for c in range(32, 64) if c not in set(layer.weak_idx.tolist())])
+    x[:, band] = big * torch.randn(m, band.numel(), generator=g).sign()
+    x = x.half()
+    rows = ROWS[bits]
+    s = layer.scales.double().repeat_interleave(k // layer.scales.shape[0], 0)  # [K, N]
+    t = w64.t() / s  # code - z at the quantized columns
+    t[layer.weak_idx.long()] = 0
+    lanes = [[r for pair in pair_rows(bits) for r in pair[:1]], [r for pair in pair_rows(bits) for r in pair[1:]]]
+    over = torch.zeros(m, w64.shape[0], dtype=torch.bool)
+    for k0 in range(0, k, rows):
+        for lane in lanes:
+            ks = [k0 + r for r in lane]
+            over |= (x.double()[:, ks] @ t[ks]).abs() > 65520
+    return x, over
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group,splits", [(None, 1), (64, 3)])
+def test_half2_gemv_overflowing_step_falls_back_to_fp32(bits, group, splits):
+    """|x| ≈ 5000 on quantized columns overflows fp16x2 step partials (inf without the fallback): the outputs stay
+    finite and within the documented bound, and the overflowed ones within the fp32 path's (docs/kernels.md)."""
+    k = 256
+    layer, w64 = make_layer(bits, group, 40, torch.float16, n=64, k=k)
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, bits)
+    x, over = overflowing_x(bits, layer, w64, k)
+    assert over.any() and not over.all()  # some steps overflow in fp16, some outputs do not
+    assert (x.double() @ w64.t() + layer.bias.double()).abs().max() < 60000  # while y fits fp16
+    assert triton_backend.half2_path(x, layer.scales, k, group or k)
+    y = triton_backend.gemv(x, *args, split_k=splits)
+    ref = x.double() @ w64.t() + layer.bias.double()
+    assert torch.isfinite(y).all()
+    err = (y.double() - ref).abs()
+    assert (err <= half2_bound(bits, w64, layer.weak_idx, x, ref)).all()
+    terms = (w64.unsqueeze(0) * x.double().unsqueeze(1)).abs().sum(-1)
+    assert (err[over] <= (2.0**-20 * terms + U * ref.abs())[over]).all()  # recomputed in fp32
+
+
 def test_half2_path_needs_fp16_and_aligned_rows():
     """Activations the fp16x2 path cannot take go to the fp32 path (same results, tested in test_kernels.py)."""
     s16 = torch.ones(1, 8, dtype=torch.float16)

@@ -176,6 +176,7 @@ def words_loaded(loop: list[str]) -> int:
 _DECODE = re.compile(r"//\s*owq-decode (\d+) weights")
 _F16X2_PTX = re.compile(r"^(fma|sub|add|mul)(\.rn)?\.f16x2\b")
 _F16X2_SASS = re.compile(r"\bH(FMA2|ADD2|MUL2)(?!\.F32)(\.MMA)?\s")  # HADD2.F32 is an fp16→fp32 conversion
+_SASS_MOV = re.compile(r"\bHFMA2(\.MMA)?\s+R\d+,\s*-?RZ,\s*-?RZ,")  # ptxas's constant move: 0·0 + immediate
 _LOP3 = re.compile(r"\blop3\.b32|\bLOP3\.LUT\b")
 
 
@@ -187,9 +188,11 @@ def marked_weights(loop: list[str]) -> int:
 
 def f16x2_ops(loop: list[str], sass: bool) -> int:
     """fp16x2 arithmetic instructions of a loop: PTX fma/sub/mul .f16x2, SASS HFMA2/HADD2/HMUL2 (ptxas may turn a
-    multiply into an HFMA2, but keeps one instruction per PTX one; HADD2.F32 conversions are not counted)."""
+    multiply into an HFMA2, but keeps one instruction per PTX one; HADD2.F32 conversions and HFMA2 -RZ, RZ constant
+    moves are not counted)."""
     if sass:
-        return sum(1 for line in loop if is_sass_instruction(line) and _F16X2_SASS.search(line))
+        return sum(1 for line in loop if is_sass_instruction(line) and _F16X2_SASS.search(line)
+                   and not _SASS_MOV.search(line))
     return sum(1 for line in loop if is_ptx_instruction(line) and _F16X2_PTX.match(_unpredicated(line)))
 
 
