@@ -200,6 +200,18 @@ def test_half2_gemv_overflowing_step_falls_back_to_fp32(bits, group, splits):
     assert (err[over] <= (2.0**-20 * terms + U * ref.abs())[over]).all()  # recomputed in fp32
 
 
+def test_two_bit_fp16_gemv_takes_the_fp32_path():
+    """The fp16x2 decode exists for 3 and 4 bits: a 2-bit fp16 layer takes the fp32 path, within its bound (it ran
+    the 4-bit decode on 2-bit words before: errors larger than the outputs)."""
+    layer, w64 = make_layer(2, None, 5, torch.float16, n=64, k=256, sym=True)
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, 2)
+    x = (torch.randn(2, 256) * 2).half()
+    y = triton_backend.gemv(x, *args, split_k=3)
+    ref = x.double() @ w64.t() + layer.bias.double()
+    terms = (w64.unsqueeze(0) * x.double().unsqueeze(1)).abs().sum(-1)
+    assert ((y.double() - ref).abs() <= 2.0**-20 * terms + U * ref.abs()).all()
+
+
 def test_half2_path_needs_fp16_and_aligned_rows():
     """Activations the fp16x2 path cannot take go to the fp32 path (same results, tested in test_kernels.py)."""
     s16 = torch.ones(1, 8, dtype=torch.float16)

@@ -83,7 +83,7 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
     counters = tile_counters(x.device, m * triton.cdiv(n, 32))
     a, b = _plane_args(planes)
     group = k // scales.shape[0] if scales.shape[0] > 1 else k
-    half2 = half2_path(x, scales, k, group)
+    half2 = bits != 2 and half2_path(x, scales, k, group)  # the fp16x2 decode is written for 3 and 4 bits
     meta = dict(BITS=bits, BLOCK_O=BLOCK_O, HAS_BIAS=bias is not None, HALF2=half2, ASM=half2 and not interpreting())
     if interpreting():  # fixed tiles (_fixed), so EVEN_N is known here
         meta["EVEN_N"] = n % 32 == 0
