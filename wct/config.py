@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wct.data.text import BOS_MODES
 from wct.errors import WCTError
 from wct.quant.config import QuantConfig, recipe_name
 
@@ -85,11 +86,13 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     fallback: str = "error"  # a local ``source`` that is missing: "error", or "task" (training: the task's text)
+    bos: str = "auto"  # each window starts with BOS: auto (if the tokenizer adds one), always, never (docs/algorithm.md §1.2)
 
     def __post_init__(self) -> None:
         at_least("calib.n_samples", self.n_samples, 1)
         at_least("calib.seqlen", self.seqlen, 2)
         one_of("calib.fallback", self.fallback, ("error", "task"))
+        one_of("calib.bos", self.bos, BOS_MODES)
 
 
 @dataclass
@@ -99,6 +102,7 @@ class EvalConfig:
     corpora: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
     seqlen: int = 2048
     max_windows: Optional[int] = None  # only the first windows of each corpus (None: all)
+    bos: str = "auto"  # each window starts with BOS: auto (if the tokenizer adds one), always, never (§1.10)
     # lm-evaluation-harness (eval=lm_eval, python -m wct.evaluate only; wct/evaluation/harness.py)
     tasks: list[str] = field(default_factory=list)
     limit: Optional[float] = None  # examples per task (< 1: a fraction)
@@ -108,6 +112,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         at_least("eval.seqlen", self.seqlen, 2)
+        one_of("eval.bos", self.bos, BOS_MODES)
+        require(self.bos == "never" or self.seqlen >= 3, "eval.seqlen", self.seqlen,
+                "a window with BOS needs >= 3 tokens (BOS, a context token, a scored token); or use eval.bos=never")
         if self.max_windows is not None:
             at_least("eval.max_windows", self.max_windows, 1)
 

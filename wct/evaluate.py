@@ -20,6 +20,7 @@ from wct.errors import cli_errors
 
 @cli_errors
 def run(cfg: DictConfig) -> dict:
+    from wct.data.text import bos_label, resolve_bos
     from wct.evaluation.perplexity import evaluate_all, load_eval_sets, ppl_table
     from wct.io import write_json
     from wct.loading import load_for_use
@@ -28,8 +29,9 @@ def run(cfg: DictConfig) -> dict:
     app = to_app(cfg, EvaluateApp)
     start = time.time()
     loaded = load_for_use(app.model, device=app.device)
-    sets = load_eval_sets(loaded.tokenizer, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
-    ppl = evaluate_all(loaded.model, sets, app.eval.seqlen, app.progress)
+    bos = resolve_bos(loaded.tokenizer, app.eval.bos, "eval.bos")
+    sets = load_eval_sets(loaded.tokenizer, app.eval.corpora, app.eval.seqlen, app.eval.max_windows, bos)
+    ppl = evaluate_all(loaded.model, sets, app.eval.seqlen, app.progress, bos)
     if ppl:
         print(ppl_table({loaded.label: ppl}, sets))
     harness = None
@@ -45,6 +47,7 @@ def run(cfg: DictConfig) -> dict:
         "ppl": ppl,
         "tokens": {c: t.numel() for c, t in sets.items()},
         "seqlen": app.eval.seqlen,
+        "bos": {"eval": bos_label(bos)},  # eval.bos resolved for this tokenizer
         "device": str(next(loaded.model.parameters()).device),
         "quantization_config": getattr(loaded.model.config, "quantization_config", None),
         "lm_eval": harness,

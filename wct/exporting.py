@@ -50,6 +50,15 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
+def calibration_text(calibration: dict | None) -> str:
+    """One line for the model card: how the base's calibration windows were made (``quantization_config``)."""
+    if not calibration:
+        return "n/a"
+    c = calibration
+    return (f"{c.get('n_samples')} x {c.get('seqlen')} tokens of {c.get('source')} (seed {c.get('seed')}), "
+            f"BOS {c.get('bos', 'never')}")
+
+
 def model_card(meta: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in meta["metrics"].items()) or "| (none recorded) | |"
     usage = (
@@ -74,6 +83,7 @@ Fine-tuned with **{meta['method']}** (wct) on the base `{meta['base']}`.
 | base | {meta['base']} |
 | bits | {meta.get('bits', 'full precision')} |
 | weak columns per layer (by type) | {meta.get('weak_by_type', 'n/a')} |
+| quantization calibration | {calibration_text(meta.get('calibration'))} |
 | training data | {meta.get('training_data', 'n/a')} |
 | training steps | {meta['metrics'].get('steps', 'n/a')} |
 | held-out loss (val/loss: before training → at this checkpoint; best) | {meta['metrics'].get('val/loss_before', 'n/a')} → {meta['metrics'].get('val/loss', 'n/a')}; {meta['metrics'].get('val/loss_best', 'n/a')} |
@@ -134,6 +144,7 @@ def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
     layers = owq_layers(model)
     meta = export_meta(trained, out, template) | {
         "bits": model.config.quantization_config.get("bits"),
+        "calibration": model.config.quantization_config.get("calibration"),  # the base's (source, windows, bos)
         "trained_parameters": sorted(trained.extra),
         "weak_dtype": str(next(iter(layers.values())).weak_weight.dtype).removeprefix("torch."),
         "weak_by_type": weak_by_type({n: m.n_weak for n, m in layers.items()}),

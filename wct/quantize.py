@@ -23,7 +23,7 @@ from wct.io import check_output
 
 @cli_errors
 def run(cfg: DictConfig) -> dict:
-    from wct.data.text import calibration_windows
+    from wct.data.text import bos_label, calibration_windows, resolve_bos
     from wct.device import place
     from wct.evaluation.perplexity import evaluate_all, load_eval_sets, ppl_table
     from wct.io import write_json
@@ -44,16 +44,19 @@ def run(cfg: DictConfig) -> dict:
         model, tok = None, tokenizer_of(folder)
     else:
         model, tok = load_model(app.model.name, dtype=dtype)
-    sets = load_eval_sets(tok, app.eval.corpora, app.eval.seqlen, app.eval.max_windows)
-    calib = calibration_windows(tok, app.calib.source, app.calib.n_samples, app.calib.seqlen, app.calib.seed)
+    bos = {"calib": resolve_bos(tok, app.calib.bos, "calib.bos"), "eval": resolve_bos(tok, app.eval.bos, "eval.bos")}
+    sets = load_eval_sets(tok, app.eval.corpora, app.eval.seqlen, app.eval.max_windows, bos["eval"])
+    c = app.calib
+    calib = calibration_windows(tok, c.source, c.n_samples, c.seqlen, c.seed, bos["calib"])
+    described = asdict(c) | {"bos": bos_label(bos["calib"])}  # in quantization_config["calibration"]
     if app.stream:
         report = quantize_streaming(folder, out, calib, q, device=device, dtype=dtype, progress=app.progress,
-                                    overwrite=app.overwrite)
+                                    overwrite=app.overwrite, calibration=described)
         model, _ = load_quantized(out, dtype=dtype)
     else:
-        report = quantize_model(model, calib, q, device=device, progress=app.progress)
+        report = quantize_model(model, calib, q, device=device, progress=app.progress, calibration=described)
         save_quantized(model, tok, out, overwrite=app.overwrite)
-    ppl = evaluate_all(model.to(device), sets, app.eval.seqlen, app.progress) if sets else {}
+    ppl = evaluate_all(model.to(device), sets, app.eval.seqlen, app.progress, bos["eval"]) if sets else {}
     weak = weak_by_type(report.n_weak)
     results = {
         "model": app.model.name,
@@ -70,6 +73,7 @@ def run(cfg: DictConfig) -> dict:
         "checkpoint": str(out),
         "checkpoint_bytes": sum(f.stat().st_size for f in out.iterdir()),
         "calib": asdict(app.calib),
+        "bos": {k: bos_label(v) for k, v in bos.items()},  # calib.bos / eval.bos resolved for this tokenizer
     }
     results_file = write_json(Path(app.paths.run_dir) / "results.json", results)
     if ppl:

@@ -12,6 +12,12 @@ Protocols (docs/algorithm.md §1.2 and §1.10):
 * evaluation: wikitext2 test joined with "\\n\\n"; ptb test joined with " " with special tokens split, so the
   literal ``<unk>`` is ordinary text (the reference's "fix poor llama ptb"); c4 = the first 1100 documents of the
   validation shard joined with " ", truncated to 256 windows. Local text is used whole.
+
+BOS (``bos`` below; the configs' ``calib.bos`` / ``eval.bos`` = auto | always | never, resolved by
+:func:`resolve_bos`): without it (``never``, the papers' protocol) the text is tokenized with the tokenizer's
+default settings and cut as it comes, so a tokenizer that adds a BOS puts one only at the start of the whole text
+(or of each C4 document); with it (``always``) the text is tokenized without special tokens and every window is
+BOS followed by ``seqlen - 1`` text tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 
 from wct.data.embedded import TEXTS
 from wct.errors import WCTError
+
+BOS_MODES = ("auto", "always", "never")
 
 # name -> (hub dataset, config, text field, joiner, {split: data file})
 HUB_CORPORA = {
@@ -121,10 +129,42 @@ def load_text(source: str | Path, split: str = "test") -> str:
     return HUB_CORPORA[str(source)][3].join(docs)
 
 
-def tokenize(tokenizer, text: str, split_special_tokens: bool = False) -> torch.Tensor:
-    """Token ids [T] (int64) of ``text`` with the tokenizer's default settings."""
-    enc = tokenizer(text, verbose=False, split_special_tokens=split_special_tokens)
+def tokenize(tokenizer, text: str, split_special_tokens: bool = False, add_special_tokens: bool = True) -> torch.Tensor:
+    """Token ids [T] (int64) of ``text`` with the tokenizer's default settings (``add_special_tokens=False``: the
+    text's tokens only, no BOS / EOS)."""
+    enc = tokenizer(text, verbose=False, split_special_tokens=split_special_tokens,
+                    add_special_tokens=add_special_tokens)
     return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's default settings put its BOS token first: ``tokenizer("x")`` starts with
+    ``bos_token_id`` and the same text without special tokens does not (Gemma: yes; SmolLM2: no)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("x")["input_ids"][:1] == [bos] and tokenizer("x", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def resolve_bos(tokenizer, mode: str, key: str = "bos") -> bool:
+    """Whether every window starts with BOS under ``mode`` (the config value of ``key``): ``always``; ``never``;
+    ``auto``: what the tokenizer does by default (:func:`tokenizer_adds_bos`)."""
+    if mode not in BOS_MODES:
+        raise WCTError(f"{key}={mode!r} is unknown; use one of {', '.join(BOS_MODES)}")
+    if mode == "always" and tokenizer.bos_token_id is None:
+        raise WCTError(f"{key}=always but the tokenizer has no BOS token; use {key}=never (or auto)")
+    return mode == "always" or (mode == "auto" and tokenizer_adds_bos(tokenizer))
+
+
+def bos_label(bos: bool) -> str:
+    """The resolved mode recorded in results: ``always`` or ``never``."""
+    return "always" if bos else "never"
+
+
+def _with_bos(windows: torch.Tensor, tokenizer) -> torch.Tensor:
+    """``windows`` [n, L] of text tokens -> [n, L + 1], each row BOS followed by its text tokens."""
+    bos = torch.full((windows.shape[0], 1), tokenizer.bos_token_id, dtype=windows.dtype)
+    return torch.cat([bos, windows], dim=1)
 
 
 def _too_short(source: str | Path, n: int, seqlen: int, need: str) -> WCTError:
@@ -135,43 +175,52 @@ def _too_short(source: str | Path, n: int, seqlen: int, need: str) -> WCTError:
 
 
 def calibration_windows(
-    tokenizer, source: str | Path, n_samples: int = 128, seqlen: int = 2048, seed: int = 0
+    tokenizer, source: str | Path, n_samples: int = 128, seqlen: int = 2048, seed: int = 0, bos: bool = False
 ) -> torch.Tensor:
-    """``n_samples`` random windows of ``seqlen`` tokens, LongTensor [n_samples, seqlen] (docs/algorithm.md §1.2)."""
+    """``n_samples`` random windows of ``seqlen`` tokens, LongTensor [n_samples, seqlen] (docs/algorithm.md §1.2).
+
+    ``bos``: each window is BOS + ``seqlen - 1`` text tokens (module docstring; :func:`resolve_bos`)."""
     if n_samples < 1 or seqlen < 2:
         raise WCTError(f"calibration needs n_samples >= 1 and seqlen >= 2 (got {n_samples}, {seqlen})")
+    body = seqlen - 1 if bos else seqlen  # text tokens per window
     rng = random.Random(seed)
     windows = []
     if str(source) == "c4":
         docs = _hub_documents("c4", "train")
         for _ in range(n_samples):
             while True:
-                ids = tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)])
-                if ids.numel() > seqlen:
+                ids = tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)], add_special_tokens=not bos)
+                if ids.numel() > body:
                     break
-            i = rng.randint(0, ids.numel() - seqlen - 1)
-            windows.append(ids[i : i + seqlen])
-        return torch.stack(windows)
-    ids = tokenize(tokenizer, load_text(source, split="train"))
-    if ids.numel() <= seqlen:
-        raise _too_short(source, ids.numel(), seqlen, "one calibration window")
-    for _ in range(n_samples):
-        i = rng.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[i : i + seqlen])
-    return torch.stack(windows)
+            i = rng.randint(0, ids.numel() - body - 1)
+            windows.append(ids[i : i + body])
+    else:
+        ids = tokenize(tokenizer, load_text(source, split="train"), add_special_tokens=not bos)
+        if ids.numel() <= body:
+            raise _too_short(source, ids.numel(), seqlen, "one calibration window")
+        for _ in range(n_samples):
+            i = rng.randint(0, ids.numel() - body - 1)
+            windows.append(ids[i : i + body])
+    out = torch.stack(windows)
+    return _with_bos(out, tokenizer) if bos else out
 
 
-def eval_tokens(tokenizer, source: str | Path, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
+def eval_tokens(tokenizer, source: str | Path, seqlen: int = 2048, max_windows: int | None = None,
+                bos: bool = False) -> torch.Tensor:
     """Evaluation tokens [n_windows * seqlen] of ``source`` (docs/algorithm.md §1.10), cut to whole non-overlapping windows.
 
-    ``max_windows`` keeps only the first windows (c4 is always capped at 256, as in the reference).
+    ``max_windows`` keeps only the first windows (c4 is always capped at 256, as in the reference). ``bos``: the
+    text is cut into windows of ``seqlen - 1`` tokens and each gets a BOS in front (module docstring).
     """
-    ids = tokenize(tokenizer, load_text(source, split="test"), split_special_tokens=str(source) == "ptb")
-    n = ids.numel() // seqlen
+    ids = tokenize(tokenizer, load_text(source, split="test"), split_special_tokens=str(source) == "ptb",
+                   add_special_tokens=not bos)
+    body = seqlen - 1 if bos else seqlen
+    n = ids.numel() // body
     if str(source) == "c4":
         n = min(n, C4_EVAL_WINDOWS)
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
         raise _too_short(source, ids.numel(), seqlen, "one evaluation window")
-    return ids[: n * seqlen]
+    ids = ids[: n * body]
+    return _with_bos(ids.view(n, body), tokenizer).flatten() if bos else ids

@@ -99,37 +99,55 @@ class _Caught(Exception):
     """Raised by the catcher to stop the forward pass at block 0."""
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    """Move the tensors inside nested tuples / lists / dicts to ``device``."""
+def _to(obj: Any, device: torch.device, memo: dict[int, torch.Tensor]) -> Any:
+    """Move the tensors inside nested tuples / lists / dicts to ``device``; a tensor met again (``memo``: id ->
+    moved copy) is moved once, so blocks that share a mask or rotary table share its copy."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
 def _catch_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the pre-block modules on ``device`` and catch block 0's hidden states [n, seq, d] and keyword args
-    (attention mask, position ids / embeddings, alibi, ...: whatever the model passes its blocks)."""
-    inps: list[torch.Tensor] = []
-    kwargs: dict[str, Any] = {}
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Run the pre-block modules on ``device`` and catch block 0's hidden states [n, seq, d] and every block's
+    keyword args (attention mask, position ids / embeddings, alibi, ...: whatever the model passes its blocks).
 
-    def catch(module: nn.Module, args: tuple, kw: dict) -> None:
-        kw = dict(kw)
-        inps.append(args[0] if args else kw.pop("hidden_states"))
-        if not kwargs:
-            kwargs.update(kw)
-        raise _Caught
+    The args are caught per block because they may differ: Gemma 2/3 give their sliding-window layers another
+    mask and other rotary embeddings than their global layers. While catching, each block's ``forward`` is a stub
+    that records its args and passes block 0's input on unchanged (no block computes, so streamed blocks may stay
+    on the meta device); the first sequence runs through every stub, the others stop at block 0."""
+    inps: list[torch.Tensor] = []
+    kwargs: dict[int, dict[str, Any]] = {}
+    last = len(blocks) - 1
+
+    def stub(i: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kw: Any) -> tuple[Any, ...]:
+            kw = dict(kw)
+            hidden = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                inps.append(hidden)
+            if i not in kwargs:
+                kwargs[i] = kw
+            if i == last or len(kwargs) == len(blocks):
+                raise _Caught
+            return (hidden,)  # read as the block's output (tuple) or as the next block's input: both unused
+
+        return forward
 
     outside = outside_blocks(model, blocks)
     homes = [next(m.parameters(), next(m.buffers(), torch.empty(0))).device for m in outside]
     for m in outside:
         m.to(device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (accelerate hooks)
+    for i, block in enumerate(blocks):
+        block.forward = stub(i)
     try:
         for j in range(calib.shape[0]):
             try:
@@ -137,10 +155,14 @@ def _catch_block_inputs(
             except _Caught:
                 pass
     finally:
-        handle.remove()
+        for block, forward in zip(blocks, own):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
         for m, home in zip(outside, homes):
             m.to(home)
-    return torch.cat(inps), _to(kwargs, device)
+    memo: dict[int, torch.Tensor] = {}
+    return torch.cat(inps), [_to(kwargs.get(i, kwargs[0]), device, memo) for i in range(len(blocks))]
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
@@ -173,7 +195,7 @@ def _hessians(
     return gptqs
 
 
-def _sensitivities(blocks: nn.ModuleList, prefix: str, inps: torch.Tensor, kwargs: dict[str, Any],
+def _sensitivities(blocks: nn.ModuleList, prefix: str, inps: torch.Tensor, kwargs: list[dict[str, Any]],
                    enabled: set[str], cfg: QuantConfig, device: torch.device,
                    visit: Callable[[int, bool], None] | None = None) -> dict[str, torch.Tensor]:
     """Pre-pass for ``quant.budget=global``: the sensitivity (docs/algorithm.md §1.6) of every layer named in ``enabled``, on
@@ -186,10 +208,10 @@ def _sensitivities(blocks: nn.ModuleList, prefix: str, inps: torch.Tensor, kwarg
         home = next(block.parameters()).device
         block.to(device)
         linears = {n: m for n, m in find_linears(block).items() if n in enabled}
-        for n, g in _hessians(block, linears, inps, kwargs).items():
+        for n, g in _hessians(block, linears, inps, kwargs[i]).items():
             scores[f"{prefix}.{i}.{n}"] = g.sensitivity(cfg.bits, cfg.sym, cfg.tuning, cfg.sens_grid, cfg.frob_norm)
         if i + 1 < len(blocks):
-            inps = _run_block(block, inps, kwargs)
+            inps = _run_block(block, inps, kwargs[i])
         block.to(home)
         if visit is not None:
             visit(i, False)
@@ -297,11 +319,11 @@ class _Setup:
 
 @dataclass
 class _Stream:
-    """The calibration (and selection) hidden states entering the next block, and the blocks' keyword args."""
+    """The calibration (and selection) hidden states entering the next block, and each block's keyword args."""
 
     inps: torch.Tensor | None
     sel_inps: torch.Tensor | None
-    kwargs: dict[str, Any]
+    kwargs: list[dict[str, Any]]
 
 
 def _recipe(cfg: QuantConfig | None, recipe: dict[str, Any]) -> QuantConfig:
@@ -333,7 +355,7 @@ def _catch(model: nn.Module, setup: _Setup, calib: torch.Tensor, select: torch.T
            device: torch.device, visit: Callable[[int, bool], None] | None = None) -> _Stream:
     """Block 0's calibration (and selection) inputs; for ``quant.budget=global`` also the pre-pass that spreads
     the weak columns over all blocks' layers (``visit``: as :func:`_sensitivities`'s)."""
-    inps, kwargs = (None, {}) if cfg.method == "rtn" else _catch_block_inputs(model, setup.blocks, calib, device)
+    inps, kwargs = (None, []) if cfg.method == "rtn" else _catch_block_inputs(model, setup.blocks, calib, device)
     sel_inps = None if select is None else _catch_block_inputs(model, setup.blocks, select, device)[0]
     if cfg.budget == "global" and inps is not None:  # docs/algorithm.md: wct/quant/budget.py
         enabled = {n for n in setup.first if setup.counts[n]}
@@ -355,10 +377,10 @@ def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, de
         gptqs: dict[str, GPTQ] = {}
         choosers: dict[str, GPTQ] = {}
         if cfg.method != "rtn":
-            gptqs = _hessians(block, {n: linears[n] for n in group}, stream.inps, stream.kwargs)
+            gptqs = _hessians(block, {n: linears[n] for n in group}, stream.inps, stream.kwargs[i])
         if stream.sel_inps is not None:
             choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"]},
-                                 stream.sel_inps, stream.kwargs)
+                                 stream.sel_inps, stream.kwargs[i])
         for n in group:
             layer = linears[n]
             packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
@@ -368,25 +390,29 @@ def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, de
             n_weak[f"{prefix}.{i}.{n}"] = per_layer[f"{prefix}.{i}.{n}"]
         del gptqs, choosers
     if stream.inps is not None and i + 1 < len(setup.blocks):
-        stream.inps = _run_block(block, stream.inps, stream.kwargs)  # the quantized block feeds the next one
+        stream.inps = _run_block(block, stream.inps, stream.kwargs[i])  # the quantized block feeds the next one
         if stream.sel_inps is not None:
-            stream.sel_inps = _run_block(block, stream.sel_inps, stream.kwargs)
+            stream.sel_inps = _run_block(block, stream.sel_inps, stream.kwargs[i])
     kernels.clear_cache()  # running the quantized block cached its dense weights (wct.kernels); not needed again
     block.to(home)
 
 
 def _finish(model: nn.Module, setup: _Setup, cfg: QuantConfig, n_weak: dict[str, int], losses: dict[str, float],
-            start: float, selection: str) -> QuantReport:
+            start: float, selection: str, calibration: dict[str, Any] | None = None) -> QuantReport:
     """The report, and ``model.config.quantization_config`` (a plain dict) for checkpointing. ``selection``: the
-    ``weak_selection`` entry (``calib`` or the selection text's label)."""
-    meta = describe_quantization(model, {
+    ``weak_selection`` entry (``calib`` or the selection text's label); ``calibration``: the ``calibration``
+    entry (how the calibration windows were made: source, n_samples, seqlen, seed, bos), when given."""
+    recipe = {
         "method": cfg.method,
         "target_bit": cfg.target_bit,
         "target_rank": cfg.target_rank,
         "sym": cfg.sym,
         "recipe": asdict(cfg),
         "weak_selection": selection,
-    })
+    }
+    if calibration is not None:
+        recipe["calibration"] = dict(calibration)
+    meta = describe_quantization(model, recipe)
     model.config.quantization_config = meta
     return QuantReport(
         cfg=cfg,
@@ -409,6 +435,7 @@ def quantize_model(
     progress: bool = True,
     select: torch.Tensor | None = None,
     selection_label: str = "select",
+    calibration: dict[str, Any] | None = None,
     **recipe: Any,
 ) -> QuantReport:
     """Quantize every linear of every decoder block of ``model`` in place (docs/algorithm.md §1.1).
@@ -420,7 +447,9 @@ def quantize_model(
     ``select``: token ids [n, seqlen] of other text (the fine-tuning task's) whose Hessians choose the weak columns
     instead of calib's: s_j = H^sel_jj·‖W_:,j − RTN(W)_:,j‖² (docs/algorithm.md §1.6 on H^sel). Like calib they are
     propagated through the already-quantized blocks; GPTQ's error compensation still runs on calib's Hessian.
-    ``selection_label`` names that text in ``quantization_config["weak_selection"]``.
+    ``selection_label`` names that text in ``quantization_config["weak_selection"]``. ``calibration``: how
+    ``calib`` was made (e.g. ``asdict(CalibConfig)`` with ``bos`` resolved), kept as
+    ``quantization_config["calibration"]``.
 
     :func:`wct.quant.stream.quantize_streaming` does the same block by block from safetensors shards.
     """
@@ -437,4 +466,5 @@ def quantize_model(
         _quantize_block(i, setup, stream, cfg, device, n_weak, losses)
     model.train(was_training)
     model.config.use_cache = use_cache
-    return _finish(model, setup, cfg, n_weak, losses, start, "calib" if select is None else selection_label)
+    return _finish(model, setup, cfg, n_weak, losses, start, "calib" if select is None else selection_label,
+                   calibration)

@@ -169,6 +169,7 @@ def quantize_streaming(
     max_shard_bytes: int = SHARD_BYTES,
     storage_dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
+    calibration: dict[str, Any] | None = None,
     **recipe: Any,
 ) -> QuantReport:
     """Quantize the Hugging Face folder ``source`` (safetensors, one file or shards) into the owq-pack folder
@@ -230,7 +231,8 @@ def quantize_streaming(
             visit(i, False)
             block_seconds.append(time.time() - tick)
         writer.close()
-        report = _finish(model, setup, cfg, n_weak, losses, start, "calib" if select is None else selection_label)
+        report = _finish(model, setup, cfg, n_weak, losses, start, "calib" if select is None else selection_label,
+                         calibration)
         report.block_seconds = block_seconds
         model.config.use_cache = use_cache
         write_side_files(model, tokenizer, tmp, packed_config(model, floats))

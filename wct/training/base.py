@@ -12,7 +12,7 @@ from pathlib import Path
 from wct.config import TrainApp
 from wct.data import chat, instruct
 from wct.data.embedded import TEXTS
-from wct.data.text import HUB_CORPORA, calibration_windows
+from wct.data.text import HUB_CORPORA, bos_label, calibration_windows, resolve_bos
 from wct.device import resolve_device
 from wct.io import atomic_file
 from wct.models import cache_dir, load_model, model_tag
@@ -81,13 +81,15 @@ def quantized_base(app: TrainApp, data: tuple[list[dict[str, str]], str]) -> Pat
     print(f"base: quantizing {app.model.name} with {qcfg.name} (cached afterwards in {out})")
     model, tok = load_model(app.model.name, dtype=app.model.dtype)
     c = app.calib
-    calib = calibration_windows(tok, source, c.n_samples, c.seqlen, c.seed)
+    bos = resolve_bos(tok, c.bos, "calib.bos")
+    calib = calibration_windows(tok, source, c.n_samples, c.seqlen, c.seed, bos)
     windows = None
     if select:
-        windows = calibration_windows(tok, select, c.n_samples, c.seqlen, c.seed)
+        windows = calibration_windows(tok, select, c.n_samples, c.seqlen, c.seed, bos)
         print(f"base: weak columns chosen on the Hessians of {c.n_samples} x {c.seqlen} tokens of the task's rows")
     report = quantize_model(model, calib, qcfg, device=resolve_device("auto"), progress=app.progress, select=windows,
-                            selection_label=f"task:{select.name}" if select else "select")
+                            selection_label=f"task:{select.name}" if select else "select",
+                            calibration=asdict(c) | {"source": source, "bos": bos_label(bos)})
     print(report.summary())
     try:
         save_quantized(model, tok, out)
