@@ -88,6 +88,28 @@ def test_quantize_run_writes_checkpoint_and_results(tmp_path, text, capsys):
     assert load_quantized(out)[0].config.quantization_config["target_bit"] == 3.1
 
 
+def test_bos_resolved_and_recorded(tmp_path, text):
+    """calib.bos / eval.bos reach the windows and are recorded resolved: in results.json of both verbs and in the
+    checkpoint's quantization_config; auto is never for tiny-llama's tokenizer (it adds no BOS)."""
+    from wct.evaluate import run as evaluate
+    from wct.quantize import run
+
+    res = run(cfg_of("quantize", tiny_overrides(tmp_path, text, "quant=owq-w4-t4.01", "calib.bos=always")))
+    assert res["bos"] == {"calib": "always", "eval": "never"}
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["bos"] == res["bos"]
+    out = Path(res["checkpoint"])
+    calibration = load_quantized(out)[0].config.quantization_config["calibration"]
+    assert calibration == {"source": str(text), "n_samples": 4, "seqlen": 64, "seed": 0, "fallback": "error",
+                           "bos": "always"}
+    common = [f"model.quantized={out}", f"eval.corpora=[{text}]", "eval.seqlen=64", "eval.max_windows=3",
+              "progress=false"]
+    auto = evaluate(cfg_of("evaluate", [*common, f"paths.run_dir={tmp_path / 'auto'}"]))
+    assert auto["bos"] == {"eval": "never"} and auto["ppl"] == res["ppl"]
+    always = evaluate(cfg_of("evaluate", [*common, "eval.bos=always", f"paths.run_dir={tmp_path / 'always'}"]))
+    assert json.loads((tmp_path / "always" / "results.json").read_text())["bos"] == {"eval": "always"}
+    assert always["ppl"]["book"] != auto["ppl"]["book"]
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -97,6 +119,8 @@ def test_quantize_run_writes_checkpoint_and_results(tmp_path, text, capsys):
         ("calib.seqlen=100000", "too few for one calibration window"),
         ("+quant.foo=1", "unknown config key quant.foo; valid keys here: method, bits"),
         ("+calib.n_sample=1", "unknown config key calib.n_sample"),
+        ("calib.bos=maybe", "calib.bos='maybe' is unknown; use one of auto, always, never"),
+        ("eval.bos=sometimes", "eval.bos='sometimes' is unknown; use one of auto, always, never"),
         ("+outdir=x", "unknown config key outdir"),
     ],
 )

@@ -66,7 +66,7 @@ def test_errors(tmp_path):
         load_model("someone/not-cached-model")  # conftest sets HF_HUB_OFFLINE=1
     with pytest.raises(WCTError, match="dtype"):
         as_dtype("int8")
-    assert set(BUILTIN) == {"smollm2-135m", "tiny-llama"}
+    assert set(BUILTIN) == {"smollm2-135m", "gemma-3-270m", "tiny-llama"}
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):

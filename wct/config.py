@@ -58,7 +58,7 @@ def at_least(key: str, value: float, low: float) -> None:
 
 @dataclass
 class ModelConfig:
-    """The base model: a built-in name (smollm2-135m, tiny-llama), a local folder, a .gguf file or a hub id."""
+    """The base model: a built-in name (smollm2-135m, gemma-3-270m, tiny-llama), a local folder, a .gguf file or a hub id."""
 
     name: str = "smollm2-135m"
     dtype: str = "float32"  # compute dtype of unquantized tensors (fp32 or bf16 on CPU; never fp16 there); auto:

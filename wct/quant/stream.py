@@ -61,12 +61,12 @@ def skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
 
 
 def source_folder(name: str) -> Path:
-    """The safetensors folder streaming reads for a ``model.name``: a local folder, or the built-in SmolLM2's
-    converted cache folder."""
-    from wct.models import SMOLLM2, smollm2_dir
+    """The safetensors folder streaming reads for a ``model.name``: a local folder, or a built-in model's
+    converted cache folder (SmolLM2, Gemma 3)."""
+    from wct.models import CONVERTED
 
-    if name == SMOLLM2:
-        return smollm2_dir()
+    if name in CONVERTED:
+        return CONVERTED[name]()
     path = Path(name).expanduser()
     if not path.is_dir():
         raise WCTError(f"stream=true reads a local Hugging Face model folder with safetensors weights; "
