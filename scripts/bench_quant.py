@@ -6,6 +6,11 @@ conf/quant/; every quantized model is saved as an owq-pack checkpoint, reloaded,
 
     python scripts/bench_quant.py                                   # full: 128 x 512 calibration, 40 windows
     python scripts/bench_quant.py --n-samples 16 --eval-windows 8 --rows fp,rtn-w4,owq-w4-t4.01
+    python scripts/bench_quant.py --model gemma-3-270m --rows fp,owq-w4-t4.01   # the second architecture
+
+``--model``: any ``model.name`` (``smollm2-135m``, ``gemma-3-270m`` when its GGUF is installed, a folder or GGUF).
+``--bos``: BOS in front of every calibration and evaluation window: auto (what the tokenizer does: SmolLM2 no,
+Gemma yes), always, never (docs/algorithm.md §1.10).
 
 Prints a table and writes JSON (``--out``). The load average is recorded: compare only runs under similar load.
 The "reference OWQ code" column is the perplexity the authors' code (github.com/xvyaward/owq) gave on this protocol
@@ -27,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from wct.config import CONF_DIR, quant_schema
-from wct.data.text import calibration_windows, eval_tokens
+from wct.data.text import BOS_MODES, bos_label, calibration_windows, eval_tokens, resolve_bos
 from wct.errors import WCTError
 from wct.evaluation.perplexity import perplexity
 from wct.io import atomic_file
@@ -49,10 +54,10 @@ def recipe(name: str):
     return OmegaConf.to_object(node)
 
 
-def bench_row(name: str, args, calib: torch.Tensor, tokens: torch.Tensor, work: Path) -> dict:
+def bench_row(name: str, args, calib: torch.Tensor, tokens: torch.Tensor, work: Path, bos: bool) -> dict:
     model, tok = load_model(args.model, dtype=args.dtype)
     if name == "fp":
-        ppl = perplexity(model, tokens, args.seqlen, desc="ppl fp")
+        ppl = perplexity(model, tokens, args.seqlen, desc="ppl fp", bos=bos)
         size = 2 * sum(p.numel() for p in model.parameters())  # an fp16 checkpoint (tied weights once)
         return {"row": "fp", "ppl": ppl, "paper_bits": 16.0, "stored_bits": 16.0, "low_bit_fraction": 0.0,
                 "checkpoint_bytes": size, "quantize_seconds": 0.0}
@@ -60,7 +65,7 @@ def bench_row(name: str, args, calib: torch.Tensor, tokens: torch.Tensor, work: 
     report = quantize_model(model, calib, cfg)
     out = save_quantized(model, tok, work / name)
     reloaded, _ = load_quantized(out, dtype=args.dtype)
-    ppl = perplexity(reloaded, tokens, args.seqlen, desc=f"ppl {name}")
+    ppl = perplexity(reloaded, tokens, args.seqlen, desc=f"ppl {name}", bos=bos)
     return {
         "row": name,
         "ppl": ppl,
@@ -75,7 +80,7 @@ def bench_row(name: str, args, calib: torch.Tensor, tokens: torch.Tensor, work: 
 
 def reference_ppl(args: argparse.Namespace) -> dict[str, float]:
     """The reference figures, or none when the run's protocol is not the one they were measured on."""
-    same = all(getattr(args, key) == value for key, value in REFERENCE_PROTOCOL.items())
+    same = all(getattr(args, key) == value for key, value in REFERENCE_PROTOCOL.items()) and args.bos != "always"
     return REFERENCE_PPL if same and Path(args.calib).name == "emma.txt" else {}
 
 
@@ -106,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=str(DATA / "janeausten" / "emma.txt"))
     p.add_argument("--eval", default=str(DATA / "janeausten" / "prideprejudice.txt"))
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--bos", default="auto", choices=BOS_MODES, help="BOS in front of every window")
     p.add_argument("--out", default="bench_quant.json")
     return p
 
@@ -114,12 +120,14 @@ def main() -> None:
     args = parser().parse_args()
 
     _, tok = load_model(args.model)
-    calib = calibration_windows(tok, args.calib, args.n_samples, args.seqlen, seed=args.seed)
-    tokens = eval_tokens(tok, args.eval, args.seqlen, args.eval_windows)
-    meta = {"args": vars(args), "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    bos = resolve_bos(tok, args.bos, "--bos")
+    calib = calibration_windows(tok, args.calib, args.n_samples, args.seqlen, seed=args.seed, bos=bos)
+    tokens = eval_tokens(tok, args.eval, args.seqlen, args.eval_windows, bos=bos)
+    meta = {"args": vars(args), "bos": bos_label(bos), "threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine()}
     print(f"calibration {tuple(calib.shape)} from {args.calib}; evaluation {tokens.numel()} tokens of {args.eval}; "
-          f"threads {meta['threads']}, loadavg {meta['loadavg_start']}")
+          f"BOS {meta['bos']}; threads {meta['threads']}, loadavg {meta['loadavg_start']}")
     reference = reference_ppl(args)
     if not reference:
         print("reference OWQ code column: '-' (its figures are for 128 x 512 Emma windows seed 0, 40 eval windows, fp32)")
@@ -128,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for name in args.rows.split(","):
             try:
-                rows.append(bench_row(name, args, calib, tokens, Path(work)))
+                rows.append(bench_row(name, args, calib, tokens, Path(work), bos))
             except WCTError as e:  # e.g. a group size that does not divide this model's widths
                 rows.append({"row": name, "error": str(e)})
             print(table(rows[-1:], reference).splitlines()[-1], flush=True)

@@ -39,7 +39,7 @@ def test_reference_column_only_on_its_protocol(bench):
     assert "reference OWQ code" in header
     assert line.split()[:3] == ["owq-w3-t3.01", "41.500", "40.64"]
     for change in ({"seed": 1}, {"n_samples": 16}, {"eval_windows": 8}, {"dtype": "bfloat16"},
-                   {"calib": "/data/other.txt"}):
+                   {"calib": "/data/other.txt"}, {"bos": "always"}):
         other = bench.reference_ppl(protocol_args(bench, **change))
         assert other == {}, change
         assert bench.table([row], other).splitlines()[2].split()[2] == "-"
@@ -61,5 +61,6 @@ def test_seed_changes_the_calibration_windows(tmp_path):
         assert "reference OWQ code" in r.stdout
         outs.append(json.loads(out.read_text()))
     assert [o["meta"]["args"]["seed"] for o in outs] == [0, 1]
+    assert [o["meta"]["bos"] for o in outs] == ["never", "never"]  # auto: tiny-llama's tokenizer adds no BOS
     assert outs[0]["reference_owq_code"] == outs[1]["reference_owq_code"] == {}
     assert outs[0]["rows"][0]["ppl"] != outs[1]["rows"][0]["ppl"]

@@ -74,6 +74,17 @@ def test_quantize_export_reload_bitwise(tmp_path):
         torch.testing.assert_close(a(ids).logits, ref, rtol=0, atol=2e-3)  # fp16 storage of the unquantized tensors
 
 
+def test_gguf_location(monkeypatch, tmp_path):
+    from wct.models import gemma3_gguf
+
+    monkeypatch.setenv("WCT_GEMMA_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(WCTError, match="WCT_GEMMA_GGUF=.*missing.gguf is not a file; point it to gemma-3-270m-q4_k_m"):
+        gemma3_gguf()
+    (tmp_path / "g.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("WCT_GEMMA_GGUF", str(tmp_path / "g.gguf"))
+    assert gemma3_gguf() == tmp_path / "g.gguf"
+
+
 def _gemma_or_skip():
     from wct.models import gemma3_gguf
 

@@ -58,7 +58,8 @@ def at_least(key: str, value: float, low: float) -> None:
 
 @dataclass
 class ModelConfig:
-    """The base model: a built-in name (smollm2-135m, gemma-3-270m, tiny-llama), a local folder, a .gguf file or a hub id."""
+    """The base model: a built-in name (smollm2-135m, gemma-3-270m, tiny-llama), a local folder, a .gguf file or a
+    hub id."""
 
     name: str = "smollm2-135m"
     dtype: str = "float32"  # compute dtype of unquantized tensors (fp32 or bf16 on CPU; never fp16 there); auto:
@@ -86,7 +87,7 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     fallback: str = "error"  # a local ``source`` that is missing: "error", or "task" (training: the task's text)
-    bos: str = "auto"  # each window starts with BOS: auto (if the tokenizer adds one), always, never (docs/algorithm.md §1.2)
+    bos: str = "auto"  # each window starts with BOS: auto (if the tokenizer adds one), always, never (§1.2)
 
     def __post_init__(self) -> None:
         at_least("calib.n_samples", self.n_samples, 1)

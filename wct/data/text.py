@@ -143,7 +143,8 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
-    return tokenizer("x")["input_ids"][:1] == [bos] and tokenizer("x", add_special_tokens=False)["input_ids"][:1] != [bos]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return tokenizer("x")["input_ids"][:1] == [bos] and plain[:1] != [bos]
 
 
 def resolve_bos(tokenizer, mode: str, key: str = "bos") -> bool:
