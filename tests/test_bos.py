@@ -120,3 +120,11 @@ def test_never_is_the_previous_protocol_bitwise(book):
     assert tokens.tolist() == ids[: n * 40]
     assert perplexity(model, tokens, 40, progress=False) == math.exp(total / n)
     assert perplexity(model, tokens, 40, progress=False, bos=False) == math.exp(total / n)
+
+
+def test_model_card_states_the_calibration():
+    from wct.exporting import calibration_text
+
+    calibration = {"source": "emma", "n_samples": 128, "seqlen": 512, "seed": 0, "fallback": "error", "bos": "always"}
+    assert calibration_text(calibration) == "128 x 512 tokens of emma (seed 0), BOS always"
+    assert calibration_text(None) == "n/a"  # a base quantized before the calibration was recorded
