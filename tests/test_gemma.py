@@ -106,11 +106,10 @@ def test_real_gemma_quantize_and_evaluate_with_bos(tmp_path, shared_data):
     from wct.quantize import run as quantize
 
     book = shared_data / "janeausten" / "prideprejudice.txt"
-    small = ["calib.n_samples=4", "calib.seqlen=128", "eval.seqlen=128", "eval.max_windows=2", "progress=false",
-             f"eval.corpora=[{book}]"]
+    small = ["eval.seqlen=128", "eval.max_windows=2", "progress=false", f"eval.corpora=[{book}]"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        q = compose("quantize", ["model=gemma-3-270m", "quant=owq-w4-t4.01", *small,
-                                 f"paths.quantized_dir={tmp_path / 'q'}", f"paths.run_dir={tmp_path / 'run'}"])
+        q = compose("quantize", ["model=gemma-3-270m", "quant=owq-w4-t4.01", "calib.n_samples=4", "calib.seqlen=128",
+                                 *small, f"paths.quantized_dir={tmp_path / 'q'}", f"paths.run_dir={tmp_path / 'run'}"])
         res = quantize(q)
         assert res["bos"] == {"calib": "always", "eval": "always"}
         out = res["checkpoint"]
