@@ -95,6 +95,7 @@ def _gemma_or_skip():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # GPTQ's fixed cost on 126 linears: ~10 min on 2 busy CPU cores
 def test_real_gemma_quantize_and_evaluate_with_bos(tmp_path, shared_data):
     """wct.quantize on gemma-3-270m, 4 x 128 calibration and 2 x 128 evaluation tokens: bos=auto resolves to
     always (its tokenizer adds BOS), the checkpoint reloads bit for bit through both loaders, and BOS matters."""
