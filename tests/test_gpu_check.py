@@ -77,7 +77,8 @@ def test_assemble_names_what_did_not_arrive(tmp_path, files):
 def test_assemble_refuses_a_corrupt_piece_and_a_missing_manifest(tmp_path, files):
     folders = pack(files, tmp_path / "kit", limit=1000)
     piece = next(folders[0].rglob("*.part*"))
-    piece.write_bytes(b"x" + piece.read_bytes()[1:])
+    data = piece.read_bytes()
+    piece.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # always a different first byte (the data is random)
     done, missing = assemble(folders, tmp_path / "out")
     assert "checksum differs" in missing["wheels/big-1.0-py3-none-any.whl"]
     assert not (tmp_path / "out" / "wheels" / "big-1.0-py3-none-any.whl").exists()
