@@ -257,8 +257,8 @@ def config_dict(name_or_path: str | os.PathLike) -> dict:
     path = Path(name).expanduser()
     if name == TINY_LLAMA:
         return tiny_llama()[0].config.to_dict()
-    if name == SMOLLM2:
-        path = smollm2_dir()
+    if name in CONVERTED:
+        path = CONVERTED[name]()
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file() or path.suffix != ".json":
