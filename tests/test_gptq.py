@@ -59,14 +59,15 @@ def test_hessian_is_running_mean_over_sequences():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_no_weak_columns_equals_plain_gptq(blocksize, act_order):
     w, _, gq = layer()
+    H = gq.H
     q, scales, zeros = gq.solve(
         torch.zeros(0, dtype=torch.int32), 3, tuning="minmax", blocksize=blocksize, act_order=act_order,
         scale_dtype=None,
     )
     s, z = fit_minmax(w, 3)
     assert torch.allclose(scales[0], s) and torch.equal(zeros[0], z.long())
-    order = torch.argsort(torch.diagonal(gq.H), descending=True).tolist() if act_order else list(range(20))
-    ref = reference_gptq(w, damped(gq.H), order, order, lambda c: (s, z), 3)
+    order = torch.argsort(torch.diagonal(H), descending=True).tolist() if act_order else list(range(20))
+    ref = reference_gptq(w, damped(H), order, order, lambda c: (s, z), 3)
     assert torch.allclose(q, ref, atol=1e-9)
     assert not torch.allclose(q, fake_quantize(w, s, z, 3))  # the error feedback did something
 
@@ -78,13 +79,14 @@ def test_weak_columns_absorb_the_error_compensation(act_order):
     w, _, gq = layer()
     sens = gq.sensitivity(3, tuning="mse", grid=40)
     weak = GPTQ.weak_columns(sens, 4)
+    H = gq.H
     q, scales, zeros = gq.solve(weak, 3, tuning="mse", grid=30, act_order=act_order, order_key=sens, scale_dtype=None)
 
     o = weak.long()
     n = torch.tensor([c for c in range(20) if c not in o.tolist()])
     s, z = fit(w[:, n], 3, False, "mse", 30)  # fitted on the non-weak columns only (docs/algorithm.md §1.7)
     assert torch.allclose(scales[0], s) and torch.equal(zeros[0], z.long())
-    h = damped(gq.H)
+    h = damped(H)
     schur = h[n][:, n] - h[n][:, o] @ torch.linalg.solve(h[o][:, o], h[o][:, n])
     order = torch.argsort(sens[n], descending=True, stable=True).tolist() if act_order else list(range(len(n)))
     ref_n = reference_gptq(w[:, n], schur, order, order, lambda c: (s, z), 3)
@@ -111,6 +113,7 @@ def test_groups_refit_on_entry_and_pack_exactly():
     # blocksize 1 makes "W as of the last block boundary" the current W, so the reference refits on it
     w, _, gq = layer(k=24)
     weak = torch.tensor([2, 9, 10], dtype=torch.int32)
+    H = gq.H
     q, scales, zeros = gq.solve(weak, 3, tuning="mse", group_size=8, group_grid=20, blocksize=1, scale_dtype=None)
     assert scales.shape == (3, 12) and zeros.shape == (3, 12)
     n = [c for c in range(24) if c not in weak.tolist()]
@@ -122,7 +125,7 @@ def test_groups_refit_on_entry_and_pack_exactly():
             cols = [j for j in n if j // 8 == g]
             fitted[g] = fit(cur[:, cols], 3, False, "mse", 20)
 
-    ref = reference_gptq(w, damped(gq.H), n + weak.tolist(), n, lambda c: fitted[c // 8], 3, refit)
+    ref = reference_gptq(w, damped(H), n + weak.tolist(), n, lambda c: fitted[c // 8], 3, refit)
     assert torch.allclose(q, ref, atol=1e-9)
     for g in range(3):
         assert torch.allclose(scales[g], fitted[g][0]) and torch.equal(zeros[g], fitted[g][1].long())
@@ -161,13 +164,25 @@ def test_dead_inputs_are_zeroed():
 def test_owq_reconstructs_layer_output_better_than_rtn():
     w, x, gq = layer(n=32, k=40, tokens=256)
     sens = gq.sensitivity(3)
+    plain = GPTQ(w, dtype=F64, H=gq.H, nsamples=gq.nsamples)  # the same Hessian, shared
     q_owq, _, _ = gq.solve(GPTQ.weak_columns(sens, 2), 3, scale_dtype=None)
-    q_gptq, _, _ = gq.solve(torch.zeros(0, dtype=torch.int32), 3, scale_dtype=None)
+    q_gptq, _, _ = plain.solve(torch.zeros(0, dtype=torch.int32), 3, scale_dtype=None)
     s, z = fit(w, 3, False, "mse", 100)
     q_rtn = fake_quantize(w, s, z, 3)
     err = lambda q: ((w - q) @ x.t()).pow(2).sum().item()  # noqa: E731
     assert err(q_owq) < err(q_gptq) < err(q_rtn)
     assert err(q_owq) < 0.5 * err(q_rtn)
+
+
+def test_solve_releases_the_hessian_without_writing_into_it():
+    """Layers reading one input share its Hessian (wct.quant.owq); a solve must leave the shared matrix as it was
+    and drop its own reference so the memory goes once the last sharer is solved (docs/scale.md)."""
+    w, _, gq = layer()
+    H = gq.H
+    before = H.clone()
+    gq.solve(GPTQ.weak_columns(gq.sensitivity(3), 3), 3, act_order=True, scale_dtype=None)
+    assert gq.H is None
+    assert torch.equal(H, before)
 
 
 def test_not_positive_definite_hessian_is_a_clear_error():

@@ -83,6 +83,30 @@ def test_torch_backend_matches_float64(bits, group, n_o, sym, cache):
     assert (kernels.cached_dense(layer, torch.float32) is not None) == (cache == "1")
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("n_o", N_WEAK)
+def test_torch_backend_gives_the_same_bits_with_and_without_the_cache(bits, n_o):
+    """Quantization runs each quantized block uncached (wct.kernels.no_dense_cache) and must feed the next block
+    exactly what a cached run fed it; training must not depend on the cache budget either."""
+    layer, _ = make_layer(bits, 128, n_o)
+    x = torch.randn(2, 3, 256)
+    outs = []
+    for cache in ("1", "0"):
+        kernels.configure(cache_dense=cache)
+        xg = x.clone().requires_grad_(True)
+        with kernels.use_kernel("torch"):
+            y = layer(xg)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xg.grad, layer.weak_weight.grad.clone()))
+        layer.weak_weight.grad = None
+    kernels.configure(cache_dense="auto")
+    with kernels.no_dense_cache(), kernels.use_kernel("torch"):
+        assert torch.equal(layer(x), outs[0][0])
+        assert kernels.cached_dense(layer, torch.float32) is None
+    for cached, uncached in zip(*outs):
+        assert torch.equal(cached, uncached)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n_o", N_WEAK)
 @pytest.mark.parametrize("group", [None, 128])

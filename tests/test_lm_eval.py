@@ -80,6 +80,59 @@ def test_cli_lm_eval_table_and_results(packed, tmp_path, capsys):
             assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_cli_lm_eval_on_an_adapter_export_scores_base_plus_adapter(method, tmp_path, monkeypatch, capsys):
+    """eval=lm_eval on a LoRA / QLoRA adapter folder written by wct.export (model.name=<folder>: its base, NF4 for
+    QLoRA, plus the adapter) gives the accuracy of independent log-likelihoods of that model, not of the base."""
+    from hydra import compose, initialize_config_dir
+
+    from wct.baselines import prepare_lora_model
+    from wct.config import CONF_DIR
+    from wct.evaluate import run
+    from wct.exporting import export_adapter
+    from wct.loading import load_adapter_export
+    from wct.runs import Trained
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    monkeypatch.chdir(REPO)
+    model, tok = tiny_llama()
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    peft_model = prepare_lora_model(model, method, **lora)
+    trained = {}
+    g = torch.Generator().manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.data += 0.5 * torch.randn(p.shape, generator=g)  # 'training': the adapter changes the scores
+            trained[name] = p.detach().clone()
+    config = {"model": {"name": "tiny-llama", "dtype": "float32"}, "method": {"name": method, **lora}}
+    export_adapter(Trained(peft_model, tok, method, config, "tiny-llama", None, trained), tmp_path / "adapter")
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"model.name={tmp_path / 'adapter'}", "eval=lm_eval", "eval.tasks=[wct_tiny_mc]",
+            f"eval.include_path={FIXTURES}", f"paths.run_dir={tmp_path / 'run'}", "progress=false"])
+        results = run(cfg)
+    assert "wct_tiny_mc" in capsys.readouterr().out
+    adapted, atok = load_adapter_export(tmp_path / "adapter")
+    base, btok = tiny_llama()
+    rows = [json.loads(line) for line in (FIXTURES / "tiny_mc.jsonl").read_text().splitlines()]
+
+    def accuracy(m, t) -> float:
+        hits = []
+        for row in rows:
+            context = f"Question: {row['question']}\nAnswer:"
+            ll = [choice_loglikelihood(m, t, context, f" {c}") for c in row["choices"]]
+            hits.append(float(max(range(len(ll)), key=ll.__getitem__) == row["answer"]))
+        return sum(hits) / len(hits)
+
+    got = results["lm_eval"]["results"]["wct_tiny_mc"]["acc,none"]
+    assert got == pytest.approx(accuracy(adapted, atok))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["lm_eval"]["results"]["wct_tiny_mc"]["acc,none"] == got
+    assert got != accuracy(base, btok)  # the score is the adapted model's, which ranks the choices differently
+
+
 def test_uncached_dataset_is_one_line(packed, tmp_path):
     from wct.evaluation.harness import run_lm_eval
 

@@ -10,7 +10,8 @@ from wct.errors import WCTError
 from wct.nn.owq_linear import OWQLinear
 from wct.quant.blocks import budget_ratios, find_blocks, find_linears, layer_role, sequential_groups
 from wct.quant.config import QuantConfig
-from wct.quant.owq import quantize_model, weak_counts
+from wct.quant.gptq import GPTQ
+from wct.quant.owq import _hessians, quantize_model, weak_counts
 
 LLAMA_7B = {
     **{f"self_attn.{p}_proj": (4096, p, 1.0) for p in "qkvo"},
@@ -309,3 +310,33 @@ def test_selection_data_errors():
         quantize_model(tiny_llama(), calib, QuantConfig(method="rtn"), progress=False, select=calib)
     with pytest.raises(WCTError, match="selection set is empty"):
         quantize_model(tiny_llama(), calib, QuantConfig(target_rank=2), progress=False, select=calib[:0])
+
+
+def test_layers_reading_one_input_share_one_hessian():
+    """q/k/v (and gate/up) read the same tensor: their Hessian is accumulated once and shared, with the same bits as
+    one accumulator per layer, and close to the float64 H = (2/N) Σ x xᵀ of each layer's own inputs."""
+    model = tiny_llama()
+    block = model.model.layers[0]
+    hidden = torch.randn(3, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16)[None]
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden[:1], pos), "position_ids": pos}
+    linears = find_linears(block)
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    hooks = [m.register_forward_hook(lambda mod, x, y, n=n: seen[n].append(x[0].detach().clone()))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        gptqs = _hessians(block, linears, hidden, kwargs)
+    for h in hooks:
+        h.remove()
+    attn, mlp = "self_attn.", "mlp."
+    assert gptqs[attn + "q_proj"].H is gptqs[attn + "k_proj"].H is gptqs[attn + "v_proj"].H
+    assert gptqs[mlp + "gate_proj"].H is gptqs[mlp + "up_proj"].H
+    assert gptqs[attn + "o_proj"].H is not gptqs[attn + "q_proj"].H
+    assert gptqs[mlp + "down_proj"].H is not gptqs[mlp + "up_proj"].H
+    for n, layer in linears.items():
+        own = GPTQ(layer.weight)
+        for x in seen[n]:
+            own.add_batch(x)
+        assert torch.equal(gptqs[n].H, own.H) and gptqs[n].nsamples == own.nsamples == 3
+        x64 = torch.cat(seen[n]).reshape(-1, layer.in_features).double()
+        assert torch.allclose(gptqs[n].H.double(), 2 / 3 * x64.t() @ x64, rtol=1e-4, atol=1e-5)

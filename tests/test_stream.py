@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from wct.errors import WCTError
 from wct.models import load_model, tiny_llama
 from wct.quant.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
-from wct.shards import INDEX, SINGLE, ShardReader, payload_bytes
+from wct.shards import INDEX, SINGLE, ShardReader, ShardWriter, payload_bytes
 from wct.quant.stream import block_need, check_fits, quantize_streaming
 
 
@@ -31,6 +32,16 @@ def sharded(tmp_path_factory) -> Path:
 
 def calib_ids(n: int = 4, seq: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_checkpoint(mem: Path, streamed: Path) -> dict[str, torch.Tensor]:
+    a, b = ShardReader(mem).load_all(), ShardReader(streamed).load_all()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    conf_a, conf_b = (json.loads((d / "config.json").read_text()) for d in (mem, streamed))
+    assert conf_a == conf_b
+    return b
 
 
 RECIPES = [
@@ -52,14 +63,29 @@ def test_streaming_equals_in_memory_bitwise(sharded, tmp_path, recipe):
     assert (tmp_path / "str" / INDEX).is_file() and not (tmp_path / "str" / SINGLE).exists()
     shards = sorted(p.name for p in (tmp_path / "str").glob("model-*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    a, b = ShardReader(tmp_path / "mem").load_all(), ShardReader(tmp_path / "str").load_all()
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-    conf_a, conf_b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "str"))
-    assert conf_a == conf_b
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
     assert report_mem.n_weak == report_str.n_weak and report_mem.loss == report_str.loss
     assert (tmp_path / "str" / "tokenizer_config.json").is_file()
+
+
+def test_untied_head_is_streamed_from_the_checkpoint_bitwise(tmp_path):
+    """A separate output head is not read for the catch; it is written straight from the checkpoint (fp16 there,
+    fp16 stored, no fp32 copy) and must equal what the in-memory path stores."""
+    model, tok = tiny_llama()
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    folder = tmp_path / "untied"
+    untied.to(torch.float16).save_pretrained(folder, max_shard_size="60KB")
+    tok.save_pretrained(folder)
+    mem, _ = load_model(folder, dtype=torch.float32)
+    quantize_model(mem, calib_ids(), progress=False, bits=4, target_rank=2)
+    save_quantized(mem, tok, tmp_path / "mem")
+    quantize_streaming(folder, tmp_path / "str", calib_ids(), progress=False, max_shard_bytes=20_000, bits=4,
+                       target_rank=2)
+    b = assert_same_checkpoint(tmp_path / "mem", tmp_path / "str")
+    assert not torch.equal(b["lm_head.weight"], b["model.embed_tokens.weight"])
+    assert b["lm_head.weight"].dtype == torch.float16
 
 
 def test_sharded_packed_checkpoint_reloads_bitwise(sharded, tmp_path):
@@ -165,3 +191,56 @@ def test_streaming_on_cuda_equals_in_memory_on_cuda(sharded, tmp_path):
     quantize_streaming(sharded, tmp_path / "str", calib, device="cuda", progress=False, **recipe)
     a, b = ShardReader(tmp_path / "mem").load_all(), ShardReader(tmp_path / "str").load_all()
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_shard_writer_keeps_no_tensor_and_writes_files_safetensors_reads(tmp_path):
+    """Each tensor goes to disk as it is added (the writer holds no reference: an output shard never waits in
+    memory); the shards are safetensors files that safetensors itself loads back exactly, every dtype wct writes."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 2, generator=g).bfloat16(), "i32": torch.randint(-9, 9, (4, 6), dtype=torch.int32),
+        "i64": torch.arange(5), "u8": torch.arange(9, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "strided": torch.randn(6, 4, generator=g).t(),
+    }
+    writer = ShardWriter(tmp_path, max_bytes=64, metadata={"format": "pt", "who": "test"})
+    for name, t in tensors.items():
+        own = t.clone()
+        alive = weakref.ref(own)
+        writer.add(name, own)
+        del own
+        assert alive() is None, name
+    files = writer.close()
+    assert len(files) > 3 and (tmp_path / INDEX).is_file()
+    back: dict[str, torch.Tensor] = {}
+    for f in files:
+        back.update(load_file(str(f)))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t), name
+    assert not list(tmp_path.glob(".shard-*"))  # no data files left behind
+
+
+def test_shard_writer_refuses_a_shard_that_reads_back_different(tmp_path, monkeypatch):
+    import wct.shards as shards
+
+    copy = shards.shutil.copyfileobj
+
+    def corrupting(src, dst, length):  # a disk that flips the last byte written
+        copy(src, dst, length)
+        dst.seek(-1, 2)
+        last = dst.tell()
+        dst.flush()
+        with open(dst.name, "r+b") as f:
+            f.seek(last)
+            byte = f.read(1)
+            f.seek(last)
+            f.write(bytes([byte[0] ^ 1]))
+
+    monkeypatch.setattr(shards.shutil, "copyfileobj", corrupting)
+    writer = ShardWriter(tmp_path, max_bytes=1 << 20)
+    writer.add("a", torch.arange(10, dtype=torch.int32))
+    with pytest.raises(OSError, match="tensor a reads back different"):
+        writer.close()

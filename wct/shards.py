@@ -1,17 +1,18 @@
 """Sharded safetensors folders as transformers writes them: ``model-00001-of-00003.safetensors`` ... plus
 ``model.safetensors.index.json`` ({"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}), or a single
 ``model.safetensors``. Read lazily tensor by tensor (:class:`ShardReader`), written shard by shard
-(:class:`ShardWriter`) so that neither needs the whole model in memory.
+(:class:`ShardWriter`, tensor by tensor to disk) so that neither needs the whole model in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from wct.errors import WCTError
 
@@ -106,38 +107,87 @@ class ShardReader:
         return {name: self.get(name) for name in self.map}
 
 
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+_CHUNK = 16 * 2**20  # bytes copied or read back at a time
+
+
+def _raw(t: torch.Tensor):
+    """The bytes of the contiguous CPU tensor ``t`` as a numpy uint8 view (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
 class ShardWriter:
-    """Writes tensors into shards of at most ``max_bytes`` (a bigger tensor gets a shard of its own) inside
-    ``folder`` (a temporary folder that the caller renames into place). Each shard is read back and compared before
-    its tensors are dropped; :meth:`close` gives the shards their final names and writes the index (one shard:
-    plain ``model.safetensors``, no index)."""
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (a bigger tensor gets a shard of its own)
+    inside ``folder`` (a temporary folder that the caller renames into place), holding none of them in memory: each
+    tensor's bytes go to the current shard's data file as it is added; :meth:`flush` writes the shard (8-byte
+    header length, JSON header, the data copied in chunks; the safetensors layout), checks that safetensors reads
+    its header back and that every tensor's bytes on disk hash as written. :meth:`close` gives the shards their
+    final names and writes the index (one shard: plain ``model.safetensors``, no index)."""
 
     def __init__(self, folder: Path, max_bytes: int, metadata: dict[str, str] | None = None):
         self.folder, self.max_bytes, self.metadata = Path(folder), max_bytes, metadata or {"format": "pt"}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
+        self._data = None  # the current shard's data file, open for appending
+        self._header: dict[str, dict] = {}
+        self._digests: dict[str, bytes] = {}
+        self._offset = 0
         self._written: list[tuple[Path, list[str]]] = []
         self.total = 0
 
+    def _path(self, suffix: str) -> Path:
+        return self.folder / f".shard-{len(self._written):05d}.{suffix}"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffered + size > self.max_bytes:
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype not in _DTYPE_NAMES:
+            raise WCTError(f"tensor {name} has dtype {t.dtype}, which wct does not write to safetensors")
+        size = t.numel() * t.element_size()
+        if self._header and self._offset + size > self.max_bytes:
             self.flush()
-        self._buffer[name] = tensor.detach().cpu().contiguous()
-        self._buffered += size
+        if self._data is None:
+            self._data = open(self._path("data"), "wb")
+        raw = _raw(t)
+        self._data.write(raw.data)
+        self._header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self._offset, self._offset + size]}
+        self._digests[name] = hashlib.blake2b(raw.data).digest()
+        self._offset += size
         self.total += size
 
     def flush(self) -> None:
-        if not self._buffer:
+        if self._data is None:
             return
-        path = self.folder / f".shard-{len(self._written):05d}.safetensors"
-        save_file(self._buffer, str(path), metadata=self.metadata)
+        self._data.close()
+        data, path = self._path("data"), self._path("safetensors")
+        header = json.dumps({"__metadata__": self.metadata, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(path, "wb") as out, open(data, "rb") as src:
+            out.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(src, out, _CHUNK)
+        data.unlink()
+        self._verify(path, 8 + len(header))
+        self._written.append((path, list(self._header)))
+        self._data, self._header, self._digests, self._offset = None, {}, {}, 0
+
+    def _verify(self, path: Path, start: int) -> None:
+        """safetensors parses the shard's header into the tensors written, and each tensor's bytes hash as written."""
         with safe_open(str(path), framework="pt") as f:
-            for name, t in self._buffer.items():
-                if not torch.equal(f.get_tensor(name), t):
+            if set(f.keys()) != set(self._header):
+                raise OSError(f"{path}: safetensors reads other tensor names back than were written")
+        with open(path, "rb") as f:
+            for name, info in self._header.items():
+                a, b = info["data_offsets"]
+                f.seek(start + a)
+                h = hashlib.blake2b()
+                while a < b:
+                    chunk = f.read(min(_CHUNK, b - a))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    a += len(chunk)
+                if h.digest() != self._digests[name]:
                     raise OSError(f"{path}: tensor {name} reads back different from what was written")
-        self._written.append((path, list(self._buffer)))
-        self._buffer, self._buffered = {}, 0
 
     def close(self) -> list[Path]:
         self.flush()

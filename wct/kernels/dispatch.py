@@ -73,6 +73,19 @@ def use_kernel(kernel: str) -> Iterator[None]:
         _config["kernel"] = old
 
 
+@contextlib.contextmanager
+def no_dense_cache() -> Iterator[None]:
+    """Run a block with the torch backend building each dense weight per call and dropping it (the same bits as
+    cached calls, wct.kernels.reference): quantization runs each quantized block once, so a cache would only add a
+    dense block to its peak memory."""
+    old = _config["cache_dense"]
+    _config["cache_dense"] = "0"
+    try:
+        yield
+    finally:
+        _config["cache_dense"] = old
+
+
 def clear_cache() -> None:
     """Drop every cached dense weight."""
     _dense_cache.clear()

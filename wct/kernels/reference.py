@@ -1,7 +1,9 @@
-"""The torch backend: unpack, dequantize, scatter W_o, matmul. The oracle for the other backends and the CPU path.
+"""The torch backend: unpack, dequantize, matmul, add the weak columns. The oracle for the other backends and the
+CPU path.
 
-With ``dense`` (the cached dequantized dense part [N, K], exactly 0 at the weak columns) the frozen part is not
-rebuilt: y = x·W_denseᵀ + x[:, idx]·W_o + b, and dX = dY·W_dense with dY·W_oᵀ added at the weak columns.
+W_dense is the dequantized dense part [N, K], exactly 0 at the weak columns: y = x·W_denseᵀ + x[:, idx]·W_o + b,
+and dX = dY·W_dense with dY·W_oᵀ added at the weak columns. With ``dense`` (the cache) it is not rebuilt; without,
+it is built for the call and dropped, so cached and uncached calls give the same bits.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wct.pack import dequantize_dense, dequantize_full, plane_layout
+from wct.pack import dequantize_dense, plane_layout
 
 
 def _planes(planes: list[torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
@@ -27,14 +29,13 @@ def forward(
     x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
     bias: Tensor | None, dense: Tensor | None, bits: int,
 ) -> Tensor:
-    """y [M, N] for x [M, K]."""
+    """y [M, N] for x [M, K]; without a cached ``dense`` it is built for this call, so the result is the same bits
+    with and without the cache."""
     if dense is None:
-        w = dequantize_full(_planes(planes, bits), scales, zeros, weak_idx, weak_weight, bits, x.shape[1], x.dtype)
-        y = x @ w.t()
-    else:
-        y = x @ dense.t()
-        if weak_idx.numel():
-            y = torch.addmm(y, x[:, weak_idx.long()], weak_weight.to(x.dtype))
+        dense = dense_weight(planes, scales, zeros, bits, x.shape[1], x.dtype)
+    y = x @ dense.t()
+    if weak_idx.numel():
+        y = torch.addmm(y, x[:, weak_idx.long()], weak_weight.to(x.dtype))
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -42,10 +43,9 @@ def grad_input(
     dy: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
     dense: Tensor | None, bits: int, in_features: int,
 ) -> Tensor:
-    """dX [M, K] = dY·W_full for dY [M, N]."""
+    """dX [M, K] = dY·W_full for dY [M, N] (the same bits with and without a cached ``dense``, as :func:`forward`)."""
     if dense is None:
-        w = dequantize_full(_planes(planes, bits), scales, zeros, weak_idx, weak_weight, bits, in_features, dy.dtype)
-        return dy @ w
+        dense = dense_weight(planes, scales, zeros, bits, in_features, dy.dtype)
     dx = dy @ dense
     if weak_idx.numel():
         dx.index_add_(1, weak_idx.long(), dy @ weak_weight.to(dy.dtype).t())

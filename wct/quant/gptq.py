@@ -25,14 +25,17 @@ from wct.quant.quantizer import fake_quantize, fit, round_scale
 
 
 class GPTQ:
-    """Hessian accumulator and solver for one layer whose weight is ``weight`` [N, K] (not modified)."""
+    """Hessian accumulator and solver for one layer whose weight is ``weight`` [N, K] (not modified). ``H``: a
+    Hessian to start from instead of zeros (layers that read the same input share one; :meth:`solve` drops the
+    reference, never writes into it)."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32, H: torch.Tensor | None = None,
+                 nsamples: int = 0) -> None:
         self.weight = weight.detach()
         self.rows, self.columns = weight.shape
         self.dtype = dtype
-        self.H = torch.zeros(self.columns, self.columns, dtype=dtype, device=weight.device)
-        self.nsamples = 0
+        self.H = torch.zeros(self.columns, self.columns, dtype=dtype, device=weight.device) if H is None else H
+        self.nsamples = nsamples
         self.loss = 0.0  # Σ (w - q)² / U_cc² / 2 of the last solve (docs/algorithm.md §1.8 step 9)
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -112,7 +115,9 @@ class GPTQ:
             keep = keep[torch.argsort(key[keep], descending=True, stable=True)]
         perm = torch.cat([keep, weak])
         W = self.weight.to(self.dtype)[:, perm].clone()
-        H = self.H[perm][:, perm].clone()
+        H = self.H.index_select(0, perm)  # the solve consumes the Hessian: at most two K x K matrices live at once
+        self.H = None
+        H = H.index_select(1, perm)
         group_of = perm // G  # group of each permuted position
         group_list = group_of.tolist()
         n_groups = cols // G
@@ -139,9 +144,12 @@ class GPTQ:
                 fit_group(g, group_grid)
 
         # 4.-5. damping λ = percdamp·mean(diag H) over all columns, then U = upper Cholesky factor of H⁻¹
-        H += percdamp * torch.mean(torch.diagonal(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
+        torch.diagonal(H).add_(percdamp * torch.mean(torch.diagonal(H)))
         try:
-            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+            H = torch.linalg.cholesky(H)  # each step frees its input (docs/scale.md: memory of one layer's solve)
+            H = torch.cholesky_inverse(H)
+            U = torch.linalg.cholesky(H, upper=True)
+            del H
         except torch.linalg.LinAlgError as e:
             raise WCTError(
                 f"the Hessian of a {rows}x{cols} layer is not positive definite even after damping "

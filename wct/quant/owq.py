@@ -141,7 +141,8 @@ def _catch_block_inputs(
 
         return forward
 
-    outside = outside_blocks(model, blocks)
+    outside = [m for m in outside_blocks(model, blocks)  # a head streaming has not read yet stays on meta, unused
+               if not any(t.is_meta for t in [*m.parameters(), *m.buffers()])]
     homes = [next(m.parameters(), next(m.buffers(), torch.empty(0))).device for m in outside]
     for m in outside:
         m.to(device)
@@ -182,16 +183,41 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> 
 def _hessians(
     block: nn.Module, layers: dict[str, nn.Module], inps: torch.Tensor, kwargs: dict[str, Any]
 ) -> dict[str, GPTQ]:
-    """One :class:`GPTQ` per layer holding the Hessian of its inputs over ``inps`` run through ``block`` (docs/algorithm.md §1.4)."""
+    """One :class:`GPTQ` per layer holding the Hessian of its inputs over ``inps`` run through ``block`` (docs/algorithm.md §1.4).
+
+    Layers called with the same input tensor (q/k/v on the normed hidden states, gate/up) share one Hessian,
+    accumulated once: the same bits as one each, a third of the Hessian work and memory of an attention block's
+    projections (docs/scale.md). Which layers share is read from the first sequence and checked on every other."""
     if not layers:
         return {}
-    gptqs = {n: GPTQ(_weight(m)) for n, m in layers.items()}
-    hooks = [m.register_forward_hook(lambda mod, x, y, g=gptqs[n]: g.add_batch(x[0])) for n, m in layers.items()]
+    owner: dict[str, str] = {}  # layer -> the layer whose Hessian it accumulates into (itself for an owner)
+    acc: dict[str, GPTQ] = {}
+    seen: list[tuple[torch.Tensor, str]] = []  # this sequence's layer inputs so far, and their owners
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        first = next((n for t, n in seen if t is x), name)
+        if owner.setdefault(name, first) != first:
+            raise WCTError(f"layer {name} shared its input with {owner[name]} on one calibration sequence but not "
+                           "on another; wct cannot accumulate its Hessian (please report this model)")
+        if first == name:
+            seen.append((x, name))
+            acc.setdefault(name, GPTQ(_weight(layers[name]))).add_batch(x)
+
+    hooks = [m.register_forward_hook(lambda mod, x, y, n=n: hook(n, x[0])) for n, m in layers.items()]
+    hooks.append(block.register_forward_pre_hook(lambda mod, args: seen.clear()))
     try:
         _run_block(block, inps, kwargs)
     finally:
+        seen.clear()
         for h in hooks:
             h.remove()
+    gptqs = {}
+    for n, m in layers.items():
+        if n not in owner:  # never called: an empty Hessian, as before any input
+            gptqs[n] = GPTQ(_weight(m))
+        else:
+            src = acc[owner[n]]
+            gptqs[n] = src if owner[n] == n else GPTQ(_weight(m), H=src.H, nsamples=src.nsamples)
     return gptqs
 
 
@@ -381,19 +407,19 @@ def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, de
         if stream.sel_inps is not None:
             choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"]},
                                  stream.sel_inps, stream.kwargs[i])
-        for n in group:
+        for n in group:  # each layer's Hessians are dropped once it is solved (docs/scale.md)
             layer = linears[n]
             packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
-                layer, gptqs.get(n), per_layer[f"{prefix}.{i}.{n}"], cfg, setup.storage, choosers.get(n))
+                layer, gptqs.pop(n, None), per_layer[f"{prefix}.{i}.{n}"], cfg, setup.storage, choosers.pop(n, None))
             k = _weight(layer).shape[1]
             block.set_submodule(n, OWQLinear.from_packed(packed, cfg.bits, k))
             n_weak[f"{prefix}.{i}.{n}"] = per_layer[f"{prefix}.{i}.{n}"]
         del gptqs, choosers
     if stream.inps is not None and i + 1 < len(setup.blocks):
-        stream.inps = _run_block(block, stream.inps, stream.kwargs[i])  # the quantized block feeds the next one
-        if stream.sel_inps is not None:
-            stream.sel_inps = _run_block(block, stream.sel_inps, stream.kwargs[i])
-    kernels.clear_cache()  # running the quantized block cached its dense weights (wct.kernels); not needed again
+        with kernels.no_dense_cache():  # the quantized block feeds the next one, run once: nothing to cache
+            stream.inps = _run_block(block, stream.inps, stream.kwargs[i])
+            if stream.sel_inps is not None:
+                stream.sel_inps = _run_block(block, stream.sel_inps, stream.kwargs[i])
     block.to(home)
 
 

@@ -30,7 +30,6 @@ from wct.nn.owq_linear import OWQLinear
 from wct.quant.blocks import outside_blocks
 from wct.quant.checkpoint import (
     SAFETENSORS_META,
-    _unique_state,
     packed_config,
     storage_form,
     write_side_files,
@@ -97,6 +96,44 @@ def _fill(model: nn.Module, names: list[str], reader: ShardReader) -> None:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=current.requires_grad)
         else:
             mod._buffers[leaf] = t
+
+
+def _widens(compute: torch.dtype, src: torch.dtype) -> bool:
+    """Whether every ``src`` value is exactly a ``compute`` value (fp16 and bf16 in fp32, all in fp64)."""
+    return compute == src or (compute in (torch.float32, torch.float64)
+                              and torch.finfo(compute).bits > torch.finfo(src).bits)
+
+
+def stored_from_file(src: torch.Tensor, compute: torch.dtype, storage: torch.dtype) -> torch.Tensor:
+    """What ``save_quantized`` stores for a tensor read as ``src`` from the source checkpoint and held by the model
+    in ``compute``: ``storage_form(src.to(compute))``. When ``src`` is already in the storage dtype and ``compute``
+    holds it exactly, that round trip gives ``src`` back bit for bit (NaNs aside, which compare unequal), so no
+    ``compute`` copy is made: a 262k x 2048 head does not pass through fp32."""
+    if not src.is_floating_point():
+        return storage_form(src, False, storage)
+    if src.dtype == storage and _widens(compute, src.dtype) and not src.isnan().any():
+        return src.contiguous()
+    return storage_form(src.to(compute), False, storage)
+
+
+def _output_head(model: nn.Module) -> list[str]:
+    """The name of the output embedding's weight when it is not the input embedding's: the catch does not use it,
+    so streaming reads it only to write it."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is inp.weight:
+        return []
+    return [n for n, p in model.named_parameters() if p is out.weight]
+
+
+def _outside_state(model: nn.Module, skip: str) -> dict[str, torch.Tensor]:
+    """The model's state outside the decoder blocks (names not starting with ``skip``), tied tensors once (first
+    name wins, as ``save_quantized``): the modules' own tensors, meta ones included."""
+    seen, state = set(), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not name.startswith(skip) and id(t) not in seen:
+            seen.add(id(t))
+            state[name] = t
+    return state
 
 
 def _stored_names(module: nn.Module, prefix: str, reader: ShardReader) -> list[str]:
@@ -193,7 +230,8 @@ def quantize_streaming(
     if missing:
         raise WCTError(f"{source} lacks {len(missing)} tensor(s) of the model its config.json builds (e.g. "
                        f"{missing[0]}); the checkpoint is incomplete or belongs to another model")
-    _fill(model, outside, reader)
+    head = _output_head(model)
+    _fill(model, [n for n in outside if n not in head], reader)
     model.tie_weights()
     model.eval()
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False
@@ -211,9 +249,15 @@ def quantize_streaming(
                 writer.add(name, t)
 
         stream = _catch(model, setup, calib, select, cfg, device, visit)
-        write(_unique_state(model, skip=blocks_prefix)[0], ())
-        for mod in outside_blocks(model, setup.blocks):  # embeddings, norm and head are written: drop them
-            mod.to("meta")
+        state = _outside_state(model, blocks_prefix)
+        compute = {n: t.dtype for n, t in state.items()}
+        kept = {n: t.detach() for n, t in state.items() if n not in reader}  # buffers the checkpoint does not hold
+        del state
+        for mod in outside_blocks(model, setup.blocks):  # embeddings, norm and head are no longer needed in memory:
+            mod.to("meta")                                # each is written from the checkpoint, one at a time
+        for name in compute:
+            t = kept[name] if name in kept else stored_from_file(reader.get(name), compute[name], storage_dtype)
+            write({name: t}, ())
         n_weak: dict[str, int] = {}
         losses: dict[str, float] = {}
         stream_bytes = sum(t.numel() * t.element_size() for t in (stream.inps, stream.sel_inps) if t is not None)
