@@ -44,12 +44,27 @@ def phase_quantize(args) -> dict:
             "paper_bits": report.paper_bits}
 
 
+def _rss() -> int:
+    """This process's resident size now (bytes)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def phase_load(args) -> dict:
+    """Load the packed model, then run one token through it (torch backend, no dense cache): the safetensors
+    tensors are memory-mapped and come in as they are touched, so the peak counts only after a forward."""
+    import torch
+
+    from wct import kernels
     from wct.quant.checkpoint import load_quantized
 
+    runtime = _rss()
     start = time.time()
-    load_quantized(args.packed, dtype=None)
-    return {"seconds": time.time() - start}
+    model, _ = load_quantized(args.packed, dtype=None)
+    seconds, loaded = time.time() - start, _rss()
+    with torch.no_grad(), kernels.no_dense_cache(), kernels.use_kernel("torch"):
+        model(torch.zeros(1, 1, dtype=torch.long))
+    return {"seconds": seconds, "runtime_rss": runtime, "rss_after_load": loaded, "rss_after_forward": _rss()}
 
 
 def phase_train(args) -> dict:
@@ -153,8 +168,10 @@ def main() -> None:
               + (f"; peak GPU {gib(q['gpu_peak'])}" if q.get("gpu_peak") else ""))
     if "load" in res:
         ld = res["load"]
-        print(f"load packed: peak RSS {gib(ld['peak_rss'])} = {ld['peak_rss'] / res['packed_bytes']:.2f}x the "
-              f"packed size; {ld['seconds']:.1f} s")
+        above = ld["peak_rss"] - ld["runtime_rss"]
+        print(f"load packed + one token: peak RSS {gib(ld['peak_rss'])} = {ld['peak_rss'] / res['packed_bytes']:.2f}x "
+              f"the packed size ({gib(above)} = {above / res['packed_bytes']:.2f}x above the runtime's "
+              f"{gib(ld['runtime_rss'])}); RSS after load {gib(ld['rss_after_load'])}; {ld['seconds']:.1f} s")
     if "train" in res:
         packed_config = json.loads((args.packed / "config.json").read_text())
         device = resolve_device(args.device)

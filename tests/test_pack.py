@@ -78,3 +78,38 @@ def test_stored_bits_llama7b_301():
     total = sum(stored_bits(n, k, 3, 1, no) * n * k for n, k, no in layers)
     weights = sum(n * k for n, k, _ in layers)
     assert 3.015 < total / weights < 3.02
+
+
+@pytest.mark.parametrize("bits,groups", [(3, 1), (4, 4), (2, 2)])
+def test_pack_linear_in_slabs_equals_one_piece(bits, groups, monkeypatch):
+    """Packing works on slabs of output columns to bound its memory (docs/scale.md); the result must not depend on
+    the slab size, ragged last slab and weak columns included."""
+    import wct.pack as pack
+
+    g = torch.Generator().manual_seed(bits)
+    n, k = 37, 64
+    scales = torch.rand(groups, n, generator=g) + 0.1
+    zeros = torch.randint(0, 2**bits, (groups, n), generator=g)
+    codes = torch.randint(0, 2**bits, (k, n), generator=g)
+    grid = scales.repeat_interleave(k // groups, 0).half().float()
+    weight = ((codes - zeros.repeat_interleave(k // groups, 0)) * grid).t()
+    weak = torch.tensor([5, 40], dtype=torch.int32)
+    weight[:, weak.long()] = torch.randn(n, 2, generator=g)
+    whole = pack.pack_linear(weight, scales, zeros, weak, bits)
+    monkeypatch.setattr(pack, "PACK_CHUNK_ELEMS", 5 * k)  # slabs of 5 output columns, the last one of 2
+    slabs = pack.pack_linear(weight, scales, zeros, weak, bits)
+    assert whole.keys() == slabs.keys()
+    for name in whole:
+        assert torch.equal(whole[name], slabs[name]), name
+
+
+def test_sensitivity_in_slabs_equals_one_piece(monkeypatch):
+    import wct.quant.gptq as gptq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 50, generator=g)
+    gq = gptq.GPTQ(w)
+    gq.add_batch(torch.randn(2, 30, 50, generator=g))
+    whole = gq.sensitivity(3, tuning="mse", grid=20)
+    monkeypatch.setattr(gptq, "SLAB_ELEMS", 50 * 5)  # slabs of 5 rows, the last one of 4
+    assert torch.equal(gq.sensitivity(3, tuning="mse", grid=20), whole)

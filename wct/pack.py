@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4)
+PACK_CHUNK_ELEMS = 1 << 22  # codes packed at a time: packing's int64/fp32 temporaries stay at tens of MB per layer
 FORMAT_VERSION = 1
 
 
@@ -133,14 +134,19 @@ def pack_linear(
     if k % scales.shape[0]:
         raise ValueError(f"{scales.shape[0]} groups do not divide in_features={k}")
     group = k // scales.shape[0]
-    w = weight.detach().to(torch.float32).t()  # [K, N]
-    s = scales.to(scale_dtype).to(torch.float32).repeat_interleave(group, dim=0)
-    z = zeros.to(torch.float32).repeat_interleave(group, dim=0)
-    codes = torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1)
     idx = weak_idx.to(torch.int64).sort().values
-    if idx.numel():
-        codes[idx] = z[idx]
-    out = pack_codes(codes.to(torch.int64), bits)
+    parts = []
+    for a in range(0, n, max(1, PACK_CHUNK_ELEMS // k)):  # output columns are independent: pack slabs of them
+        b = min(n, a + max(1, PACK_CHUNK_ELEMS // k))
+        w = weight.detach()[a:b].to(torch.float32).t()  # [K, n_slab]
+        s = scales[:, a:b].to(scale_dtype).to(torch.float32).repeat_interleave(group, dim=0)
+        z = zeros[:, a:b].to(torch.float32).repeat_interleave(group, dim=0)
+        codes = torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1)
+        if idx.numel():
+            codes[idx] = z[idx]
+        parts.append(pack_codes(codes.to(torch.int64), bits))
+    out = {name: torch.cat([p[name] for p in parts], dim=1) if len(parts) > 1 else parts[0][name]
+           for name in parts[0]} if parts else pack_codes(torch.zeros(k, 0, dtype=torch.int64), bits)
     out["scales"] = scales.to(scale_dtype).contiguous()
     out["zeros"] = zeros.to(torch.uint8).contiguous()
     out["weak_idx"] = idx.to(torch.int32).contiguous()

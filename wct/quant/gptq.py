@@ -23,6 +23,8 @@ import torch
 from wct.errors import WCTError
 from wct.quant.quantizer import fake_quantize, fit, round_scale
 
+SLAB_ELEMS = 1 << 22  # weights per slab of the sensitivity's round-trip error
+
 
 class GPTQ:
     """Hessian accumulator and solver for one layer whose weight is ``weight`` [N, K] (not modified). ``H``: a
@@ -63,7 +65,12 @@ class GPTQ:
             return d
         w = self.weight.to(self.dtype)
         scale, zero = fit(w, bits, sym, tuning, grid)
-        return d * (w - fake_quantize(w, scale, zero, bits)).pow(2).sum(0)
+        err = torch.empty_like(w)  # (W - RTN(W))², built a slab of rows at a time: one W-sized temporary
+        step = max(1, SLAB_ELEMS // max(1, w.shape[1]))
+        for r in range(0, w.shape[0], step):
+            err[r:r + step] = (w[r:r + step] - fake_quantize(w[r:r + step], scale[r:r + step], zero[r:r + step],
+                                                             bits)).pow(2)
+        return d * err.sum(0)
 
     @staticmethod
     def weak_columns(sensitivity: torch.Tensor, n: int) -> torch.Tensor:
@@ -114,7 +121,7 @@ class GPTQ:
             key = torch.diagonal(self.H) if order_key is None else order_key.to(self.H.device)
             keep = keep[torch.argsort(key[keep], descending=True, stable=True)]
         perm = torch.cat([keep, weak])
-        W = self.weight.to(self.dtype)[:, perm].clone()
+        W = self.weight.to(self.dtype)[:, perm]  # indexing copies
         H = self.H.index_select(0, perm)  # the solve consumes the Hessian: at most two K x K matrices live at once
         self.H = None
         H = H.index_select(1, perm)
