@@ -135,8 +135,6 @@ def main() -> None:
         print(json.dumps(PHASES[args.phase](args)))
         return
 
-    import torch
-
     from wct.device import resolve_device
     from wct.kernels.dispatch import cache_budget
     from wct.models import as_dtype
