@@ -45,7 +45,7 @@ _config: dict = {
 }
 _resolved: dict[tuple, str] = {}
 _dense_cache: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_words_cache: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_words_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def configure(kernel: str | None = None, cache_dense: str | bool | None = None, cache_budget_bytes: int | None = None) -> None:
