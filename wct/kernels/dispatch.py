@@ -163,7 +163,8 @@ def kernel_planes(layer, backend: str) -> list[torch.Tensor]:
     """The code planes ``backend`` gets for ``layer``: the owq-pack v1 planes, and at 3 bits on the triton and cuda
     backends also the 3-bit words their fast GEMVs read (:func:`wct.pack.kernel_words3`), converted on the
     device once per layer and cached like the dense weight (keyed by the planes' storage and version counters).
-    The copy is as large as the v1 planes (3/8 byte per weight; docs/kernels.md "3-bit words"). Not built while
+    The copy is as large as the v1 planes (3/8 byte per weight; docs/kernels.md "3-bit words"); owq_linear asks
+    for it only for decode-sized inputs (at most CUDA_GEMV_MAX_M rows), which the GEMVs take. Not built while
     torch.compile traces or a CUDA graph captures (nothing may allocate or be cached there): a 3-bit layer then
     runs the general (CUDA) or fp32 (Triton) GEMV, with the same results to fp32 rounding."""
     planes = list(layer.planes.values())
@@ -194,11 +195,13 @@ def _backend_for(kernel: str, device: torch.device, decode: bool) -> str:
 
 def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = deq(W_q)·x + W_o·x[idx] + b for an :class:`wct.nn.OWQLinear` ``layer`` on the configured backend."""
-    backend = _backend_for(_config["kernel"], x.device, x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1])
+    decode = x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1]
+    backend = _backend_for(_config["kernel"], x.device, decode)
     dense = None
     if backend == "torch" and not torch.compiler.is_compiling():  # eager-only state; compiled graphs dequantize
         dense = cached_dense(layer, x.dtype)
+    # the 3-bit words serve only the GEMVs (decode-sized M): a training step's GEMM never builds them
+    planes = kernel_planes(layer, backend) if decode else list(layer.planes.values())
     return owq_linear_op(
-        x, layer.weak_weight, kernel_planes(layer, backend), layer.scales, layer.zeros, layer.weak_idx, layer.bias,
-        dense, layer.bits, backend,
+        x, layer.weak_weight, planes, layer.scales, layer.zeros, layer.weak_idx, layer.bias, dense, layer.bits, backend,
     )
