@@ -6,7 +6,8 @@
 //               split writes its fp32 partial to ws [splits, M, N], and the last block of a column tile (a
 //               __threadfence + atomicAdd ticket) sums the partials in split order, adds the bias and casts.
 //   fast    : fp16 activations and scales, N % 4 == 0, 16-byte aligned planes: 4 columns per thread from 128-bit
-//             loads, LOP3/0x6400 fp16x2 decode, HSUB2 zero, HFMA2 with x staged as half2 in pair order.
+//             loads, LOP3/0x6400 fp16x2 decode, HSUB2 zero, HFMA2 with x staged as half2 in pair order; at 3 bits
+//             it reads the 3-bit words pw (wct.pack.kernel_words3) the caller converted once per layer.
 //   general : every other case (fp32/bf16, ragged N, unaligned): one column per thread, exponent-trick decode.
 // owq_dequant : deq(W_q) with the weak rows of W_o scattered in, as a scratch [K, N] for one GEMM (large M, dX).
 // Launchers return the cudaError_t of the launch (0 = success). dtype codes: 0 float, 1 half, 2 bfloat16.
@@ -72,10 +73,13 @@ __device__ __forceinline__ void owq_stage_weak(const T* x, int64_t stride_x, int
   }
 }
 
+// At 3 bits a minimum of one block per SM (.minnctapersm 1) lets ptxas take 80 registers; without it, it stops at
+// 64 and spills a predicate across the K loop (a stack frame). Other widths: no minimum (56 registers at 4 bits).
 template <int BITS, int M>
-__global__ void __launch_bounds__(OWQ_FAST_THREADS)
+__global__ void __launch_bounds__(OWQ_FAST_THREADS, BITS == 3 ? 1 : 0)
     owq_gemv_fast(const __half* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
-                  const int32_t* __restrict__ pb, const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                  const int32_t* __restrict__ pb, const int32_t* __restrict__ pw, const __half* __restrict__ scales,
+                  const uint8_t* __restrict__ zeros,
                   const int32_t* __restrict__ idx, const __half* __restrict__ wo, const __half* __restrict__ bias,
                   float* __restrict__ ws, int* __restrict__ counters, __half* __restrict__ y, int M_rows, int N,
                   int K, int n_o, int group, int k_per_split, int o_per_split) {
@@ -92,7 +96,8 @@ __global__ void __launch_bounds__(OWQ_FAST_THREADS)
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * OWQ_COLS;
   float acc[OWQ_COLS][M] = {};
   if (n0 < N) {
-    owq_fast_columns<BITS, M>(pa, pb, scales, zeros, N, n0, k_lo, k_lo + len_pad, group, xs, k_per_split, acc);
+    owq_fast_columns<BITS, M>(pa, pb, pw, scales, zeros, N, n0, k_lo, k_lo + len_pad, group, xs, k_per_split,
+                              acc);
     owq_weak_columns<M, OWQ_COLS>(wo, N, n0, o_lo, o_hi, xo, o_per_split, acc);
   }
   owq_finish<M, OWQ_COLS>(acc, M_rows, n0, N, bias, ws, counters, y);
@@ -146,8 +151,8 @@ __global__ void owq_scatter_weak_kernel(const int32_t* __restrict__ idx, const T
 #ifdef OWQ_BUDGET_ONLY
 // Only the M = 1 fast kernels, for the static check (wct/kernels/budget.py): seconds to compile instead of minutes.
 #define OWQ_FAST_ARGS                                                                                        \
-  const __half*, int64_t, const int32_t*, const int32_t*, const __half*, const uint8_t*, const int32_t*,     \
-      const __half*, const __half*, float*, int*, __half*, int, int, int, int, int, int, int
+  const __half*, int64_t, const int32_t*, const int32_t*, const int32_t*, const __half*, const uint8_t*,     \
+      const int32_t*, const __half*, const __half*, float*, int*, __half*, int, int, int, int, int, int, int
 template __global__ void owq_gemv_fast<3, 1>(OWQ_FAST_ARGS);
 template __global__ void owq_gemv_fast<4, 1>(OWQ_FAST_ARGS);
 #else
@@ -165,7 +170,7 @@ static bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintp
   }
 
 struct OwqGemvArgs {
-  const void *x, *pa, *pb, *scales, *zeros, *idx, *wo, *bias;
+  const void *x, *pa, *pb, *pw, *scales, *zeros, *idx, *wo, *bias;
   void *ws, *counters, *y;
   int64_t stride_x;
   int M, N, K, n_o, group, bits, splits, k_per_split;
@@ -181,8 +186,9 @@ static int launch_fast(const OwqGemvArgs& a) {
   const dim3 grid((a.N / OWQ_COLS + OWQ_FAST_THREADS - 1) / OWQ_FAST_THREADS, a.splits);
   owq_gemv_fast<BITS, M><<<grid, OWQ_FAST_THREADS, smem, a.stream>>>(
       static_cast<const __half*>(a.x), a.stride_x, static_cast<const int32_t*>(a.pa),
-      static_cast<const int32_t*>(a.pb), static_cast<const __half*>(a.scales), static_cast<const uint8_t*>(a.zeros),
-      static_cast<const int32_t*>(a.idx), static_cast<const __half*>(a.wo), static_cast<const __half*>(a.bias),
+      static_cast<const int32_t*>(a.pb), static_cast<const int32_t*>(a.pw), static_cast<const __half*>(a.scales),
+      static_cast<const uint8_t*>(a.zeros), static_cast<const int32_t*>(a.idx), static_cast<const __half*>(a.wo),
+      static_cast<const __half*>(a.bias),
       static_cast<float*>(a.ws), static_cast<int*>(a.counters), static_cast<__half*>(a.y), a.M, a.N, a.K, a.n_o,
       a.group, a.k_per_split, o_per);
   return cudaGetLastError();
@@ -207,9 +213,10 @@ template <int BITS, typename T, typename S> static int general_m(const OwqGemvAr
 }
 
 // Whether the fast path takes these arguments (fp16 x and scales, 4-column and 128-bit alignment, steps that
-// divide the groups and the split length).
+// divide the groups and the split length; at 3 bits the 3-bit words).
 static bool fast_ok(const OwqGemvArgs& a, int act, int scale_is_float) {
   const int rows = a.bits == 3 ? 32 : 32 / a.bits;
+  if (a.bits == 3 && (a.pw == nullptr || !aligned(a.pw, 16))) return false;
   return act == 1 && !scale_is_float && a.N % OWQ_COLS == 0 && aligned(a.pa, 16) && aligned(a.pb, 16) &&
          aligned(a.scales, 8) && aligned(a.zeros, 4) && aligned(a.wo, 8) && a.group % rows == 0 &&
          a.k_per_split % rows == 0;
@@ -261,14 +268,15 @@ extern "C" {
 
 // y [M, N] = x [M, K] (row stride stride_x) · W_fullᵀ + bias. `group` is the group size (>= the padded K for one
 // group). ws holds [splits, M, N] fp32 partials when splits > 1; counters (int32, zero before the first launch,
-// left zero by every launch) one entry per column tile: ceil(N / 256) suffice. path: 0 fastest that applies,
+// left zero by every launch) one entry per column tile: ceil(N / 256) suffice. pw: the 3-bit words
+// (wct.pack.kernel_words3) or null (3 bits then take the general kernel). path: 0 fastest that applies,
 // 1 the general kernel. Returns a cudaError_t.
 int owq_gemv(int act, int scale_is_float, const void* x, int64_t stride_x, const void* pa, const void* pb,
-             const void* scales, const void* zeros, const void* idx, const void* wo, const void* bias, void* ws,
+             const void* pw, const void* scales, const void* zeros, const void* idx, const void* wo, const void* bias, void* ws,
              void* counters, void* y, int M, int N, int K, int n_o, int group, int bits, int splits, int k_per_split,
              int path, void* stream) {
-  const OwqGemvArgs a{x, pa, pb, scales, zeros, idx, wo, bias, ws, counters, y, stride_x, M, N, K, n_o, group, bits,
-                      splits, k_per_split, static_cast<cudaStream_t>(stream)};
+  const OwqGemvArgs a{x, pa, pb, pw, scales, zeros, idx, wo, bias, ws, counters, y, stride_x, M, N, K, n_o, group,
+                      bits, splits, k_per_split, static_cast<cudaStream_t>(stream)};
   if (M < 1 || M > OWQ_GEMV_MAX_M || k_per_split % 32 || group % 32 || splits < 1 ||
       static_cast<int64_t>(splits - 1) * k_per_split >= K)
     return cudaErrorInvalidValue;

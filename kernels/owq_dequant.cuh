@@ -10,7 +10,8 @@
 //   0x6400 magic number ((code | 0x6400) is the half 1024 + code), the zero point (as 1024 + z, built the same
 //   way once per group) is removed by one exact HSUB2, and HFMA2 multiplies by x staged in shared memory as half2
 //   in the same pair order (owq_slot), so the stored format is unchanged. Pairs: 4 bits (k, k+4), 2 bits (k, k+8),
-//   3 bits (k, k+8) in each 2-bit word with the 1-bit plane aligned by one PRMT per word.
+//   3 bits (k, k+16) from the kernels' 3-bit words (3 per 32 rows, codes contiguous in each 16-bit half),
+//   converted from the v1 planes once per layer by the backend (wct.pack.kernel_words3; never stored).
 // - general path (any dtype, any width): codes to fp32 by the exponent trick, (code | 0x4B000000) as a float is
 //   2^23 + code, minus (2^23 + z): exact, with no int→float conversion.
 #pragma once
@@ -150,16 +151,16 @@ OWQ_HD void owq_copy16(void* dst, const void* src) { owq_copy<16>(dst, src); }
 // Fast path: pair order, staged x, word decoders.
 
 // A step is the rows of K one iteration decodes per column: two 4-bit words (16 rows), one 2-bit word (16 rows),
-// or two 2-bit words plus one 1-bit word (32 rows, 3 bits). PAIRS = fp16x2 pairs per 32-bit code word; once per
+// or three 3-bit words (32 rows). PAIRS = fp16x2 pairs per code word (3 bits: per step); once per
 // step (8 products per lane at 2 and 4 bits, 16 at 3 bits) the fp16x2 partial is converted and added to the fp32
 // accumulator (error bound: docs/kernels.md).
 template <int BITS> struct OwqStep {
   static constexpr int ROWS = BITS == 3 ? 32 : 16;
-  static constexpr int PAIRS = BITS == 3 ? 8 : 16 / BITS;
+  static constexpr int PAIRS = BITS == 3 ? 16 : 16 / BITS;
 };
 
 // Slot of row r (0 <= r < ROWS) of a step in the staged half array: pairs (i, i + PAIRS) of each code word sit in
-// slots (2i, 2i + 1), words one after the other (3 bits: two 2-bit words of 16 rows).
+// slots (2i, 2i + 1), words one after the other (3 bits: the step's pairs (p, p + 16), p < 16).
 template <int BITS>
 OWQ_HD int owq_slot(int r) {
   constexpr int P = OwqStep<BITS>::PAIRS;
@@ -194,22 +195,22 @@ OWQ_HD void owq_decode_word(uint32_t w, __half2 zh, __half2 out[OwqStep<BITS>::P
     out[i] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_AND_OR, mask, 0x64006400u>(w >> (i * BITS))), zh);
 }
 
-// 3 bits: pair i (rows i, i+8 of a 2-bit word) is assembled at mantissa bits q..q+2 of each half: the word shifted
-// right by s puts its 2-bit codes at bits q, q+1, the aligned 1-bit word shifted left by t puts the high bits at
-// q + 2, with (s, t, q) = owq_pair3(i): two shifts of the 2-bit word (4, 8) and three of the 1-bit word (1, 2, 3)
-// serve the eight pairs (the Triton kernel's pair3, kernels/owq_triton.py). With exponent field 25 - q the half
-// reads 2^(10-q) + code: owq_zero3_h2 builds the four 2^(10-q) + z (q = 0, 2, 4, 6) once per group, one HSUB2
-// removes them. On the device the values are pinned by a volatile asm: otherwise nvcc rebuilds them in the K loop.
-__host__ __device__ constexpr int owq_pair3_s(int i) { return i < 2 ? 0 : i < 6 ? 4 : 8; }
-__host__ __device__ constexpr int owq_pair3_t(int i) { return i + 2 - owq_pair3_s(i); }
-__host__ __device__ constexpr int owq_pair3_q(int i) { return 2 * i - owq_pair3_s(i); }
+// 3 bits: the kernels' 3-bit words (wct.pack.kernel_words3, converted from the v1 planes once per layer by the
+// backend; docs/kernels.md "3-bit words"). Per 32 rows and column three words; lane l of word j holds the codes of
+// rows 16l + 5j + i at bits 3i (i < 5) and bit j of the code of row 16l + 15 at bit 15, so every pair of rows
+// (p, p + 16) sits at the same bits of both lanes. A code at mantissa bits q..q+2 under exponent field 25 - q reads
+// 2^(10-q) + code: slots 0-2 of a word are decoded in place (q = 0, 3, 6), slots 3-4 from the word shifted right
+// by 9 (q = 0, 3), one LOP3 each; the spare bits of pair 15 sit at bit 6 of word 0 >> 9, bit 7 of word 1 >> 8 and
+// bit 8 of word 2 >> 7 (q = 6). owq_zero3_h2 builds the three 2^(10-q) + z once per group, one HSUB2 removes them.
+// On the device the values are pinned by a volatile asm: otherwise nvcc rebuilds them in the K loop.
+__host__ __device__ constexpr uint32_t owq_exp3(int q) { return ((25u - q) << 10) * 0x00010001u; }
 
 template <int C>
-OWQ_HD void owq_zero3_h2(uint32_t zw, __half2 zc[4]) {
+OWQ_HD void owq_zero3_h2(uint32_t zw, __half2 zc[3]) {
   const uint32_t zl = owq_prmt(zw, 0u, 0x4040u | C | (C << 8));  // z in both lanes
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t v = (zl << (2 * j)) | ((25u - 2 * j) << 10) * 0x00010001u;
+  for (int j = 0; j < 3; ++j) {
+    uint32_t v = (zl << (3 * j)) | owq_exp3(3 * j);
 #ifdef __CUDA_ARCH__
     asm volatile("" : "+r"(v));
 #endif
@@ -217,23 +218,26 @@ OWQ_HD void owq_zero3_h2(uint32_t zw, __half2 zc[4]) {
   }
 }
 
-// Pairs I..7 of owq_decode_word3 (a template recursion, so every mask and magic number is an immediate).
-template <int I>
-OWQ_HD void owq_decode3_pairs(uint32_t a, uint32_t hb, const __half2 zc[4], __half2 out[8]) {
-  if constexpr (I < 8) {
-    constexpr int S = owq_pair3_s(I), T = owq_pair3_t(I), Q = owq_pair3_q(I);
-    const uint32_t lo = owq_lop3i<OWQ_AND_OR, (0x00030003u << Q), ((25u - Q) << 10) * 0x00010001u>(a >> S);
-    out[I] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_OR_AND, (0x00040004u << Q)>(lo, hb << T)), zc[Q / 2]);
-    owq_decode3_pairs<I + 1>(a, hb, zc, out);
-  }
+// The code pair at mantissa bits Q..Q+2 of both lanes of w (already shifted) minus its zero constant.
+template <int Q>
+OWQ_HD __half2 owq_pair3(uint32_t w, const __half2 zc[3]) {
+  return owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_AND_OR, (0x00070007u << Q), owq_exp3(Q)>(w)), zc[Q / 3]);
 }
 
-// The 8 fp16x2 values (code - z) of rows 16h .. 16h + 15 of a 3-bit step (h = 0, 1): 2-bit word a holds those rows'
-// low bits, 1-bit word b the high bits of all 32 rows; one PRMT moves b's bytes 2h, 2h + 1 to lanes 0 and 1 (rows
-// 16h + i at bit i of lane 0, 16h + 8 + i at bit i of lane 1).
-template <int H>
-OWQ_HD void owq_decode_word3(uint32_t a, uint32_t b, const __half2 zc[4], __half2 out[8]) {
-  owq_decode3_pairs<0>(a, owq_prmt(b, 0u, H ? 0x4342u : 0x4140u), zc, out);
+// The 16 fp16x2 values (code - z) of a 32-row step from its three words: out[p] = (row p, row p + 16).
+OWQ_HD void owq_decode_words3(uint32_t w0, uint32_t w1, uint32_t w2, const __half2 zc[3], __half2 out[16]) {
+  const uint32_t w[3] = {w0, w1, w2};
+#pragma unroll
+  for (int j = 0; j < 3; ++j) {
+    const uint32_t s = w[j] >> 9;
+    out[5 * j] = owq_pair3<0>(w[j], zc), out[5 * j + 1] = owq_pair3<3>(w[j], zc);
+    out[5 * j + 2] = owq_pair3<6>(w[j], zc), out[5 * j + 3] = owq_pair3<0>(s, zc);
+    out[5 * j + 4] = owq_pair3<3>(s, zc);
+  }
+  uint32_t v = owq_lop3i<OWQ_AND_OR, 0x00400040u, owq_exp3(6)>(w0 >> 9);
+  v = owq_lop3i<OWQ_OR_AND, 0x00800080u>(v, w1 >> 8);
+  v = owq_lop3i<OWQ_OR_AND, 0x01000100u>(v, w2 >> 7);
+  out[15] = owq_hsub2(owq_bits_h2(v), zc[2]);
 }
 
 // acc[m] += sum over PAIRS pairs (a step) of (code - z) * x, with x the step's staged pairs for row m: one
@@ -362,15 +366,16 @@ OWQ_HD void owq_general_column(const int32_t* a, const int32_t* b, const S* scal
 // Fast path: acc[c][m] = sum_k W[n0 + c, k] * x[m, k] for the OWQ_COLS columns n0.. (n0 % 4 == 0, N % 4 == 0) over
 // rows [k_lo, k_hi) (k_lo % 32 == 0, k_hi - k_lo a multiple of the step; groups multiples of 32, or group >= k_hi
 // for one group). x is staged in xs [M][ld] in pair order from k_lo. Scales and 1024 + z are read once per group.
+// The loop reads plane a (2, 4 bits) or the 3-bit words w3 (3 bits; a and b are the v1 planes the fallback reads).
 // A step whose fp16x2 partial overflows (|partial| > 65504: |x| in the hundreds on quantized columns) leaves inf or
 // NaN in acc, and inf/NaN absorb every later fma: so one test per output after the loop finds every overflow, and
 // only those outputs are recomputed with the general path's fp32 arithmetic (rare; the others keep their bits).
 template <int BITS, int M>
-OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* scales, const uint8_t* zeros,
-                             int64_t N, int64_t n0, int k_lo, int k_hi, int group, const __half* xs, int ld,
-                             float acc[OWQ_COLS][M]) {
+OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const int32_t* w3, const __half* scales,
+                             const uint8_t* zeros, int64_t N, int64_t n0, int k_lo, int k_hi, int group,
+                             const __half* xs, int ld, float acc[OWQ_COLS][M]) {
   constexpr int R = OwqStep<BITS>::ROWS, P = OwqStep<BITS>::PAIRS;
-  constexpr int A_ROWS = BITS == 3 ? 16 : 32 / BITS;  // rows of K per word of plane a
+  constexpr int WORDS = BITS == 3 ? 3 : R * BITS / 32;  // code words per column and step
   const __half2* xs2 = reinterpret_cast<const __half2*>(xs);
 #pragma unroll
   for (int c = 0; c < OWQ_COLS; ++c)
@@ -384,37 +389,29 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const __half* s
     uint32_t zw;
     owq_copy<4>(&zw, zeros + g * N + n0);
     const float s[OWQ_COLS] = {__half2float(sh[0]), __half2float(sh[1]), __half2float(sh[2]), __half2float(sh[3])};
-    __half2 zh[OWQ_COLS][BITS == 3 ? 4 : 1];  // 1024 + z (2, 4 bits) or the four 2^(10-q) + z (3 bits)
+    __half2 zh[OWQ_COLS][BITS == 3 ? 3 : 1];  // 1024 + z (2, 4 bits) or the three 2^(10-q) + z (3 bits)
     if constexpr (BITS == 3) {
       owq_zero3_h2<0>(zw, zh[0]), owq_zero3_h2<1>(zw, zh[1]), owq_zero3_h2<2>(zw, zh[2]), owq_zero3_h2<3>(zw, zh[3]);
     } else {
       zh[0][0] = owq_zero_h2<0>(zw), zh[1][0] = owq_zero_h2<1>(zw), zh[2][0] = owq_zero_h2<2>(zw);
       zh[3][0] = owq_zero_h2<3>(zw);
     }
-    const int32_t* pa = a + (g0 / A_ROWS) * N + n0;
-    const int32_t* pb = b + (g0 / 32) * N + n0;
+    const int32_t* pw = (BITS == 3 ? w3 : a) + (g0 / R) * WORDS * N + n0;
     const __half2* xk = xs2 + (g0 - k_lo) / 2;
-    for (int k = g0; k < g_end; k += R, pa += (R / A_ROWS) * N, pb += N, xk += R / 2) {
-      if constexpr (BITS == 3) {  // one fp16x2 partial per 32 rows (16 products per lane), as the Triton GEMV
-        __half2 t[16];
-        const uint4 a0 = owq_ld128(pa), a1 = owq_ld128(pa + N), hb = owq_ld128(pb);
+    for (int k = g0; k < g_end; k += R, pw += WORDS * N, xk += R / 2) {
+      __half2 t[R / 2];  // one fp16x2 partial per step: 8 products per lane (2, 4 bits), 16 (3 bits)
+      uint4 w[WORDS];
 #pragma unroll
-        for (int c = 0; c < OWQ_COLS; ++c) {
-          owq_decode_word3<0>(owq_lane(a0, c), owq_lane(hb, c), zh[c], t);
-          owq_decode_word3<1>(owq_lane(a1, c), owq_lane(hb, c), zh[c], t + 8);
-          owq_dot_word<M, 16>(t, xk, ld / 2, s[c], acc[c]);
+      for (int i = 0; i < WORDS; ++i) w[i] = owq_ld128(pw + i * N);
+#pragma unroll
+      for (int c = 0; c < OWQ_COLS; ++c) {
+        if constexpr (BITS == 3) {
+          owq_decode_words3(owq_lane(w[0], c), owq_lane(w[1], c), owq_lane(w[2], c), zh[c], t);
+        } else {
+#pragma unroll
+          for (int i = 0; i < WORDS; ++i) owq_decode_word<BITS>(owq_lane(w[i], c), zh[c][0], t + i * P);
         }
-      } else {
-        __half2 t[8];
-        uint4 w[R / A_ROWS];
-#pragma unroll
-        for (int i = 0; i < R / A_ROWS; ++i) w[i] = owq_ld128(pa + i * N);
-#pragma unroll
-        for (int c = 0; c < OWQ_COLS; ++c) {
-#pragma unroll
-          for (int i = 0; i < R / A_ROWS; ++i) owq_decode_word<BITS>(owq_lane(w[i], c), zh[c][0], t + i * P);
-          owq_dot_word<M, 8>(t, xk, ld / 2, s[c], acc[c]);
-        }
+        owq_dot_word<M, R / 2>(t, xk, ld / 2, s[c], acc[c]);
       }
     }
     g0 = g_end;

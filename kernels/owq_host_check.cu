@@ -3,11 +3,11 @@
 //
 // usage: owq_host_check dequant|decode|general|fast < input
 // input : bits K N groups M n_o splits, then as whitespace-separated numbers: plane a words, plane b words (3-bit
-//         only), scales as fp16 bit patterns [groups, N], zero-points [groups, N], weak indices [n_o], W_o [n_o, N]
+//         only), the 3-bit words of wct.pack.kernel_words3 [Kp/32*3, N] (3-bit only), scales as fp16 bit patterns [groups, N], zero-points [groups, N], weak indices [n_o], W_o [n_o, N]
 //         and x [M, K] as floats.
 // output: dequant -> the scratch [K, N] from owq_dequant_block (after checking owq_code32 against owq_code);
-//         decode  -> [Kp, N]: code - zero of every row as the fast path's fp16x2 word decoders give it, put back
-//                    in row order through owq_slot;
+//         decode  -> [Kp, N]: code - zero of every row as the fast path's fp16x2 word decoders give it (3 bits:
+//                    from the 3-bit words), put back in row order through owq_slot;
 //         general, fast -> y [M, N] from the general / fast GEMV body, emulating the launch: K split into
 //                    `splits` chunks (x staged per chunk), the weak columns spread over the splits, partials summed
 //                    in split order as the last block of a tile does.
@@ -19,7 +19,7 @@
 
 struct Layer {
   int bits, K, N, groups, M, n_o, splits, group;
-  std::vector<int32_t> a, b, idx;
+  std::vector<int32_t> a, b, w3, idx;
   std::vector<__half> s, wo16;  // wo16: W_o in fp16, as the fast path reads it
   std::vector<float> wo;
   std::vector<uint8_t> z;
@@ -33,6 +33,7 @@ static bool read_layer(Layer& L) {
   const int wa = L.bits == 3 ? 2 : L.bits, wb = L.bits == 3 ? 1 : 0;
   L.a.resize(kp * wa / 32 * N);
   L.b.resize(kp * wb / 32 * N + 4);
+  L.w3.resize(L.bits == 3 ? kp / 32 * 3 * N : 0);
   L.idx.resize(L.n_o);
   L.s.resize(L.groups * N);
   L.z.resize(L.groups * N);
@@ -42,6 +43,7 @@ static bool read_layer(Layer& L) {
   unsigned u;
   for (auto& v : L.a) scanf("%d", &v);
   for (size_t i = 0; i + 4 < L.b.size(); ++i) scanf("%d", &L.b[i]);
+  for (auto& v : L.w3) scanf("%d", &v);
   for (auto& v : L.s) { scanf("%u", &u); v = __ushort_as_half(static_cast<unsigned short>(u)); }
   for (auto& v : L.z) { scanf("%u", &u); v = static_cast<uint8_t>(u); }
   for (auto& v : L.idx) scanf("%d", &v);
@@ -92,12 +94,11 @@ static int decode(const Layer& L) {
                          : n % 4 == 2 ? owq_zero_h2<2>(zw) : owq_zero_h2<3>(zw);
       __half2 t[R / 2];
       if constexpr (BITS == 3) {
-        __half2 zc[4];
+        __half2 zc[3];
         n % 4 == 0 ? owq_zero3_h2<0>(zw, zc) : n % 4 == 1 ? owq_zero3_h2<1>(zw, zc)
                    : n % 4 == 2 ? owq_zero3_h2<2>(zw, zc) : owq_zero3_h2<3>(zw, zc);
-        const uint32_t hb = L.b[(k / 32) * L.N + n];
-        owq_decode_word3<0>(L.a[(k / 16) * L.N + n], hb, zc, t);
-        owq_decode_word3<1>(L.a[(k / 16 + 1) * L.N + n], hb, zc, t + 8);
+        const int32_t* w = L.w3.data() + (k / 32) * 3 * L.N + n;
+        owq_decode_words3(w[0], w[L.N], w[2 * L.N], zc, t);
       } else {
         for (int i = 0; i < R / A_ROWS; ++i) owq_decode_word<BITS>(L.a[(k / A_ROWS + i) * L.N + n], zh, t + i * P);
       }
@@ -136,8 +137,8 @@ static int gemv(const Layer& L) {
     for (int n0 = 0; n0 < N; n0 += COLS) {
       float acc[COLS][M] = {};
       if constexpr (FAST)
-        owq_fast_columns<BITS, M>(L.a.data(), L.b.data(), L.s.data(), L.z.data(), N, n0, k_lo, k_lo + len_pad,
-                                  L.group, xs16.data(), kps, acc);
+        owq_fast_columns<BITS, M>(L.a.data(), L.b.data(), L.w3.data(), L.s.data(), L.z.data(), N, n0, k_lo,
+                                  k_lo + len_pad, L.group, xs16.data(), kps, acc);
       else
         owq_general_column<BITS, M>(L.a.data(), L.b.data(), L.s.data(), L.z.data(), N, n0, k_lo, k_lo + len_pad,
                                     L.group, OwqStagedF32{xs32.data(), kps}, acc);

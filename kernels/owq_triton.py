@@ -17,7 +17,8 @@ an atomic ticket per (row, column tile) elects the last program, which sums the 
 bias and casts. The weak columns are spread over the splits. Offsets that can pass 2^31 are int64.
 HALF2 (fp16 activations and scales, K and the group multiples of 32, x rows 16-byte aligned) is owq_gemv's fp16x2
 path, the CUDA fast path's arithmetic: one column per tensor element, a loop over groups (scale and zero constants
-once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits) rows; per step and column one asm call
+once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits: from plane_w, the 3-bit words of
+wct.pack.kernel_words3 that the backend converts from the v1 planes once per layer) rows; per step and column one asm call
 decodes code pairs into fp16x2 by LOP3 with the 0x6400 magic number, removes the zero exactly (HSUB2, or HFMA2 by
 1/16 for the high nibbles), HFMA2s them against x read as half2 pairs in the same order, and the step's fp16x2
 partial is flushed into the fp32 accumulator with the scale (error bound: docs/kernels.md); columns whose sum is
@@ -210,42 +211,40 @@ def asm_gemv4() -> str:
     return _asm([".reg .b32 v, u, p;", ".reg .b16 l, h;"] + _dot_lines(pairs, 7), 16)
 
 
-def pair3(r: int) -> tuple[int, int, int]:
-    """(s, t, q) of pair r of a 3-bit half step (rows r and r + 8 of a 2-bit word): the word shifted right by s puts
-    the pair's 2-bit codes at bits q, q+1 of each lane, the aligned 1-bit word shifted left by t puts their high bits
-    at q + 2. Two shifts of the 2-bit word (4, 8) and three of the 1-bit word (1, 2, 3) serve the eight pairs."""
-    s = 0 if r < 2 else 4 if r < 6 else 8
-    return s, r + 2 - s, 2 * r - s
+def _exp3(q: int) -> int:
+    """Exponent field 25 - q in both lanes: a code at mantissa bits q..q+2 then reads 2^(10-q) + code."""
+    return ((25 - q) << 10) * 0x00010001
 
 
 def asm_gemv3() -> str:
-    """32 rows of one column at 3 bits. In: $2, $3 the 2-bit words (rows 0-15, 16-31), $4 the 1-bit word, $5..$8 the
-    zero constants 2^(10-q) + z for q = 0, 2, 4, 6 (fp16x2), $9..$24 the x pairs (x_{16h+r}, x_{16h+r+8}), h = 0, 1,
-    r = 0..7. Out: $0, $1 the two lanes of the fp16x2 partial as fp32. Per half h one PRMT moves bytes 2h, 2h+1 of
-    the 1-bit word to the two lanes (rows 16h+r at bit r of lane 0, 16h+8+r at bit r of lane 1); pair r (pair3) is
-    assembled at mantissa bits q..q+2 by one lop3 from the shifted 2-bit word that also writes the exponent field
-    25 - q, and one lop3 that ORs in the high bit: each lane reads 2^(10-q) + code, and one HSUB2 of 2^(10-q) + z
-    leaves code - z exactly."""
+    """32 rows of one column at 3 bits from the kernels' 3-bit words (wct.pack.kernel_words3: lane l of word j holds
+    rows 16l + 5j + i at bits 3i, i < 5, and bit j of row 16l + 15 at bit 15). In: $2..$4 the three words, $5..$7 the
+    zero constants 2^(10-q) + z for q = 0, 3, 6 (fp16x2), $8..$23 the x pairs (x_p, x_{p+16}), p = 0..15. Out: $0, $1
+    the two lanes of the fp16x2 partial as fp32. Pair 5j + i: slots 0-2 in place (q = 0, 3, 6), slots 3-4 from the
+    word shifted right by 9 (q = 0, 3), one lop3 each that also writes the exponent field 25 - q, so each lane reads
+    2^(10-q) + code and one HSUB2 leaves code - z exactly; pair 15 gathers its spare bits at q = 6 from word 0 >> 9,
+    word 1 >> 8 and word 2 >> 7 (three lop3)."""
     pairs = []
-    for h in range(2):
-        a = f"${2 + h}"
-        pre = [f"prmt.b32 b0, $4, $4, {'0x3120' if h == 0 else '0x1302'};"]  # bytes 2h, 2h+1 to bytes 0, 2
-        pre += [f"shl.b32 b{t}, b0, {t};" for t in (1, 2, 3)] + [f"shr.u32 a4, {a}, 4;", f"shr.u32 a8, {a}, 8;"]
-        for r in range(8):
-            s, t, q = pair3(r)
-            exp = ((25 - q) << 10) * 0x00010001
-            decode = (pre if r == 0 else []) + [
-                f"lop3.b32 v, {a if s == 0 else f'a{s}'}, {0x00030003 << q:#010x}, {exp:#010x}, {_AND_OR:#x};",
-                f"lop3.b32 v, v, b{t}, {0x00040004 << q:#010x}, {_OR_AND:#x};",
-                f"sub.rn.f16x2 v, v, ${5 + q // 2};"]
+    for j in range(3):
+        w, s = f"${2 + j}", f"s{j}"
+        for i in range(5):
+            q = 3 * i if i < 3 else 3 * (i - 3)
+            decode = [f"shr.u32 {s}, {w}, 9;"] if i == 3 else []
+            decode += [f"lop3.b32 v, {w if i < 3 else s}, {0x00070007 << q:#010x}, {_exp3(q):#010x}, {_AND_OR:#x};",
+                       f"sub.rn.f16x2 v, v, ${5 + q // 3};"]
             pairs.append((decode, "v"))
-    return _asm([".reg .b32 b<4>, a4, a8, v, p;", ".reg .b16 l, h;"] + _dot_lines(pairs, 9), 32)
+    pairs.append((["shr.u32 e, $3, 8;", "shr.u32 f, $4, 7;",
+                   f"lop3.b32 v, s0, 0x00400040, {_exp3(6):#010x}, {_AND_OR:#x};",
+                   f"lop3.b32 v, v, e, 0x00800080, {_OR_AND:#x};",
+                   f"lop3.b32 v, v, f, 0x01000100, {_OR_AND:#x};",
+                   "sub.rn.f16x2 v, v, $7;"], "v"))
+    return _asm([".reg .b32 s<3>, e, f, v, p;", ".reg .b16 l, h;"] + _dot_lines(pairs, 8), 32)
 
 
 ASM_GEMV4 = tl.constexpr(asm_gemv4())
 ASM_GEMV3 = tl.constexpr(asm_gemv3())
 _CONSTRAINTS4 = tl.constexpr("=f,=f," + ",".join(["r"] * 13))
-_CONSTRAINTS3 = tl.constexpr("=f,=f," + ",".join(["r"] * 23))
+_CONSTRAINTS3 = tl.constexpr("=f,=f," + ",".join(["r"] * 22))
 
 
 @triton.jit
@@ -294,16 +293,17 @@ def _dot_h2(t, xp):
     return lo.to(tl.float32), hi.to(tl.float32)
 
 
-def asm_x_pairs(d: int) -> str:
-    """The x pairs of one step: D = 4 (4 bits, 16 rows) or 8 (3 bits, 32 rows). In: $(2D) the address of the step's
-    first x half (16-byte aligned). Out: $0..$(2D-1) the fp16x2 pairs (x_r, x_{r+D}) for r in [0, D) then
-    [2D, 3D). Loaded by 128-bit loads and paired by PRMT 0x5410 (low halves) / 0x7632 (high halves)."""
-    words = 4 * d // 2  # x halves of the step / 2
+def asm_x_pairs(d: int, rows: int) -> str:
+    """The x pairs (x_r, x_{r+D}) of one step of ``rows`` rows, blocks of 2D rows one after the other: D = 4 (4 bits,
+    16 rows: r in [0, 4) then [8, 12)) or 16 (3 bits, 32 rows: r in [0, 16)). In: $(rows/2) the address of the
+    step's first x half (16-byte aligned). Out: $0..$(rows/2 - 1) the fp16x2 pairs. Loaded by 128-bit loads and
+    paired by PRMT 0x5410 (low halves) / 0x7632 (high halves)."""
+    words = rows // 2  # x halves of the step / 2
     lines = [f".reg .b32 q<{words}>;"]
-    lines += [f"ld.global.nc.v4.b32 {{q{4 * i}, q{4 * i + 1}, q{4 * i + 2}, q{4 * i + 3}}}, [${2 * d} + {16 * i}];"
+    lines += [f"ld.global.nc.v4.b32 {{q{4 * i}, q{4 * i + 1}, q{4 * i + 2}, q{4 * i + 3}}}, [${words} + {16 * i}];"
               for i in range(words // 4)]
     out = 0
-    for base in (0, d):  # the word of rows 2j, 2j+1 pairs with the word D rows later
+    for base in range(0, words, d):  # the word of rows 2j, 2j+1 pairs with the word D rows later
         for j in range(d // 2):
             for sel in ("0x5410", "0x7632"):
                 lines.append(f"prmt.b32 ${out}, q{base + j}, q{base + j + d // 2}, {sel};")
@@ -311,8 +311,8 @@ def asm_x_pairs(d: int) -> str:
     return _asm(lines)
 
 
-ASM_X4 = tl.constexpr(asm_x_pairs(4))
-ASM_X3 = tl.constexpr(asm_x_pairs(8))
+ASM_X4 = tl.constexpr(asm_x_pairs(4, 16))
+ASM_X3 = tl.constexpr(asm_x_pairs(16, 32))
 
 
 @triton.jit
@@ -328,7 +328,8 @@ def _x_pairs(xw, D: tl.constexpr, ASM: tl.constexpr):
                                             is_pure=True, pack=1)
     else:
         out = ()
-        for base in tl.static_range(2):
+        BLOCKS: tl.constexpr = 2 if D == 4 else 1  # blocks of 2D rows per step (16 or 32 rows)
+        for base in tl.static_range(BLOCKS):
             for j in tl.static_range(D // 2):
                 qa = tl.load(xw + base * D + j)
                 qb = tl.load(xw + base * D + j + D // 2)
@@ -360,29 +361,29 @@ def _step4(pa, stride_a, xw, mn, z0, z1, sixteenth, ASM: tl.constexpr):
 
 
 @triton.jit
-def _step3(pa, pb, stride_a, xw, mn, zc, ASM: tl.constexpr):
-    """32 rows of the columns at 3 bits (2-bit words at pa, pa + stride_a, the 1-bit word at pb): the two fp32 lanes
-    of each column's fp16x2 partial (asm_gemv3)."""
-    a0 = tl.load(pa, mask=mn)
-    a1 = tl.load(pa + stride_a, mask=mn)
-    b = tl.load(pb, mask=mn)
-    xp = _x_pairs(xw, 8, ASM)
+def _step3(pw, stride_w, xw, mn, zc, ASM: tl.constexpr):
+    """32 rows of the columns at 3 bits (the three 3-bit words at pw, pw + stride_w, pw + 2 stride_w): the two fp32
+    lanes of each column's fp16x2 partial (asm_gemv3)."""
+    w0 = tl.load(pw, mask=mn)
+    w1 = tl.load(pw + stride_w, mask=mn)
+    w2 = tl.load(pw + 2 * stride_w, mask=mn)
+    xp = _x_pairs(xw, 16, ASM)
     if ASM:
         lo, hi = tl.inline_asm_elementwise(ASM_GEMV3, _CONSTRAINTS3,
-                                           [a0, a1, b, zc[0], zc[1], zc[2], zc[3], xp[0], xp[1], xp[2], xp[3], xp[4],
+                                           [w0, w1, w2, zc[0], zc[1], zc[2], xp[0], xp[1], xp[2], xp[3], xp[4],
                                             xp[5], xp[6], xp[7], xp[8], xp[9], xp[10], xp[11], xp[12], xp[13], xp[14],
                                             xp[15]], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-    else:
+    else:  # >> is arithmetic on int32, but every mask below keeps only bits the word itself supplies
         t = ()
-        for h in tl.static_range(2):
-            a = a0 if h == 0 else a1
-            hb = ((b >> (16 * h)) & 0xFF) | (((b >> (16 * h + 8)) & 0xFF) << 16)
-            for r in tl.static_range(8):
-                S: tl.constexpr = 0 if r < 2 else (4 if r < 6 else 8)  # pair3
-                T: tl.constexpr = r + 2 - S
-                Q: tl.constexpr = 2 * r - S
-                v = ((a >> S) & (0x00030003 << Q)) | (((25 - Q) << 10) * 0x00010001)
-                t = t + (_sub_h2(v | ((hb << T) & (0x00040004 << Q)), zc[Q // 2]),)
+        for j in tl.static_range(3):
+            w = w0 if j == 0 else (w1 if j == 1 else w2)
+            for i in tl.static_range(5):
+                Q: tl.constexpr = 3 * i if i < 3 else 3 * (i - 3)
+                src = w if i < 3 else w >> 9
+                v = (src & (0x00070007 << Q)) | (((25 - Q) << 10) * 0x00010001)
+                t = t + (_sub_h2(v, zc[Q // 3]),)
+        v = ((w0 >> 9) & 0x00400040) | (19 << 10) * 0x00010001 | ((w1 >> 8) & 0x00800080) | ((w2 >> 7) & 0x01000100)
+        t = t + (_sub_h2(v, zc[2]),)
         lo, hi = _dot_h2(t, xp)
     return lo, hi
 
@@ -390,12 +391,12 @@ def _step3(pa, pb, stride_a, xw, mn, zc, ASM: tl.constexpr):
 @triton.jit
 def _zero_consts(z, BITS: tl.constexpr):
     """The fp16x2 constants (int32 bits, both lanes) a group's zero points give the decode, built by integer ops:
-    3 bits: 2^(10-q) + z for q = 0, 2, 4, 6 (exponent field 25 - q, z at mantissa bit q); 4 bits: 1024 + z,
+    3 bits: 2^(10-q) + z for q = 0, 3, 6 (exponent field 25 - q, z at mantissa bit q); 4 bits: 1024 + z,
     -(64 + z) and 1/16."""
     zi = z.to(tl.int32)
     if BITS == 3:
-        return ((zi | (25 << 10)) * 0x00010001, ((zi << 2) | (23 << 10)) * 0x00010001,
-                ((zi << 4) | (21 << 10)) * 0x00010001, ((zi << 6) | (19 << 10)) * 0x00010001)
+        return ((zi | (25 << 10)) * 0x00010001, ((zi << 3) | (22 << 10)) * 0x00010001,
+                ((zi << 6) | (19 << 10)) * 0x00010001)
     else:
         return ((zi | 0x6400) * 0x00010001, (0xD400 | (zi << 4)) * 0x00010001,
                 tl.full(zi.shape, 0x2C002C00, tl.int32))
@@ -403,9 +404,9 @@ def _zero_consts(z, BITS: tl.constexpr):
 
 @triton.jit
 def owq_gemv(
-    x, plane_a, plane_b, scales, zeros, idx, wo, bias, ws, counters, y,
+    x, plane_a, plane_b, plane_w, scales, zeros, idx, wo, bias, ws, counters, y,
     M, N, K, n_o, group_size,
-    stride_xm, stride_a, stride_b, stride_g, stride_wo,
+    stride_xm, stride_a, stride_b, stride_w, stride_g, stride_wo,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     HAS_BIAS: tl.constexpr, HALF2: tl.constexpr = False, ASM: tl.constexpr = False, EVEN_N: tl.constexpr = False,
 ):
@@ -421,9 +422,9 @@ def owq_gemv(
     if HALF2:  # K % 32 == 0: every step lies wholly below or above k_hi
         STEP: tl.constexpr = 32 if BITS == 3 else 16  # rows per fp16x2 partial (one asm call per column)
         sa = stride_a.to(tl.int64)
-        sb = stride_b.to(tl.int64)
+        sw = stride_w.to(tl.int64)
         pa0 = plane_a + rn64
-        pb0 = plane_b + rn64
+        pw0 = plane_w + rn64
         xw0 = x_row.to(tl.pointer_type(tl.int32), bitcast=True)
         mask = None if EVEN_N else mn  # EVEN_N: no column of the tile is past N, the plane loads need no mask
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -434,7 +435,7 @@ def owq_gemv(
             g_hi = tl.minimum((g + 1) * group_size, k_hi)
             for i in range(tl.maximum(g * group_size, k_lo) // STEP, g_hi // STEP):  # K % 32 == 0: whole steps
                 if BITS == 3:
-                    lo, hi = _step3(pa0 + i * (2 * sa), pb0 + i * sb, sa, xw0 + i * 16, mask, zc, ASM)
+                    lo, hi = _step3(pw0 + i * (3 * sw), sw, xw0 + i * 16, mask, zc, ASM)
                 else:
                     lo, hi = _step4(pa0 + i * (2 * sa), sa, xw0 + i * 8, mask, zc[0], zc[1], zc[2], ASM)
                 out = tl.fma(s, hi, tl.fma(s, lo, out))  # the step's fp16x2 partial flushed into fp32

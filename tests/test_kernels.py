@@ -16,7 +16,7 @@ import wct.kernels as kernels
 from wct.errors import WCTError
 from wct.kernels import triton_backend
 from wct.nn.owq_linear import OWQLinear
-from wct.pack import pack_linear
+from wct.pack import kernel_words3, pack_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_WEAK = [0, 1, 7, 40]  # 40: all inside the first 256-wide chunk of K
@@ -199,6 +199,24 @@ def test_dense_cache_reuse_invalidation_and_live_weak_columns():
     kernels.configure(cache_budget_bytes=0)
     kernels.clear_cache()
     assert kernels.cached_dense(layer, torch.float32) is None
+
+
+def test_kernel_planes_caches_the_3bit_words_per_layer():
+    """dispatch.kernel_planes: the v1 planes for the torch backend and 4 bits; at 3 bits on triton/cuda also the 3-bit
+    words, built once (the same tensor on the next call) and rebuilt when the planes change."""
+    layer, _ = make_layer(3, None, 7)
+    assert [p.data_ptr() for p in kernels.kernel_planes(layer, "torch")] == [layer.qweight_lo.data_ptr(),
+                                                                             layer.qweight_hi.data_ptr()]
+    assert len(kernels.kernel_planes(make_layer(4, None, 7)[0], "triton")) == 1
+    words = kernels.kernel_planes(layer, "triton")[2]
+    assert torch.equal(words, kernel_words3(layer.qweight_lo, layer.qweight_hi))
+    assert kernels.kernel_planes(layer, "cuda")[2] is words
+    other, _ = make_layer(3, None, 7, seed=1)
+    layer.load_state_dict(other.state_dict())  # new codes: the cache must not serve the old words
+    fresh = kernels.kernel_planes(layer, "triton")[2]
+    assert fresh is not words and torch.equal(fresh, kernel_words3(other.qweight_lo, other.qweight_hi))
+    kernels.clear_cache()
+    assert kernels.kernel_planes(layer, "triton")[2] is not fresh
 
 
 def test_dispatch_messages_and_log(caplog, monkeypatch):

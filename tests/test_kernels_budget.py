@@ -1,7 +1,8 @@
 """The static check of the CUDA GEMV (issue 13, docs/kernels.md): compiled by nvcc for sm_90 on the CPU, the M = 1
 fast kernels have no stack frame, no spills and no int→float conversion in their inner loop; the checker itself
 reports a planted stack frame and a planted conversion (skipped without nvcc). The Triton GEMV's fp16x2 path,
-compiled ahead of time with Triton's own ptxas, is held to the same checks and, at 4 bits, to the budget."""
+compiled ahead of time with Triton's own ptxas, is held to the same checks. Both are held to the instruction
+budget at 3 and 4 bits (3 bits since the kernels read the 3-bit words, docs/kernels.md)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def test_fast_gemv_m1_has_no_stack_frame_and_no_int_to_float():
         assert "owq_gemv_fast" in r.kernel
         assert (r.stack_bytes, r.spill_bytes, r.i2f_per_weight) == (0, 0, 0)
         assert r.loads_per_word == 0.25  # one 128-bit load per 4 packed words
+        assert r.within_budget, r  # ≤ 3.5 instructions per weight at 4 bits, ≤ 2.6 at 3
 
 
 @needs_nvcc
@@ -63,10 +65,11 @@ def test_checker_reports_a_planted_stack_frame_and_conversion(tmp_path):
 
 def test_triton_half2_gemv_m1_budget():
     """The Triton GEMV's fp16x2 path compiled ahead of time for sm_90 (inline PTX): no stack frame, no spills, no
-    int→float conversion, its decode blocks found in the measured loop; 4 bits within the instruction budget."""
+    int→float conversion, its decode blocks found in the measured loop; 3 and 4 bits within the instruction
+    budget."""
     rows = {r.bits: r for r in triton_figures(["90"], tools())}
     assert sorted(rows) == [3, 4]
     for r in rows.values():
         assert (r.stack_bytes, r.spill_bytes, r.i2f_per_weight) == (0, 0, 0)
         assert r.weights_per_iter > 0 and r.ptx_per_weight > 0
-    assert rows[4].within_budget, rows[4]
+        assert r.within_budget, r

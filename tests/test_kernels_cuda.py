@@ -12,7 +12,7 @@ import wct.kernels as kernels
 from wct.kernels import cuda_backend
 from wct.kernels.__main__ import main as kernels_cli
 from wct.kernels.sources import source_dir
-from wct.pack import dequantize_dense
+from wct.pack import dequantize_dense, kernel_words3
 
 from test_kernels import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
 from test_kernels_half2 import U, half2_bound, overflowing_x
@@ -40,10 +40,13 @@ def host_check(tmp_path_factory) -> str:
 
 
 def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
-    """Feed a packed layer (and x) to owq_host_check; returns its output matrix."""
+    """Feed a packed layer (and x) to owq_host_check; returns its output matrix. At 3 bits the fast path's 3-bit
+    words come from the converter (wct.pack.kernel_words3), so decode and GEMV checks test it too."""
     n_o, n = layer.weak_weight.shape
     numbers = [layer.bits, layer.in_features, n, layer.scales.shape[0], x.shape[0], n_o, splits]
     numbers += [w for p in layer.planes.values() for w in p.flatten().tolist()]
+    if layer.bits == 3:
+        numbers += kernel_words3(layer.qweight_lo, layer.qweight_hi).flatten().tolist()
     numbers += layer.scales.half().view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).flatten().tolist()
     numbers += layer.zeros.flatten().tolist() + layer.weak_idx.tolist()
     numbers += [repr(v) for v in layer.weak_weight.float().flatten().tolist() + x.flatten().tolist()]
@@ -64,8 +67,9 @@ def test_host_dequant_matches_python_packer(host_check, bits, k, group):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("k,group", [(200, None), (256, 64)])
 def test_host_fast_decode_is_bit_exact(host_check, bits, k, group):
-    """The LOP3/0x6400 fp16x2 word decoders (pairs (k, k+4) / (k, k+8), the PRMT-aligned 1-bit plane) and the
-    pair order of owq_slot: code - z of every row, exactly, against the float64 weights (w / s)."""
+    """The LOP3/0x6400 fp16x2 word decoders (pairs (k, k+4) / (k, k+8); at 3 bits (k, k+16) from the converted
+    3-bit words) and the pair order of owq_slot: code - z of every row, exactly, against the float64 weights
+    (w / s)."""
     layer, w64 = make_layer(bits, group, 5, n=12, k=k, sym=bits == 2)
     got = run_host_check(host_check, "decode", layer, torch.zeros(0, k))[:k]  # rows past K are padding
     rep = k // layer.scales.shape[0]
@@ -151,7 +155,8 @@ def test_cuda_matches_float64(bits, group, n_o, dtype):
 def test_cuda_fast_and_general_paths_agree(bits, n, group):
     """The fast kernel (fp16, N % 4 == 0) against the general one and float64, forced splits 1, 3, 7."""
     layer, w64 = make_layer(bits, group, 40, torch.float16, n=n, k=11008 if group is None else 4096, device="cuda")
-    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, bits)
+    args = (layer.weak_weight, kernels.kernel_planes(layer, "cuda"), layer.scales, layer.zeros, layer.weak_idx,
+            layer.bias, bits)
     for m in (1, 3, 8):
         x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.float16)
         ref = x.double() @ w64.t() + layer.bias.double()

@@ -161,3 +161,31 @@ def stored_bits(n: int, k: int, bits: int, groups: int, n_o: int, weak_bits: int
     16-bit scales, 8-bit zeros, 32-bit indices and the FP16 weak columns, divided by N*K."""
     total = padded_k(k) * n * bits + groups * n * (16 + 8) + n_o * 32 + n_o * n * weak_bits
     return total / (n * k)
+
+
+KERNEL3_CHUNK = 1 << 22  # codes converted at a time by kernel_words3 (bounds its temporaries: ~100 MB)
+
+
+def kernel_words3(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The 3-bit words the fast GEMV kernels read, converted from the owq-pack v1 planes ``qweight_lo`` [Kp/16, N]
+    and ``qweight_hi`` [Kp/32, N]: int32 [Kp/32 · 3, N] on the planes' device (docs/kernels.md "3-bit words").
+
+    Never stored: owq-pack v1 stays the format; the backends build this once per layer (wct.kernels.dispatch).
+    Per 32-row block b and column n, word j = row 3b + j (j = 0, 1, 2); lane l (the low half for l = 0, the high
+    half for l = 1) holds the codes of rows 16l + 5j + i at bits 16l + 3i (i < 5), and bit j of the code of row
+    16l + 15 at bit 16l + 15. So lanes pair rows (p, p + 16): p = 5j + i in the slots, p = 15 in the spare bits.
+    """
+    kp, n = lo.shape[0] * 16, lo.shape[1]
+    out = torch.empty(kp // 32 * 3, n, dtype=torch.int32, device=lo.device)
+    step = max(1, KERNEL3_CHUNK // max(kp, 1))
+    slot = (torch.arange(5, device=lo.device) * 3).view(1, 1, 1, 5, 1)
+    bit = torch.arange(3, device=lo.device).view(1, 1, 3, 1)
+    for n0 in range(0, n, step):
+        cols = slice(n0, n0 + step)
+        codes = unpack_codes({"qweight_lo": lo[:, cols], "qweight_hi": hi[:, cols]}, 3, kp).to(torch.int64)
+        c = codes.view(kp // 32, 2, 16, -1)  # [block, lane, row in lane, column]
+        main = (c[:, :, :15].reshape(kp // 32, 2, 3, 5, -1) << slot).sum(3)  # [block, lane, word, column]
+        spare = ((c[:, :, 15].unsqueeze(2) >> bit) & 1) << 15
+        half = main | spare
+        out[:, cols] = _to_int32(half[:, 0] | (half[:, 1] << 16)).reshape(kp // 32 * 3, -1)
+    return out

@@ -314,7 +314,7 @@ def triton_specs(bits: int) -> list[tuple]:
     weights counted from the marked decode blocks of the loop (0); in sources before that path, ``owq_gemv`` with
     BLOCK_N = BLOCK_K = 64 and 4 warps, or before that kernel, ``owq_fwd`` in its GEMV mode."""
     mod = load_module("owq_triton.py", "owq_triton_budget")
-    types = {"plane_a": "*i32", "plane_b": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "ws": "*fp32",
+    types = {"plane_a": "*i32", "plane_b": "*i32", "plane_w": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "ws": "*fp32",
              "counters": "*i32"}
     if hasattr(mod, "asm_gemv4"):
         fn = mod.owq_gemv

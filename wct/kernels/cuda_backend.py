@@ -26,6 +26,7 @@ from torch import Tensor
 from wct.errors import WCTError
 from wct.kernels.sources import source_dir
 from wct.kernels.workspace import tile_counters
+from wct.pack import kernel_words3
 
 ARCHS = ("80", "90")
 SOURCES = ("owq_cuda.cu", "owq_dequant.cuh")
@@ -95,7 +96,7 @@ def load(path: Path | None = None) -> ctypes.CDLL:
         logging.getLogger("wct.kernels").info("building the OWQ CUDA kernels with nvcc for sm_%s", ",".join(ARCHS))
         build(out=path)
     lib = ctypes.CDLL(str(path))
-    lib.owq_gemv.argtypes = [_I, _I, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, *[_I] * 9, _P]
+    lib.owq_gemv.argtypes = [_I, _I, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, *[_I] * 9, _P]
     lib.owq_dequant.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P]
     return lib
 
@@ -174,7 +175,9 @@ def split_plan(m: int, n: int, k: int, n_o: int, group: int | None, sms: int) ->
 def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
          bias: Tensor | None, bits: int, splits: int | None = None, path: int = 0) -> Tensor:
     """y [M, N] for x [M, K] (M ≤ 8) by the GEMV; ``splits`` forces the K split count, ``path`` 1 forces the
-    general kernel (tests compare it with the fast one)."""
+    general kernel (tests compare it with the fast one). At 3 bits the fast kernel reads ``planes[2]``, the 3-bit
+    words of :func:`wct.pack.kernel_words3` (wct.kernels.dispatch adds them); without them 3 bits take the general
+    kernel."""
     m, k = x.shape
     lib = load()
     act, sf, scales_c, a, b, wo, group = _common(x, planes, scales, weak_weight, k)
@@ -191,7 +194,8 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bias_c = bias.to(x.dtype).contiguous() if bias is not None else None
     idx = weak_idx.contiguous()
-    err = lib.owq_gemv(act, sf, x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), scales_c.data_ptr(),
+    w3 = planes[2].contiguous().data_ptr() if bits == 3 and len(planes) > 2 else None
+    err = lib.owq_gemv(act, sf, x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), w3, scales_c.data_ptr(),
                        zeros.contiguous().data_ptr(), idx.data_ptr(), wo.data_ptr(),
                        bias_c.data_ptr() if bias_c is not None else None, ws.data_ptr(),
                        tile_counters(x.device, _cdiv(n, 256)).data_ptr(), y.data_ptr(), m, n, k, idx.numel(), group, bits, splits,
@@ -216,14 +220,16 @@ def forward(
 
 @functools.cache
 def probe(device: torch.device) -> str | None:
-    """Launch the GEMV once on ``device`` (a 1×64 → 4 layer, 3 bits) and check its result: why the backend cannot
-    run there, or None. Inside CUDA-graph capture only the launch status is checked (no synchronization)."""
+    """Launch the GEMV once on ``device`` (a 1×64 → 4 layer, 3 bits, the fast kernel) and check its result: why the
+    backend cannot run there, or None. Inside CUDA-graph capture only the launch status is checked (no
+    synchronization)."""
     try:
         load()
     except (WCTError, OSError) as e:
         return str(e)
     planes = [torch.full((4, 4), 0x55555555, dtype=torch.int32, device=device),  # low bits 1 in every code
               torch.zeros(2, 4, dtype=torch.int32, device=device)]
+    planes.append(kernel_words3(*planes))
     scales = torch.ones(1, 4, dtype=torch.float16, device=device)
     zeros = torch.zeros(1, 4, dtype=torch.uint8, device=device)
     x = torch.ones(1, 64, dtype=torch.float16, device=device)

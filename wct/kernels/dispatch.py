@@ -31,6 +31,7 @@ import wct.kernels.cuda_backend as cuda_backend
 import wct.kernels.reference as reference
 from wct.errors import WCTError
 from wct.kernels.op import owq_linear_op
+from wct.pack import kernel_words3
 
 log = logging.getLogger("wct.kernels")
 
@@ -44,6 +45,7 @@ _config: dict = {
 }
 _resolved: dict[tuple, str] = {}
 _dense_cache: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_words_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def configure(kernel: str | None = None, cache_dense: str | bool | None = None, cache_budget_bytes: int | None = None) -> None:
@@ -87,8 +89,9 @@ def no_dense_cache() -> Iterator[None]:
 
 
 def clear_cache() -> None:
-    """Drop every cached dense weight."""
+    """Drop every cached dense weight and 3-bit kernel layout."""
     _dense_cache.clear()
+    _words_cache.clear()
 
 
 def triton_available(device: torch.device) -> bool:
@@ -169,6 +172,29 @@ def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
     return dense
 
 
+def kernel_planes(layer, backend: str) -> list[torch.Tensor]:
+    """The code planes ``backend`` gets for ``layer``: the owq-pack v1 planes, and at 3 bits on the triton and cuda
+    backends also the 3-bit words their fast GEMVs read (:func:`wct.pack.kernel_words3`), converted on the
+    device once per layer and cached like the dense weight (keyed by the planes' storage and version counters).
+    The copy is as large as the v1 planes (3/8 byte per weight; docs/kernels.md "3-bit words"); owq_linear asks
+    for it only for decode-sized inputs (at most CUDA_GEMV_MAX_M rows), which the GEMVs take. Not built while
+    torch.compile traces or a CUDA graph captures (nothing may allocate or be cached there): a 3-bit layer then
+    runs the general (CUDA) or fp32 (Triton) GEMV, with the same results to fp32 rounding."""
+    planes = list(layer.planes.values())
+    if layer.bits != 3 or backend not in ("triton", "cuda") or torch.compiler.is_compiling():
+        return planes
+    key = tuple((t.device, t.data_ptr(), t._version) for t in planes)
+    hit = _words_cache.get(layer)
+    if hit is not None and hit[0] == key:
+        return planes + [hit[1]]
+    if planes[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return planes
+    with torch.inference_mode(False), torch.no_grad():  # an inference tensor could not be saved for a backward
+        words = kernel_words3(*planes)
+    _words_cache[layer] = (key, words)
+    return planes + [words]
+
+
 @torch.compiler.assume_constant_result
 def _backend_for(kernel: str, device: torch.device, decode: bool) -> str:
     """:func:`resolve_backend` once per (kernel, device, M ≤ CUDA_GEMV_MAX_M), announced in the log; a constant to
@@ -182,11 +208,13 @@ def _backend_for(kernel: str, device: torch.device, decode: bool) -> str:
 
 def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = deq(W_q)·x + W_o·x[idx] + b for an :class:`wct.nn.OWQLinear` ``layer`` on the configured backend."""
-    backend = _backend_for(_config["kernel"], x.device, x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1])
+    decode = x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1]
+    backend = _backend_for(_config["kernel"], x.device, decode)
     dense = None
     if backend == "torch" and not torch.compiler.is_compiling():  # eager-only state; compiled graphs dequantize
         dense = cached_dense(layer, x.dtype)
+    # the 3-bit words serve only the GEMVs (decode-sized M): a training step's GEMM never builds them
+    planes = kernel_planes(layer, backend) if decode else list(layer.planes.values())
     return owq_linear_op(
-        x, layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias,
-        dense, layer.bits, backend,
+        x, layer.weak_weight, planes, layer.scales, layer.zeros, layer.weak_idx, layer.bias, dense, layer.bits, backend,
     )

@@ -74,7 +74,9 @@ def gemv_splits(m: int, n: int, k: int, block_n: int, block_k: int, device: torc
 
 def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
          bias: Tensor | None, bits: int, split_k: int | None = None) -> Tensor:
-    """y [M, N] for x [M, K], M ≤ GEMV_MAX_M, by ``owq_gemv``; ``split_k`` forces the split count."""
+    """y [M, N] for x [M, K], M ≤ GEMV_MAX_M, by ``owq_gemv``; ``split_k`` forces the split count. At 3 bits the
+    fp16x2 path reads ``planes[2]``, the 3-bit words of :func:`wct.pack.kernel_words3` (wct.kernels.dispatch adds
+    them); without them 3 bits take the fp32 path."""
     m, k = x.shape
     n = scales.shape[1]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -82,8 +84,10 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
     ws = torch.empty(most if most > 1 else 0, m, n, dtype=torch.float32, device=x.device)
     counters = tile_counters(x.device, m * triton.cdiv(n, 32))
     a, b = _plane_args(planes)
+    w3 = planes[2].contiguous() if bits == 3 and len(planes) > 2 else a
     group = k // scales.shape[0] if scales.shape[0] > 1 else k
-    half2 = bits != 2 and half2_path(x, scales, k, group)  # the fp16x2 decode is written for 3 and 4 bits
+    # the fp16x2 decode is written for 4 bits and for 3 bits in the kernel words
+    half2 = (bits == 4 or w3 is not a) and half2_path(x, scales, k, group)
     meta = dict(BITS=bits, BLOCK_O=BLOCK_O, HAS_BIAS=bias is not None, HALF2=half2, ASM=half2 and not interpreting())
     if interpreting():  # fixed tiles (_fixed), so EVEN_N is known here
         meta["EVEN_N"] = n % 32 == 0
@@ -93,10 +97,10 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
         return triton.cdiv(n, meta["BLOCK_N"]), splits, m
 
     _gemv_kernel()[grid](
-        x, a, b, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), weak_weight.contiguous(),
+        x, a, b, w3, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), weak_weight.contiguous(),
         bias if bias is not None else y, ws, counters, y,
         m, n, k, weak_idx.numel(), group,
-        x.stride(0), a.stride(0), b.stride(0), scales.stride(0), n,
+        x.stride(0), a.stride(0), b.stride(0), w3.stride(0), scales.stride(0), n,
         **_fixed(meta),
     )
     return y
