@@ -1,15 +1,15 @@
 """Streaming quantization: memory O(one block), not O(model) (docs/scale.md).
 
 The model is built on the meta device (real non-persistent buffers such as rotary tables, no weights). The tensors
-outside the decoder blocks (embeddings, final norm, head) are read from the safetensors shards, block 0's inputs
-are caught, and those tensors are written to the output and dropped. Then block by block: its weights are read
-from the shards, it is quantized exactly as :func:`wct.quant.owq.quantize_model` does (the same per-block
-function), its packed tensors go to the output writer and the block returns to the meta device. In memory at any
-time: one block (dense, then packed), its Hessians, the calibration activations entering and leaving it, and at
-most one output shard not yet written. The output is a sharded owq-pack folder (``model-0000x-of-0000y
-.safetensors`` + index), written in a temporary folder and renamed into place; its tensors are bit for bit those
-of ``quantize_model`` + ``save_quantized`` on the same inputs.
-"""
+outside the decoder blocks that the catch needs (embeddings, final norm) are read from the safetensors shards and
+block 0's inputs are caught; then every tensor outside the blocks is written to the output straight from the
+checkpoint, one at a time (a separate head is never cast to the compute dtype), and dropped. Then block by block:
+its weights are read from the shards, it is quantized exactly as :func:`wct.quant.owq.quantize_model` does (the
+same per-block function), its packed tensors go to the output writer (to disk, tensor by tensor) and the block
+returns to the meta device. In memory at any time: one block (dense, then packed), the Hessians of its distinct
+layer inputs, and the calibration activations entering and leaving it. The output is a sharded owq-pack folder
+(``model-0000x-of-0000y.safetensors`` + index), written in a temporary folder and renamed into place; its tensors
+are bit for bit those of ``quantize_model`` + ``save_quantized`` on the same inputs."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from wct.quant.config import QuantConfig
 from wct.quant.owq import QuantReport, _catch, _finish, _quantize_block, _recipe, _setup, _Setup
 from wct.shards import ShardReader, ShardWriter
 
-SHARD_BYTES = 256 * 2**20  # output shard size: a shard waits in memory until it is full
+SHARD_BYTES = 256 * 2**20  # output shard size (written to disk tensor by tensor: no shard waits in memory)
 
 
 def skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:

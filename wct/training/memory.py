@@ -44,7 +44,6 @@ RUNTIME = 480 * 2**20  # resident size of Python + torch + transformers + wct on
 # and what glibc's allocator keeps of them, per weight of the largest linear: measured with scripts/bench_scale.py
 # on the synthetic 0.3B model (docs/scale.md, "Memory estimate of a training step")
 DEQUANT_BYTES = 112
-SHARD = 256 * 2**20  # wct.quant.stream.SHARD_BYTES: one output shard waits in memory
 
 
 @dataclass
@@ -88,11 +87,13 @@ def estimate_from_config(config: dict, bits: int = 4, n_samples: int = 128, seql
     the peak resident memory of streaming quantization on the CPU in ``compute_bytes`` floats; and of loading the
     packed model (a training step: :func:`train_memory`).
 
-    Streaming peak = runtime + max(outside phase, block phase): outside phase = embeddings and head in the compute
-    dtype + calibration hidden states; block phase = one dense block in the compute dtype + its packed form +
-    one fp32 K x K Hessian per linear (K = h for q, k, v, o, gate, up; i for down) + GPTQ's working copies of the
-    largest layer + hidden states entering and leaving the block + MLP intermediates of one window + one output
-    shard.
+    Streaming peak = runtime + max(outside phase, block phase) (docs/scale.md): outside phase = the input
+    embedding in the compute dtype and its 16-bit source while it is cast + calibration hidden states (the head is
+    written from the checkpoint, never cast); block phase = one dense block in the compute dtype + one fp32 K x K
+    Hessian per distinct layer input (q/k/v share one, gate/up one: K = h three times, i once) + the K x K product
+    being added to one + GPTQ's two working copies of the largest layer + hidden states entering and leaving the
+    block + MLP intermediates of one window. Packing and the sensitivity work in slabs of a few MB, and the output
+    shards go to disk tensor by tensor.
     """
     s = Shapes.of(config)
     h, i = s.hidden, s.inter
@@ -101,11 +102,11 @@ def estimate_from_config(config: dict, bits: int = 4, n_samples: int = 128, seql
     packed_block = s.block_weights * bits // 8 + 3 * rows + 2 * 2 * h  # + two fp16 norms
     packed = s.layers * packed_block + 2 * s.outside_weights
     states = n_samples * seqlen * h * compute_bytes
-    outside_phase = compute_bytes * s.outside_weights + states
-    hessians = 4 * (6 * h * h + i * i)
-    gptq_work = compute_bytes * max(h, i) * max(h, i) * 2
-    block_phase = (compute_bytes * s.block_weights + packed_block + hessians + gptq_work + 2 * states
-                   + seqlen * i * compute_bytes * 4 + SHARD)
+    outside_phase = (compute_bytes + 2) * s.vocab * h + states
+    hessians = 4 * (3 * h * h + i * i) + 4 * max(h, i) ** 2
+    gptq_work = compute_bytes * h * i * 2
+    block_phase = (compute_bytes * s.block_weights + hessians + gptq_work + 2 * states
+                   + seqlen * i * compute_bytes * 4)
     return {"fp16": fp16, "packed": packed, "quantize_stream_peak": RUNTIME + max(outside_phase, block_phase),
             "load_packed_peak": RUNTIME + packed}
 
