@@ -113,3 +113,44 @@ def test_sensitivity_in_slabs_equals_one_piece(monkeypatch):
     whole = gq.sensitivity(3, tuning="mse", grid=20)
     monkeypatch.setattr(gptq, "SLAB_ELEMS", 50 * 5)  # slabs of 5 rows, the last one of 4
     assert torch.equal(gq.sensitivity(3, tuning="mse", grid=20), whole)
+
+
+@pytest.mark.parametrize("bits,groups,dtype", [(3, 1, torch.float32), (4, 4, torch.float16), (2, 2, torch.bfloat16)])
+def test_dequantize_in_slabs_equals_formula(bits, groups, dtype, monkeypatch):
+    """dequantize_dense builds W a slab of output columns at a time (docs/scale.md): every slab size, ragged last
+    slab included, gives s·(code − z) rounded once from the exact value, as a contiguous [N, K]."""
+    import wct.pack as pack
+
+    g = torch.Generator().manual_seed(bits)
+    n, k = 37, 64
+    scales = (torch.rand(groups, n, generator=g) + 0.1).to(dtype)
+    zeros = torch.randint(0, 2**bits, (groups, n), generator=g)
+    codes = torch.randint(0, 2**bits, (k, n), generator=g)
+    planes = pack.pack_codes(codes, bits)
+    # float64 oracle: code − z is exact in every dtype here, so the result is s·(code − z) rounded once
+    want = (scales.double().repeat_interleave(k // groups, 0) * (codes - zeros.repeat_interleave(k // groups, 0))
+            ).t().to(dtype)
+    for slab in (k * n, 5 * k, k):  # one piece, slabs of 5 columns (the last of 2), one column each
+        monkeypatch.setattr(pack, "PACK_CHUNK_ELEMS", slab)
+        got = pack.dequantize_dense(planes, scales, zeros.to(torch.uint8), bits, k, dtype)
+        assert got.shape == (n, k) and got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got, want), slab
+
+
+def test_hessian_in_slabs_equals_one_piece(monkeypatch):
+    """add_batch folds XᵀX into H a slab of rows at a time (no K x K temporary): the same bits as one product."""
+    import wct.quant.gptq as gptq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 300, generator=g)
+    xs = [torch.randn(1, 40, 300, generator=g) for _ in range(3)]
+    whole = gptq.GPTQ(w)
+    for x in xs:
+        whole.add_batch(x)
+    monkeypatch.setattr(gptq, "SLAB_ELEMS", 300 * 40)  # slabs of 32 rows, the last one of 12
+    slabs = gptq.GPTQ(w)
+    for x in xs:
+        slabs.add_batch(x)
+    assert torch.equal(slabs.H, whole.H)
+    x = torch.cat(xs, 0).reshape(-1, 300).double()
+    torch.testing.assert_close(slabs.H.double(), 2 / 3 * x.t() @ x, rtol=1e-5, atol=1e-4)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4)
-PACK_CHUNK_ELEMS = 1 << 22  # codes packed at a time: packing's int64/fp32 temporaries stay at tens of MB per layer
+PACK_CHUNK_ELEMS = 1 << 20  # codes packed or dequantized at a time: int64/fp32 temporaries of a few MB per layer
 FORMAT_VERSION = 1
 
 
@@ -89,12 +89,22 @@ def dequantize_dense(
     in_features: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The dense low-bit part as [N, K] in ``dtype`` (exactly 0 at weak columns, whose codes equal the zero-point)."""
-    codes = unpack_codes(planes, bits, in_features)  # [K, N]
-    group = in_features // scales.shape[0]
-    s = scales.to(dtype).repeat_interleave(group, dim=0)
-    z = zeros.to(dtype).repeat_interleave(group, dim=0)
-    return (s * (codes.to(dtype) - z)).t()
+    """The dense low-bit part as a contiguous [N, K] in ``dtype``: s·(code − z) (exactly 0 at weak columns, whose
+    codes equal the zero-point).
+
+    Built a slab of output columns at a time into the result (``PACK_CHUNK_ELEMS`` codes per slab), so besides the
+    result only one slab's codes and floats are alive; elementwise, so the bits do not depend on the slab."""
+    out_features = scales.shape[1]
+    groups = scales.shape[0]
+    group = in_features // groups
+    out = torch.empty(out_features, in_features, dtype=dtype, device=scales.device)
+    step = max(1, PACK_CHUNK_ELEMS // max(1, in_features))
+    for n in range(0, out_features, step):
+        sl = slice(n, n + step)
+        w = unpack_codes({k: p[:, sl] for k, p in planes.items()}, bits, in_features).to(dtype)  # [K, n]
+        w.view(groups, group, -1).sub_(zeros[:, sl].to(dtype).unsqueeze(1)).mul_(scales[:, sl].to(dtype).unsqueeze(1))
+        out[sl] = w.t()
+    return out
 
 
 def dequantize_full(

@@ -22,7 +22,7 @@ def dense_weight(
     planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int, in_features: int, dtype: torch.dtype
 ) -> Tensor:
     """deq(W_q) as a contiguous [N, K] tensor in ``dtype`` (what the dense cache holds)."""
-    return dequantize_dense(_planes(planes, bits), scales, zeros, bits, in_features, dtype).contiguous()
+    return dequantize_dense(_planes(planes, bits), scales, zeros, bits, in_features, dtype)
 
 
 def forward(

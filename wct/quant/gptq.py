@@ -23,7 +23,7 @@ import torch
 from wct.errors import WCTError
 from wct.quant.quantizer import fake_quantize, fit, round_scale
 
-SLAB_ELEMS = 1 << 22  # weights per slab of the sensitivity's round-trip error
+SLAB_ELEMS = 1 << 20  # elements per slab of the sensitivity's round-trip error and of each XᵀX product
 
 
 class GPTQ:
@@ -51,7 +51,12 @@ class GPTQ:
         self.H *= self.nsamples / (self.nsamples + new)
         self.nsamples += new
         x = x * math.sqrt(2 / self.nsamples)
-        self.H += x.t() @ x
+        # XᵀX a slab of H's rows at a time: no K x K temporary. Slabs start at multiples of 16 rows (64-byte
+        # aligned columns of X); so cut, the CPU BLAS gives every row the bits of one whole product (odd offsets
+        # take another kernel and round differently; tests/test_pack.py)
+        step = max(16, SLAB_ELEMS // self.columns // 16 * 16)
+        for r in range(0, self.columns, step):
+            self.H[r:r + step] += x[:, r:r + step].t() @ x
 
     def sensitivity(
         self, bits: int, sym: bool = False, tuning: str = "mse", grid: int = 40, frob_norm: bool = True

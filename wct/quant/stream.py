@@ -255,9 +255,9 @@ def quantize_streaming(
         del state
         for mod in outside_blocks(model, setup.blocks):  # embeddings, norm and head are no longer needed in memory:
             mod.to("meta")                                # each is written from the checkpoint, one at a time
-        for name in compute:
-            t = kept[name] if name in kept else stored_from_file(reader.get(name), compute[name], storage_dtype)
-            write({name: t}, ())
+        for name in compute:  # no local keeps the last one (a 16-bit head would stay alive through every block)
+            write({name: kept[name] if name in kept else stored_from_file(reader.get(name), compute[name],
+                                                                          storage_dtype)}, ())
         n_weak: dict[str, int] = {}
         losses: dict[str, float] = {}
         stream_bytes = sum(t.numel() * t.element_size() for t in (stream.inps, stream.sel_inps) if t is not None)
