@@ -15,9 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from wct import kernels
 from wct.config import TuningConfig
-from wct.models import tiny_llama
+from wct.models import config_dict, tiny_llama
 from wct.nn import OWQLinear
 from wct.quant.config import QuantConfig
+from wct.quant.checkpoint import save_quantized
 from wct.quant.owq import quantize_model
 from wct.training.memory import Shapes, estimate_from_config, train_memory
 from wct.training.module import prepare_wct
@@ -113,6 +114,19 @@ def test_train_estimate_counts_what_a_quantized_model_holds():
         est = train_memory(cfg, QuantConfig(bits=4, target_rank=4), torch.float32, "32-true", 1, 8, "adamw")
         assert est.trainable == weak and est.rows["packed weights"][0] == packed
         assert est.rows["weak columns"][0] == 4 * weak and est.rows["gradients + optimizer state"][0] == 12 * weak
+
+
+def test_estimate_reads_a_saved_owq_pack_folder(tmp_path):
+    """An owq-pack folder's config.json is guarded (model_type wct_owq, docs/interop.md): config_dict gives the
+    base architecture's, and the estimate from the folder equals the one from the quantized model's own config."""
+    model = _quantized_tiny(4)
+    save_quantized(model, tiny_llama()[1], tmp_path / "owq")
+    raw = json.loads((tmp_path / "owq" / "config.json").read_text())
+    assert raw["model_type"] == "wct_owq"
+    config = config_dict(tmp_path / "owq")
+    assert config["model_type"] == "llama" and "wct_base_model_type" not in config
+    args = (QuantConfig(bits=4, target_rank=4), torch.float32, "32-true", 1, 8, "adamw")
+    assert train_memory(config, *args).rows == train_memory(model.config.to_dict(), *args).rows
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

@@ -33,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from wct.errors import WCTError
+from wct.hf.config import unguard_config
 from wct.io import atomic_dir
 
 SMOLLM2 = "smollm2-135m"
@@ -268,7 +269,8 @@ def config_dict(name_or_path: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise WCTError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
-    missing = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if k not in config]
+    config = unguard_config(config)  # an owq-pack's: the base architecture's model_type (docs/interop.md)
+    missing = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if not config.get(k)]
     if missing:
         raise WCTError(f"{path} lacks {', '.join(missing)}; a transformers config.json of a causal LM has them")
     return config

@@ -86,6 +86,15 @@ def guard_config(config: dict) -> dict:
     return config
 
 
+def unguard_config(config: dict) -> dict:
+    """The inverse of :func:`guard_config`: ``model_type`` back to the base architecture's (a config without the
+    guard is returned as it is)."""
+    config = dict(config)
+    if config.get("model_type") == GUARD_MODEL_TYPE:
+        config["model_type"] = config.pop(BASE_MODEL_TYPE, None)
+    return config
+
+
 class GuardedConfig(PretrainedConfig):
     """Registered for ``model_type="wct_owq"``: reading such a config gives the base architecture's own config
     (e.g. ``LlamaConfig``), so the model is the architecture's usual class with OWQLinear layers."""
@@ -96,10 +105,9 @@ class GuardedConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict, **kwargs: Any):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        config_dict = dict(config_dict)
-        base = config_dict.pop(BASE_MODEL_TYPE, None)
+        config_dict = unguard_config({**config_dict, "model_type": GUARD_MODEL_TYPE})
+        base = config_dict["model_type"]
         if base not in CONFIG_MAPPING:
             raise WCTError(f"config.json has model_type={GUARD_MODEL_TYPE!r} but its {BASE_MODEL_TYPE}={base!r} is "
                            "not an architecture this transformers knows; re-create the checkpoint or upgrade transformers")
-        config_dict["model_type"] = base
         return CONFIG_MAPPING[base].from_dict(config_dict, **kwargs)
