@@ -137,7 +137,7 @@ def main() -> None:
 
     from wct.device import resolve_device
     from wct.kernels.dispatch import cache_budget
-    from wct.models import as_dtype
+    from wct.models import as_dtype, config_dict
     from wct.quant.config import QuantConfig
     from wct.training.memory import estimate_from_config, train_memory
 
@@ -171,7 +171,7 @@ def main() -> None:
               f"the packed size ({gib(above)} = {above / res['packed_bytes']:.2f}x above the runtime's "
               f"{gib(ld['runtime_rss'])}); RSS after load {gib(ld['rss_after_load'])}; {ld['seconds']:.1f} s")
     if "train" in res:
-        packed_config = json.loads((args.packed / "config.json").read_text())
+        packed_config = config_dict(args.packed)  # the guarded owq-pack config.json, read as its base architecture
         device = resolve_device(args.device)
         est = train_memory(packed_config, QuantConfig(), as_dtype(args.train_dtype), "bf16-mixed", args.micro,
                            args.seqlen, "adamw", device.type, cache_budget=cache_budget(device),
