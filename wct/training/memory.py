@@ -90,8 +90,9 @@ def estimate_from_config(config: dict, bits: int = 4, n_samples: int = 128, seql
     Streaming peak = runtime + max(outside phase, block phase) (docs/scale.md): outside phase = the input
     embedding in the compute dtype and its 16-bit source while it is cast + calibration hidden states (the head is
     written from the checkpoint, never cast); block phase = one dense block in the compute dtype + one fp32 K x K
-    Hessian per distinct layer input (q/k/v share one, gate/up one: K = h three times, i once) + the K x K product
-    being added to one + GPTQ's two working copies of the largest layer + hidden states entering and leaving the
+    Hessian per distinct layer input (q/k/v share one, gate/up one: K = h three times, i once) + the second K x K
+    matrix of the largest input's solve (its permuted copy / Cholesky output) + GPTQ's two working copies of the
+    largest layer + hidden states entering and leaving the
     block + MLP intermediates of one window. Packing and the sensitivity work in slabs of a few MB, and the output
     shards go to disk tensor by tensor.
     """
