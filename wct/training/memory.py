@@ -40,9 +40,10 @@ def memory_estimate(model: nn.Module, optim: str, micro: int, seq: int, checkpoi
 
 
 RUNTIME = 480 * 2**20  # resident size of Python + torch + transformers + wct once imported (measured, Linux x86-64)
-# the torch kernel's dequantization temporaries (codes expanded to [K, N] int32, float copies, scale/zero grids)
-# and what glibc's allocator keeps of them, per weight of the largest linear: measured with scripts/bench_scale.py
-# on the synthetic 0.3B model (docs/scale.md, "Memory estimate of a training step")
+# the torch kernel's dequantization workspace (its [N, K] result, built a slab at a time) and what glibc's
+# allocator keeps around one step, per weight of the largest linear: fitted with scripts/bench_scale.py on the
+# synthetic 0.3B model when the workspace still expanded whole [K, N] temporaries, re-checked after the slab
+# change (within 2 %; docs/scale.md, "Memory estimate of a training step")
 DEQUANT_BYTES = 112
 
 
