@@ -59,7 +59,7 @@ def test_hessian_is_running_mean_over_sequences():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_no_weak_columns_equals_plain_gptq(blocksize, act_order):
     w, _, gq = layer()
-    H = gq.H
+    H = gq.H.clone()  # the solve consumes its own Hessian
     q, scales, zeros = gq.solve(
         torch.zeros(0, dtype=torch.int32), 3, tuning="minmax", blocksize=blocksize, act_order=act_order,
         scale_dtype=None,
@@ -79,7 +79,7 @@ def test_weak_columns_absorb_the_error_compensation(act_order):
     w, _, gq = layer()
     sens = gq.sensitivity(3, tuning="mse", grid=40)
     weak = GPTQ.weak_columns(sens, 4)
-    H = gq.H
+    H = gq.H.clone()
     q, scales, zeros = gq.solve(weak, 3, tuning="mse", grid=30, act_order=act_order, order_key=sens, scale_dtype=None)
 
     o = weak.long()
@@ -113,7 +113,7 @@ def test_groups_refit_on_entry_and_pack_exactly():
     # blocksize 1 makes "W as of the last block boundary" the current W, so the reference refits on it
     w, _, gq = layer(k=24)
     weak = torch.tensor([2, 9, 10], dtype=torch.int32)
-    H = gq.H
+    H = gq.H.clone()
     q, scales, zeros = gq.solve(weak, 3, tuning="mse", group_size=8, group_grid=20, blocksize=1, scale_dtype=None)
     assert scales.shape == (3, 12) and zeros.shape == (3, 12)
     n = [c for c in range(24) if c not in weak.tolist()]
@@ -164,7 +164,7 @@ def test_dead_inputs_are_zeroed():
 def test_owq_reconstructs_layer_output_better_than_rtn():
     w, x, gq = layer(n=32, k=40, tokens=256)
     sens = gq.sensitivity(3)
-    plain = GPTQ(w, dtype=F64, H=gq.H, nsamples=gq.nsamples)  # the same Hessian, shared
+    plain = gq.share(w)  # the same Hessian
     q_owq, _, _ = gq.solve(GPTQ.weak_columns(sens, 2), 3, scale_dtype=None)
     q_gptq, _, _ = plain.solve(torch.zeros(0, dtype=torch.int32), 3, scale_dtype=None)
     s, z = fit(w, 3, False, "mse", 100)
@@ -174,15 +174,27 @@ def test_owq_reconstructs_layer_output_better_than_rtn():
     assert err(q_owq) < 0.5 * err(q_rtn)
 
 
-def test_solve_releases_the_hessian_without_writing_into_it():
-    """Layers reading one input share its Hessian (wct.quant.owq); a solve must leave the shared matrix as it was
-    and drop its own reference so the memory goes once the last sharer is solved (docs/scale.md)."""
+def test_solve_leaves_a_shared_hessian_and_consumes_its_own():
+    """Layers reading one input share its Hessian (wct.quant.owq): no solve may write into a shared matrix, and
+    each drops its reference so the memory goes once the last sharer is solved. A Hessian nobody shares is
+    permuted and factored in its own storage (docs/scale.md), with the bits of the copying solve."""
     w, _, gq = layer()
+    other = gq.share(w.flip(0))
     H = gq.H
     before = H.clone()
-    gq.solve(GPTQ.weak_columns(gq.sensitivity(3), 3), 3, act_order=True, scale_dtype=None)
-    assert gq.H is None
+    weak = GPTQ.weak_columns(gq.sensitivity(3), 3)
+    q_shared = gq.solve(weak, 3, act_order=True, scale_dtype=None)
+    other.solve(weak, 3, act_order=True, scale_dtype=None)
+    assert gq.H is None and other.H is None
     assert torch.equal(H, before)
+
+    own = GPTQ(w, dtype=F64, H=before.clone(), nsamples=gq.nsamples)
+    own.owns_H = True  # as if it had accumulated the matrix itself
+    H_own = own.H
+    q_own = own.solve(weak, 3, act_order=True, scale_dtype=None)
+    assert not torch.equal(H_own, before)  # consumed
+    for a, b in zip(q_shared, q_own):
+        assert torch.equal(a, b)
 
 
 def test_not_positive_definite_hessian_is_a_clear_error():
@@ -208,3 +220,28 @@ def test_fp32_solve_with_fp16_scales_matches_float64():
     assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().min() >= 0 and codes.round().max() <= 7
     err = lambda q: ((w - q.double()) @ x.t()).norm()  # noqa: E731
     assert err(q32) <= 1.01 * err(q64)
+
+
+def test_slabbed_lazy_updates_have_the_bits_of_one_product(monkeypatch):
+    """GPTQ.solve updates the later columns a slab at a time through one buffer (docs/scale.md); each column's
+    sum runs over the block's rows only, and slabs of a multiple of 16 columns give the unslabbed result bit for
+    bit (fp32, as in production, with weak columns and a ragged last slab)."""
+    import wct.quant.gptq as gptq
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 300, generator=g)
+    x = torch.randn(2, 400, 300, generator=g)
+
+    acc = GPTQ(w)
+    acc.add_batch(x)
+    sens = acc.sensitivity(4)
+
+    def solve() -> tuple[torch.Tensor, ...]:
+        gq = GPTQ(w, H=acc.H.clone())
+        return gq.solve(GPTQ.weak_columns(sens, 5), 4, blocksize=32, act_order=True, order_key=sens)
+
+    whole = solve()
+    for cols in (16, 48):  # slabs of 16 and 48 columns, the last ones ragged
+        monkeypatch.setattr(gptq, "SLAB_ELEMS", 24 * cols)
+        for a, b in zip(whole, solve()):
+            assert torch.equal(a, b)

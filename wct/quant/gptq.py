@@ -21,6 +21,7 @@ import math
 import torch
 
 from wct.errors import WCTError
+from wct.quant.linalg import inverse_cholesky_, permute_
 from wct.quant.quantizer import fake_quantize, fit, round_scale
 
 SLAB_ELEMS = 1 << 20  # elements per slab of the sensitivity's round-trip error and of each XᵀX product
@@ -28,8 +29,9 @@ SLAB_ELEMS = 1 << 20  # elements per slab of the sensitivity's round-trip error 
 
 class GPTQ:
     """Hessian accumulator and solver for one layer whose weight is ``weight`` [N, K] (not modified). ``H``: a
-    Hessian to start from instead of zeros (layers that read the same input share one; :meth:`solve` drops the
-    reference, never writes into it)."""
+    Hessian to start from instead of zeros, which :meth:`solve` reads through a copy and never writes into. A
+    Hessian this object made itself is consumed by :meth:`solve` in place (wct.quant.linalg) unless it was lent
+    out with :meth:`share`."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32, H: torch.Tensor | None = None,
                  nsamples: int = 0) -> None:
@@ -38,7 +40,14 @@ class GPTQ:
         self.dtype = dtype
         self.H = torch.zeros(self.columns, self.columns, dtype=dtype, device=weight.device) if H is None else H
         self.nsamples = nsamples
+        self.owns_H = H is None
         self.loss = 0.0  # Σ (w - q)² / U_cc² / 2 of the last solve (docs/algorithm.md §1.8 step 9)
+
+    def share(self, weight: torch.Tensor) -> GPTQ:
+        """A GPTQ for another layer that reads the same inputs: it starts from this Hessian (same bits as
+        accumulating its own), and no solve of either writes into it."""
+        self.owns_H = False
+        return GPTQ(weight, self.dtype, H=self.H, nsamples=self.nsamples)
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Fold the inputs ``x`` [..., K] of one forward call into H (docs/algorithm.md §1.4).
@@ -126,10 +135,10 @@ class GPTQ:
             key = torch.diagonal(self.H) if order_key is None else order_key.to(self.H.device)
             keep = keep[torch.argsort(key[keep], descending=True, stable=True)]
         perm = torch.cat([keep, weak])
-        W = self.weight.to(self.dtype)[:, perm]  # indexing copies
-        H = self.H.index_select(0, perm)  # the solve consumes the Hessian: at most two K x K matrices live at once
+        W = self.weight.index_select(1, perm).to(self.dtype)  # a copy (in the weight's dtype, then widened)
+        # the solve consumes the Hessian: its own in place, a shared one through one permuted copy
+        H = permute_(self.H, perm) if self.owns_H else permute_(self.H.index_select(0, perm), perm, rows=False)
         self.H = None
-        H = H.index_select(1, perm)
         group_of = perm // G  # group of each permuted position
         group_list = group_of.tolist()
         n_groups = cols // G
@@ -139,7 +148,9 @@ class GPTQ:
 
         def fit_group(g: int, g_grid: int) -> None:
             members = ((group_of == g) & (torch.arange(cols, device=W.device) < n_q)).nonzero().squeeze(1)
-            s, z = fit(W[:, members], bits, sym, tuning, g_grid)
+            n = members.numel()
+            run = n and int(members[-1] - members[0]) == n - 1  # a contiguous run (per row: all of W but the tail)
+            s, z = fit(W[:, int(members[0]):int(members[0]) + n] if run else W[:, members], bits, sym, tuning, g_grid)
             scales[g], zeros[g] = round_scale(s, scale_dtype), z
             fitted[g] = True
 
@@ -157,19 +168,21 @@ class GPTQ:
 
         # 4.-5. damping λ = percdamp·mean(diag H) over all columns, then U = upper Cholesky factor of H⁻¹
         torch.diagonal(H).add_(percdamp * torch.mean(torch.diagonal(H)))
-        try:
-            H = torch.linalg.cholesky(H)  # each step frees its input (docs/scale.md: memory of one layer's solve)
-            H = torch.cholesky_inverse(H)
-            U = torch.linalg.cholesky(H, upper=True)
-            del H
-        except torch.linalg.LinAlgError as e:
+        U = inverse_cholesky_(H)  # in H's storage on the CPU (docs/scale.md: memory of one layer's solve)
+        del H
+        if U is None:
             raise WCTError(
                 f"the Hessian of a {rows}x{cols} layer is not positive definite even after damping "
-                f"(percdamp={percdamp}); raise quant.percdamp (e.g. 0.1) or use more calibration samples"
-            ) from e
+                f"(percdamp={percdamp}); raise quant.percdamp (e.g. 0.1) or use more calibration samples")
 
         # 6. lazy blocks over the quantized columns; the trailing update also reaches the weak tail
         loss = torch.zeros((), dtype=self.dtype, device=W.device)
+        # the lazy updates go a slab of columns at a time through one reused buffer: no W-sized product per block.
+        # Each column's sum runs over the block's rows alone, and with slabs of a multiple of 16 columns the CPU
+        # BLAS groups the columns as in one product, so the bits are the same (other widths are not: the narrow
+        # remainders take another kernel; tests/test_gptq.py)
+        step = max(16, SLAB_ELEMS // max(1, rows) // 16 * 16)
+        update = W.new_empty(rows * min(step, cols))
         for i1 in range(0, n_q, blocksize):
             i2 = min(i1 + blocksize, n_q)
             W1 = W[:, i1:i2].clone()
@@ -187,10 +200,14 @@ class GPTQ:
                 W1[:, i] = q
                 Err1[:, i] = err
             W[:, i1:i2] = W1
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of every later column, weak ones included
+            for c in range(i2, cols, step):  # lazy update of every later column
+                e = min(c + step, cols)
+                W[:, c:e] -= torch.matmul(Err1, U[i1:i2, c:e], out=update[:rows * (e - c)].view(rows, e - c))
         self.loss = float(loss)
 
-        # 8. undo the permutation
-        out = torch.empty_like(W)
-        out[:, perm] = W
-        return out, scales, zeros.to(torch.int64)
+        # 8. undo the permutation, a slab of rows at a time in place
+        del U
+        step = max(1, SLAB_ELEMS // cols)
+        for r in range(0, rows, step):
+            W[r:r + step, perm] = W[r:r + step].clone()
+        return W, scales, zeros.to(torch.int64)

@@ -217,7 +217,7 @@ def _hessians(
             gptqs[n] = GPTQ(_weight(m))
         else:
             src = acc[owner[n]]
-            gptqs[n] = src if owner[n] == n else GPTQ(_weight(m), H=src.H, nsamples=src.nsamples)
+            gptqs[n] = src if owner[n] == n else src.share(_weight(m))
     return gptqs
 
 
@@ -263,11 +263,11 @@ def _quantize_layer(
 
     ``chooser``: a second Hessian (of other inputs, e.g. the task's) whose sensitivity picks the weak columns;
     GPTQ's compensation and act-order still use ``gptq``'s."""
-    w = _weight(layer).detach().float()
+    w = _weight(layer).detach()
     weak = torch.zeros(0, dtype=torch.int32, device=w.device)
     loss = 0.0
     if gptq is None:
-        q, scales, zeros = rtn(w, cfg.bits, cfg.sym, cfg.tuning, cfg.grid, cfg.group_size, storage)
+        q, scales, zeros = rtn(w.float(), cfg.bits, cfg.sym, cfg.tuning, cfg.grid, cfg.group_size, storage)
     else:
         sens = None
         if n_weak:
