@@ -68,6 +68,73 @@ def test_streaming_equals_in_memory_bitwise(sharded, tmp_path, recipe):
     assert (tmp_path / "str" / "tokenizer_config.json").is_file()
 
 
+def test_waiting_block_holds_its_linear_weights_in_the_checkpoints_dtype(sharded, tmp_path, monkeypatch):
+    """A streamed block keeps its linears' weights in fp16 (half an fp32 block) until they are solved, while its
+    norms and every product run in fp32 (widen_on_call, docs/scale.md); the output stays the in-memory path's
+    (test above)."""
+    import wct.quant.stream as stream
+    from wct.quant.blocks import find_linears
+
+    seen = []
+    quantize_block = stream._quantize_block
+
+    def spy(i, setup, *args):
+        block = setup.blocks[i]
+        seen.append(({p.weight.dtype for p in find_linears(block).values()},
+                     {p.dtype for n, p in block.named_parameters() if "norm" in n}))
+        layer = block.mlp.down_proj
+        x = torch.randn(2, 5, layer.in_features)
+        widened = layer(x)  # the hooks swap in the fp32 copy for the call and the fp16 tensor back after it
+        assert layer.weight.dtype == torch.float16
+        assert torch.equal(widened, torch.nn.functional.linear(x, layer.weight.float()))
+        return quantize_block(i, setup, *args)
+
+    monkeypatch.setattr(stream, "_quantize_block", spy)
+    quantize_streaming(sharded, tmp_path / "str", calib_ids(), progress=False, bits=4, target_rank=2)
+    assert seen and all(linear == {torch.float16} and norms == {torch.float32} for linear, norms in seen)
+
+
+MALLINFO_PROBE = """
+import ctypes, sys, torch
+import wct.quant.stream as stream
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+first = torch.empty(6 * 2**20)
+del first  # a freed 24 MiB mapping lifts glibc's sliding threshold to 24 MiB (mappings above 32 MiB do not)
+if sys.argv[1] == "set":
+    stream._map_large_allocations()
+mapped = lambda: libc.mallinfo2().hblkhd  # bytes held in separate mappings
+before = mapped()
+big = torch.empty(2 * 2**20)  # 8 MiB
+after_big = mapped()
+small = torch.empty(2**20)  # 4 MiB: a slab temporary
+print(after_big - before >= 8 * 2**20, mapped() - after_big >= 4 * 2**20)
+"""
+
+
+def test_streaming_maps_large_allocations_on_their_own():
+    """glibc's sliding mmap threshold puts freed weights and Hessians in the heap, where they stay resident
+    (docs/scale.md); streaming fixes it so every allocation above 5 MiB is its own mapping and the 4 MiB slab
+    temporaries are still served from the heap."""
+    import subprocess
+    import sys
+
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    runs = {mode: subprocess.run([sys.executable, "-c", MALLINFO_PROBE, mode], capture_output=True, text=True,
+                                 timeout=120) for mode in ("default", "set")}
+    assert runs["default"].stdout.split() == ["False", "False"], runs["default"].stderr
+    assert runs["set"].stdout.split() == ["True", "False"], runs["set"].stderr
+
+
 def test_untied_head_is_streamed_from_the_checkpoint_bitwise(tmp_path):
     """A separate output head is not read for the catch; it is written straight from the checkpoint (fp16 there,
     fp16 stored, no fp32 copy) and must equal what the in-memory path stores."""

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.nn.owq_linear import OWQLinear
-from wct.quant.blocks import outside_blocks
+from wct.quant.blocks import find_linears, outside_blocks
 from wct.quant.checkpoint import (
     SAFETENSORS_META,
     packed_config,
@@ -39,6 +39,8 @@ from wct.quant.owq import QuantReport, _catch, _finish, _quantize_block, _recipe
 from wct.shards import ShardReader, ShardWriter
 
 SHARD_BYTES = 256 * 2**20  # output shard size (written to disk tensor by tensor: no shard waits in memory)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD = 5 * 2**20  # bytes: above the 4 MiB slab temporaries (1 M fp32 elements), below one layer's weight
 
 
 def skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
@@ -79,9 +81,10 @@ def tokenizer_of(folder: Path):
     return AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
 
 
-def _fill(model: nn.Module, names: list[str], reader: ShardReader) -> None:
+def _fill(model: nn.Module, names: list[str], reader: ShardReader, narrow: frozenset[str] = frozenset()) -> None:
     """Replace the meta tensors ``names`` of ``model`` by the checkpoint's, floating ones cast to the skeleton's
-    dtype (as ``load_model(..., dtype)`` casts a loaded model)."""
+    dtype (as ``load_model(..., dtype)`` casts a loaded model), except those in ``narrow`` whose values the
+    skeleton's dtype holds exactly: they keep the checkpoint's dtype (see :func:`widen_on_call`)."""
     for name in names:
         parent, _, leaf = name.rpartition(".")
         mod = model.get_submodule(parent)
@@ -90,7 +93,7 @@ def _fill(model: nn.Module, names: list[str], reader: ShardReader) -> None:
         if t.shape != current.shape:
             raise WCTError(f"{reader.folder}: {name} has shape {tuple(t.shape)} but config.json makes it "
                            f"{tuple(current.shape)}; the checkpoint belongs to another model")
-        if t.is_floating_point():
+        if t.is_floating_point() and not (name in narrow and _widens(current.dtype, t.dtype)):
             t = t.to(current.dtype)
         if leaf in mod._parameters:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=current.requires_grad)
@@ -102,6 +105,29 @@ def _widens(compute: torch.dtype, src: torch.dtype) -> bool:
     """Whether every ``src`` value is exactly a ``compute`` value (fp16 and bf16 in fp32, all in fp64)."""
     return compute == src or (compute in (torch.float32, torch.float64)
                               and torch.finfo(compute).bits > torch.finfo(src).bits)
+
+
+def widen_on_call(layer: nn.Module, compute: torch.dtype) -> None:
+    """Let ``layer`` hold its weight in a narrower dtype whose values ``compute`` holds exactly (the checkpoint's
+    fp16 or bf16 in an fp32 skeleton) and compute as if it held the ``compute`` copy: each forward call swaps that
+    copy in and the stored tensor back, so every product is the fp32 model's, bit for bit, and a block waiting
+    for its solve takes half the memory (docs/scale.md). Widening a slab of output features at a time would avoid
+    the whole copy, but its products do not have the bits of one product at every shape (measured: 200 x 96 in
+    slabs of 16), so the whole weight is widened."""
+
+    def widen(mod: nn.Module, args: tuple) -> None:
+        w = mod._parameters["weight"]
+        if w.dtype != compute and w.device.type != "meta":
+            mod.__dict__["_stored_weight"] = w
+            mod._parameters["weight"] = w.detach().to(compute)
+
+    def restore(mod: nn.Module, args: tuple, out: Any) -> None:
+        w = mod.__dict__.pop("_stored_weight", None)
+        if w is not None:
+            mod._parameters["weight"] = w
+
+    layer.register_forward_pre_hook(widen)
+    layer.register_forward_hook(restore)
 
 
 def stored_from_file(src: torch.Tensor, compute: torch.dtype, storage: torch.dtype) -> torch.Tensor:
@@ -158,14 +184,34 @@ def check_fits(index: int, need: int, free: int, device: torch.device) -> None:
                        "calibration windows (calib.n_samples, calib.seqlen), a larger device, or device=cpu")
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _map_large_allocations() -> None:
+    """Have glibc map every allocation above :data:`MMAP_THRESHOLD` on its own and unmap it when freed.
+
+    By default glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MiB), so a block's
+    weights, Hessians and products end up in the heap, where freed ones stay resident and the heap grows with depth
+    (1.5B synthetic model, docs/scale.md: peak 1.02 GiB after 9 blocks and 1.23 GiB after 27 without this, 0.89-0.91
+    GiB after 9 with it; the time per block stayed within run-to-run noise). The 4 MiB slab temporaries stay below
+    it and are reused from the heap. Process-wide and kept (mallopt cannot restore the sliding default); a no-op
+    where the C library has no mallopt."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def _release_freed_memory() -> None:
     """Hand the heap pages freed by the last block back to the OS: glibc keeps them otherwise, and the resident
     size creeps up by about a block's worth per block (measured: 950 -> 1294 MiB over 8 blocks of the 0.3B
     synthetic model, flat at 688 -> 732 MiB with this). A no-op where the C library has no malloc_trim."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -182,12 +228,13 @@ def _block_loader(setup: _Setup, model: nn.Module, reader: ShardReader) -> Calla
             block.to("meta")
             _release_freed_memory()
             return
-        names = _stored_names(block, f"{setup.prefix}.{i}.", reader)
+        prefix = f"{setup.prefix}.{i}."
+        names = _stored_names(block, prefix, reader)
         absent = [n for n in names if n not in reader]
         if absent:
             raise WCTError(f"{reader.folder} lacks {len(absent)} tensor(s) of decoder block {i} (e.g. {absent[0]}); "
                            "the checkpoint is incomplete or belongs to another model")
-        _fill(model, names, reader)
+        _fill(model, names, reader, frozenset(f"{prefix}{n}.weight" for n in find_linears(block)))
 
     return visit
 
@@ -220,6 +267,7 @@ def quantize_streaming(
     if not source.is_dir():
         raise WCTError(f"{source} is not a model folder; streaming quantization reads a Hugging Face folder with "
                        "config.json and safetensors weights")
+    _map_large_allocations()
     reader = ShardReader(source)
     model = skeleton(source, dtype)
     tokenizer = tokenizer_of(source)
@@ -235,6 +283,9 @@ def quantize_streaming(
     model.tie_weights()
     model.eval()
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False
+    for block in setup.blocks:  # linear weights stay in the checkpoint's 16 bits until solved (docs/scale.md)
+        for layer in find_linears(block).values():
+            widen_on_call(layer, next(model.parameters()).dtype)
     visit = _block_loader(setup, model, reader)
     floats: set[torch.dtype] = set()
     with atomic_dir(out, "quantized", overwrite) as tmp:
