@@ -90,12 +90,13 @@ def estimate_from_config(config: dict, bits: int = 4, n_samples: int = 128, seql
 
     Streaming peak = runtime + max(outside phase, block phase) (docs/scale.md): outside phase = the input
     embedding in the compute dtype and its 16-bit source while it is cast + calibration hidden states (the head is
-    written from the checkpoint, never cast); block phase = one dense block in the compute dtype + one fp32 K x K
-    Hessian per distinct layer input (q/k/v share one, gate/up one: K = h three times, i once) + the second K x K
-    matrix of the largest input's solve (its permuted copy / Cholesky output) + GPTQ's two working copies of the
-    largest layer + hidden states entering and leaving the
-    block + MLP intermediates of one window. Packing and the sensitivity work in slabs of a few MB, and the output
-    shards go to disk tensor by tensor.
+    written from the checkpoint, never cast); block phase = one block's linear weights in the checkpoint's 16 bits
+    (``wct.quant.stream.widen_on_call``) + the larger of the Hessian pass (one fp32 K x K Hessian per distinct
+    layer input: q/k/v share one, gate/up one, so K = h three times and i once; plus the widest layer widened to
+    the compute dtype for its call) and the widest layer's solve (its Hessian, permuted and factored in place on
+    the CPU by ``wct.quant.linalg``, + its working copy and the sensitivity's error matrix in the compute dtype) +
+    hidden states entering and leaving the block + MLP intermediates of one window. Packing and the sensitivity
+    work in slabs of a few MB, and the output shards go to disk tensor by tensor.
     """
     s = Shapes.of(config)
     h, i = s.hidden, s.inter
@@ -105,9 +106,10 @@ def estimate_from_config(config: dict, bits: int = 4, n_samples: int = 128, seql
     packed = s.layers * packed_block + 2 * s.outside_weights
     states = n_samples * seqlen * h * compute_bytes
     outside_phase = (compute_bytes + 2) * s.vocab * h + states
-    hessians = 4 * (3 * h * h + i * i) + 4 * max(h, i) ** 2
-    gptq_work = compute_bytes * h * i * 2
-    block_phase = (compute_bytes * s.block_weights + hessians + gptq_work + 2 * states
+    widest = compute_bytes * h * i  # the largest linear (gate, up or down) in the compute dtype
+    hessian_pass = 4 * (3 * h * h + i * i) + widest
+    solve = 4 * max(h, i) ** 2 + 2 * widest
+    block_phase = (min(2, compute_bytes) * s.block_weights + max(hessian_pass, solve) + 2 * states
                    + seqlen * i * compute_bytes * 4)
     return {"fp16": fp16, "packed": packed, "quantize_stream_peak": RUNTIME + max(outside_phase, block_phase),
             "load_packed_peak": RUNTIME + packed}
