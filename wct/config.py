@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from wct.data.text import BOS_MODES
+from wct.device import KERNELS
 from wct.errors import WCTError
 from wct.quant.config import QuantConfig, recipe_name
 
@@ -34,7 +35,6 @@ MODEL_DTYPES = (*DTYPES, "auto")  # auto: fp32 on a CPU, bf16/fp16 on a GPU (wct
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
-KERNELS = ("auto", "torch", "triton", "cuda")
 METHODS = ("wct", "lora", "qlora")
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 

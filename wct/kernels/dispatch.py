@@ -29,13 +29,13 @@ import torch
 
 import wct.kernels.cuda_backend as cuda_backend
 import wct.kernels.reference as reference
+from wct.device import KERNELS
 from wct.errors import WCTError
 from wct.kernels.op import owq_linear_op
 from wct.pack import kernel_words3
 
 log = logging.getLogger("wct.kernels")
 
-KERNELS = ("auto", "torch", "triton", "cuda")
 CUDA_GEMV_MAX_M = 8
 
 _config: dict = {
