@@ -137,7 +137,8 @@ def main() -> None:
 
     from wct.device import resolve_device
     from wct.kernels.dispatch import cache_budget
-    from wct.models import as_dtype, config_dict
+    from wct.device import as_dtype
+    from wct.models import config_dict
     from wct.quant.config import QuantConfig
     from wct.training.memory import estimate_from_config, train_memory
 

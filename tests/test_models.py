@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from wct.errors import WCTError
-from wct.models import BUILTIN, as_dtype, cache_dir, load_model
+from wct.device import as_dtype
+from wct.models import BUILTIN, cache_dir, load_model
 
 
 def test_tiny_llama_is_deterministic():

@@ -40,11 +40,20 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.float32`` / ``"float32"`` / ``"fp32"`` / ``"bf16"`` ... -> a torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    name = names.get(str(dtype), str(dtype))
+    if name not in ("float32", "float16", "bfloat16", "float64"):
+        raise WCTError(f"dtype={dtype!r} is unknown; use float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
 def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """The compute dtype of unquantized tensors: ``auto`` -> fp32 on a CPU, bf16 (or fp16 where the GPU lacks
-    bf16) on CUDA; anything else through :func:`wct.models.as_dtype` (None keeps the stored dtypes)."""
-    from wct.models import as_dtype
-
+    bf16) on CUDA; anything else through :func:`as_dtype` (None keeps the stored dtypes)."""
     if spec != "auto":
         return as_dtype(spec)
     if device.type != "cuda":

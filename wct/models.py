@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from wct.device import as_dtype
 from wct.errors import WCTError
 from wct.hf.config import unguard_config
 from wct.io import atomic_dir
@@ -58,17 +59,6 @@ def cache_dir() -> Path:
     if os.environ.get("WCT_CACHE_DIR"):
         return Path(os.environ["WCT_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wct"
-
-
-def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.float32`` / ``"float32"`` / ``"fp32"`` / ``"bf16"`` ... -> a torch dtype (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-    name = names.get(str(dtype), str(dtype))
-    if name not in ("float32", "float16", "bfloat16", "float64"):
-        raise WCTError(f"dtype={dtype!r} is unknown; use float32, bfloat16 or float16")
-    return getattr(torch, name)
 
 
 def load_model(

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wct.device import as_dtype
 from wct.errors import WCTError
 from wct.io import atomic_dir
-from wct.models import as_dtype, load_model
+from wct.models import load_model
 from wct.nn.owq_linear import OWQLinear
 from wct.hf.config import QUANT_METHOD, check_quantization_config, guard_config
 from wct.pack import FORMAT_VERSION, pack_codes, stored_bits

@@ -236,7 +236,8 @@ def estimate_run(app: TrainApp, config: dict | None = None) -> TrainMemory:
     ``config.json`` of ``model.quantized`` (its recorded weak columns) or of ``model.name`` (the columns ``quant``
     would choose); no weight is loaded."""
     from wct.kernels.dispatch import cache_budget
-    from wct.models import as_dtype, config_dict
+    from wct.device import as_dtype
+    from wct.models import config_dict
 
     if app.method.name != "wct":
         raise WCTError(f"model.estimate_only=true estimates WCT runs; method={app.method.name} loads the "

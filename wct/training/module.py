@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from wct.data.batching import MODEL_KEYS, real_tokens
+from wct.device import as_dtype
 from wct.errors import WCTError
 from wct.nn.owq_linear import OWQLinear
 from wct.config import OptimConfig, TuningConfig
@@ -65,8 +66,6 @@ def no_weak_columns(recipe: dict) -> str:
 def prepare_wct(model: nn.Module, tuning: TuningConfig) -> list[str]:
     """Freeze ``model`` but its weak columns (fp32 masters) and, per ``tuning``, norms / output head; returns
     the trainable parameter names. WCTError when the model has no weak column to train."""
-    from wct.models import as_dtype
-
     master = as_dtype(tuning.master_dtype)
     model.requires_grad_(False)
     owq = [m for m in model.modules() if isinstance(m, OWQLinear)]
