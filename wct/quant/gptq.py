@@ -207,7 +207,7 @@ class GPTQ:
 
         # 8. undo the permutation, a slab of rows at a time in place
         del U
-        step = max(1, SLAB_ELEMS // cols)
-        for r in range(0, rows, step):
-            W[r:r + step, perm] = W[r:r + step].clone()
+        slab_rows = max(1, SLAB_ELEMS // cols)
+        for r in range(0, rows, slab_rows):
+            W[r:r + slab_rows, perm] = W[r:r + slab_rows].clone()
         return W, scales, zeros.to(torch.int64)

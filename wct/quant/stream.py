@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import time
 from pathlib import Path
@@ -184,6 +185,7 @@ def check_fits(index: int, need: int, free: int, device: torch.device) -> None:
                        "calibration windows (calib.n_samples, calib.seqlen), a larger device, or device=cpu")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
