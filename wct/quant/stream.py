@@ -285,9 +285,10 @@ def quantize_streaming(
     model.tie_weights()
     model.eval()
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False
+    compute_dtype = next(model.parameters()).dtype
     for block in setup.blocks:  # linear weights stay in the checkpoint's 16 bits until solved (docs/scale.md)
         for layer in find_linears(block).values():
-            widen_on_call(layer, next(model.parameters()).dtype)
+            widen_on_call(layer, compute_dtype)
     visit = _block_loader(setup, model, reader)
     floats: set[torch.dtype] = set()
     with atomic_dir(out, "quantized", overwrite) as tmp:
