@@ -312,9 +312,20 @@ def test_selection_data_errors():
         quantize_model(tiny_llama(), calib, QuantConfig(target_rank=2), progress=False, select=calib[:0])
 
 
-def test_layers_reading_one_input_share_one_hessian():
+def test_layers_reading_one_input_share_one_hessian(monkeypatch):
     """q/k/v (and gate/up) read the same tensor: their Hessian is accumulated once and shared, with the same bits as
-    one accumulator per layer, and close to the float64 H = (2/N) Σ x xᵀ of each layer's own inputs."""
+    one accumulator per layer, and close to the float64 H = (2/N) Σ x xᵀ of each layer's own inputs. Each of the
+    four accumulators is made once, not once per sequence (a K x K zeros each time)."""
+    import wct.quant.owq as owq
+
+    made = []
+
+    class Counted(GPTQ):
+        def __init__(self, weight, *args, **kw):
+            made.append(weight.shape)
+            super().__init__(weight, *args, **kw)
+
+    monkeypatch.setattr(owq, "GPTQ", Counted)
     model = tiny_llama()
     block = model.model.layers[0]
     hidden = torch.randn(3, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -328,6 +339,7 @@ def test_layers_reading_one_input_share_one_hessian():
         gptqs = _hessians(block, linears, hidden, kwargs)
     for h in hooks:
         h.remove()
+    assert len(made) == 4  # made inside the hooks: q/k/v, o, gate/up, down (shared ones come from share())
     attn, mlp = "self_attn.", "mlp."
     assert gptqs[attn + "q_proj"].H is gptqs[attn + "k_proj"].H is gptqs[attn + "v_proj"].H
     assert gptqs[mlp + "gate_proj"].H is gptqs[mlp + "up_proj"].H

@@ -131,7 +131,7 @@ def test_dequantize_in_slabs_equals_formula(bits, groups, dtype, monkeypatch):
     want = (scales.double().repeat_interleave(k // groups, 0) * (codes - zeros.repeat_interleave(k // groups, 0))
             ).t().to(dtype)
     for slab in (k * n, 5 * k, k):  # one piece, slabs of 5 columns (the last of 2), one column each
-        monkeypatch.setattr(pack, "PACK_CHUNK_ELEMS", slab)
+        monkeypatch.setattr(pack, "DEQUANT_CHUNK_ELEMS", slab)
         got = pack.dequantize_dense(planes, scales, zeros.to(torch.uint8), bits, k, dtype)
         assert got.shape == (n, k) and got.dtype == dtype and got.is_contiguous()
         assert torch.equal(got, want), slab

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4)
-PACK_CHUNK_ELEMS = 1 << 20  # codes packed or dequantized at a time: int64/fp32 temporaries of a few MB per layer
+PACK_CHUNK_ELEMS = 1 << 17  # codes packed at a time: int64 temporaries of 1 MiB, below the mmap threshold streaming sets
+DEQUANT_CHUNK_ELEMS = 1 << 20  # codes dequantized at a time: fp32 temporaries of 4 MiB (fewer, faster steps)
 FORMAT_VERSION = 1
 
 
@@ -92,13 +93,13 @@ def dequantize_dense(
     """The dense low-bit part as a contiguous [N, K] in ``dtype``: s·(code − z) (exactly 0 at weak columns, whose
     codes equal the zero-point).
 
-    Built a slab of output columns at a time into the result (``PACK_CHUNK_ELEMS`` codes per slab), so besides the
+    Built a slab of output columns at a time into the result (``DEQUANT_CHUNK_ELEMS`` codes per slab), so besides the
     result only one slab's codes and floats are alive; elementwise, so the bits do not depend on the slab."""
     out_features = scales.shape[1]
     groups = scales.shape[0]
     group = in_features // groups
     out = torch.empty(out_features, in_features, dtype=dtype, device=scales.device)
-    step = max(1, PACK_CHUNK_ELEMS // max(1, in_features))
+    step = max(1, DEQUANT_CHUNK_ELEMS // max(1, in_features))
     for n in range(0, out_features, step):
         sl = slice(n, n + step)
         w = unpack_codes({k: p[:, sl] for k, p in planes.items()}, bits, in_features).to(dtype)  # [K, n]

@@ -24,7 +24,7 @@ from wct.errors import WCTError
 from wct.quant.linalg import inverse_cholesky_, permute_
 from wct.quant.quantizer import fake_quantize, fit, round_scale
 
-SLAB_ELEMS = 1 << 20  # elements per slab of the sensitivity's round-trip error and of each XᵀX product
+SLAB_ELEMS = 1 << 18  # elements per slab of the sensitivity's round-trip error and of each XᵀX product (1 MiB fp32)
 
 
 class GPTQ:
@@ -77,13 +77,14 @@ class GPTQ:
         d = torch.diagonal(self.H).clone()
         if not frob_norm:
             return d
-        w = self.weight.to(self.dtype)
-        scale, zero = fit(w, bits, sym, tuning, grid)
-        err = torch.empty_like(w)  # (W - RTN(W))², built a slab of rows at a time: one W-sized temporary
-        step = max(1, SLAB_ELEMS // max(1, w.shape[1]))
-        for r in range(0, w.shape[0], step):
-            err[r:r + step] = (w[r:r + step] - fake_quantize(w[r:r + step], scale[r:r + step], zero[r:r + step],
-                                                             bits)).pow(2)
+        err = self.weight.to(self.dtype, copy=True)
+        scale, zero = fit(err, bits, sym, tuning, grid)
+        # W becomes (W - RTN(W))² a slab of rows at a time, in place: each row's quantizer is fitted already, so
+        # one W-sized matrix holds both
+        step = max(1, SLAB_ELEMS // max(1, err.shape[1]))
+        for r in range(0, err.shape[0], step):
+            w = err[r:r + step]
+            w.copy_((w - fake_quantize(w, scale[r:r + step], zero[r:r + step], bits)).pow(2))
         return d * err.sum(0)
 
     @staticmethod

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-SLAB_ELEMS = 1 << 20  # elements per temporary slab (rows of a column permutation or of a triangle mirror)
+SLAB_ELEMS = 1 << 18  # elements per temporary slab (rows of a column permutation or of a triangle mirror; 1 MiB fp32)
 
 # A matrix's row-major storage read column-major is its transpose. For the row-major H, LAPACK's 'L' (lower,
 # column-major) is therefore H's upper triangle, and 'U' its lower one.

@@ -201,7 +201,9 @@ def _hessians(
                            "on another; wct cannot accumulate its Hessian (please report this model)")
         if first == name:
             seen.append((x, name))
-            acc.setdefault(name, GPTQ(_weight(layers[name]))).add_batch(x)
+            if name not in acc:  # made once: a K x K zeros per call would come and go (0.12 GiB at 5632 wide)
+                acc[name] = GPTQ(_weight(layers[name]))
+            acc[name].add_batch(x)
 
     hooks = [m.register_forward_hook(lambda mod, x, y, n=n: hook(n, x[0])) for n, m in layers.items()]
     hooks.append(block.register_forward_pre_hook(lambda mod, args: seen.clear()))
@@ -407,8 +409,8 @@ def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, de
         if stream.sel_inps is not None:
             choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"]},
                                  stream.sel_inps, stream.kwargs[i])
-        for n in group:  # each layer's Hessians are dropped once it is solved (docs/scale.md)
-            layer = linears[n]
+        for n in group:  # each layer and its Hessians are dropped once it is solved (docs/scale.md)
+            layer = linears.pop(n)
             packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
                 layer, gptqs.pop(n, None), per_layer[f"{prefix}.{i}.{n}"], cfg, setup.storage, choosers.pop(n, None))
             k = _weight(layer).shape[1]
