@@ -94,6 +94,91 @@ def test_waiting_block_holds_its_linear_weights_in_the_checkpoints_dtype(sharded
     assert seen and all(linear == {torch.float16} and norms == {torch.float32} for linear, norms in seen)
 
 
+def resident_bytes(t: torch.Tensor) -> int:
+    """Resident bytes of the memory map holding ``t``'s data (/proc/self/smaps)."""
+    addr, found = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                found = a <= addr < b
+            elif found and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no map holds the tensor")
+
+
+needs_smaps = pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
+
+
+@needs_smaps
+def test_mapped_tensor_reads_the_file_and_hands_its_pages_back(tmp_path):
+    """ShardReader.mapped gives the tensor safetensors reads, as a view of the file: its pages are resident once
+    read and none after release(), and a new read gives the same values (docs/scale.md)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g).half(), "w": torch.randn(1024, 1000, generator=g).half(),
+               "b": torch.randn(7, generator=g).to(torch.bfloat16)}  # "w" starts at an odd offset
+    save_file(tensors, tmp_path / SINGLE)
+    reader = ShardReader(tmp_path)
+    for name, t in tensors.items():
+        pages = reader.mapped(name)
+        assert pages.tensor.dtype == t.dtype and torch.equal(pages.tensor, t)
+    pages = reader.mapped("w")
+    assert resident_bytes(pages.tensor) == 0  # nothing read yet
+    total = float(pages.tensor.float().sum())
+    assert resident_bytes(pages.tensor) >= tensors["w"].numel() * 2
+    pages.release()
+    assert resident_bytes(pages.tensor) == 0
+    assert float(pages.tensor.float().sum()) == total and torch.equal(pages.tensor, tensors["w"])
+
+
+def test_mapped_tensor_of_a_shard_cut_short_is_one_clear_error(tmp_path):
+    """A shard truncated after the folder was opened (a copy still running, a full disk): one error, no bus
+    error from reading past the file's end."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64, dtype=torch.float16)}, tmp_path / SINGLE)
+    reader = ShardReader(tmp_path)
+    with open(tmp_path / SINGLE, "r+b") as f:
+        f.truncate((tmp_path / SINGLE).stat().st_size - 100)
+    with pytest.raises(WCTError, match="corrupt: tensor w does not fit its header"):
+        reader.mapped("w")
+
+
+@needs_smaps
+def test_waiting_linear_weights_and_the_embedding_are_views_of_the_checkpoint(sharded, tmp_path, monkeypatch):
+    """A streamed block's fp16 linear weights are views of the checkpoint's file whose pages are handed back after
+    each forward call (a waiting block holds none of them), and the input embedding stays the checkpoint's fp16
+    table while block 0's inputs are caught, its rows widened to fp32 as they are looked up (docs/scale.md); the
+    output stays the in-memory path's (test_streaming_equals_in_memory_bitwise)."""
+    import wct.quant.stream as stream
+
+    seen = {}
+    quantize_block, catch = stream._quantize_block, stream._catch
+
+    def spy_block(i, setup, *args):
+        layer = setup.blocks[i].mlp.down_proj
+        layer(torch.randn(2, 5, layer.in_features))
+        seen.setdefault("resident", []).append(resident_bytes(layer.weight))
+        seen.setdefault("mapped", []).append(stream.PAGES in layer.__dict__)
+        return quantize_block(i, setup, *args)
+
+    def spy_catch(model, *args):
+        table = model.get_input_embeddings()
+        ids = torch.tensor([[0, 5, 7]])
+        seen["table"] = table.weight.dtype
+        seen["rows"] = torch.equal(table(ids), torch.nn.functional.embedding(ids, table.weight.float()))
+        return catch(model, *args)
+
+    monkeypatch.setattr(stream, "_quantize_block", spy_block)
+    monkeypatch.setattr(stream, "_catch", spy_catch)
+    quantize_streaming(sharded, tmp_path / "str", calib_ids(), progress=False, bits=4, target_rank=2)
+    assert seen["mapped"] == [True, True] and seen["resident"] == [0, 0]
+    assert seen["table"] == torch.float16 and seen["rows"]
+
+
 MALLINFO_PROBE = """
 import ctypes, sys, torch
 import wct.quant.stream as stream
@@ -110,16 +195,16 @@ if sys.argv[1] == "set":
     stream._map_large_allocations()
 mapped = lambda: libc.mallinfo2().hblkhd  # bytes held in separate mappings
 before = mapped()
-big = torch.empty(2 * 2**20)  # 8 MiB
+big = torch.empty(2**19)  # 2 MiB: one sequence's MLP activations
 after_big = mapped()
-small = torch.empty(2**20)  # 4 MiB: a slab temporary
-print(after_big - before >= 8 * 2**20, mapped() - after_big >= 4 * 2**20)
+small = torch.empty(2**18)  # 1 MiB: a slab temporary
+print(after_big - before >= 2 * 2**20, mapped() - after_big >= 2**20)
 """
 
 
 def test_streaming_maps_large_allocations_on_their_own():
     """glibc's sliding mmap threshold puts freed weights and Hessians in the heap, where they stay resident
-    (docs/scale.md); streaming fixes it so every allocation above 5 MiB is its own mapping and the 4 MiB slab
+    (docs/scale.md); streaming fixes it so every allocation above 1.5 MiB is its own mapping and the 1 MiB slab
     temporaries are still served from the heap."""
     import subprocess
     import sys
@@ -133,6 +218,24 @@ def test_streaming_maps_large_allocations_on_their_own():
                                  timeout=120) for mode in ("default", "set")}
     assert runs["default"].stdout.split() == ["False", "False"], runs["default"].stderr
     assert runs["set"].stdout.split() == ["True", "False"], runs["set"].stderr
+
+
+def test_tensor_written_as_read_unless_a_nan_would_change_in_the_round_trip(monkeypatch):
+    """stored_from_file gives what save_quantized stores (storage_form of the compute-dtype copy): the file's own
+    tensor, no copy, when that round trip is the identity, and the round trip itself when a NaN is anywhere in
+    the tensor (found by a scan in steps, the last one ragged)."""
+    import wct.quant.stream as stream
+    from wct.quant.checkpoint import storage_form
+
+    monkeypatch.setattr(stream, "NAN_SCAN_ELEMS", 7)
+    src = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)).half()
+    same = stream.stored_from_file(src, torch.float32, torch.float16)
+    assert same.data_ptr() == src.data_ptr() and torch.equal(same, storage_form(src.float(), False, torch.float16))
+    src[4, 5] = float("nan")  # in the last, 2-element step
+    cast = stream.stored_from_file(src, torch.float32, torch.float16)
+    want = storage_form(src.float(), False, torch.float16)  # a NaN is not "lossless": save_quantized keeps fp32
+    assert cast.data_ptr() != src.data_ptr() and cast.dtype == want.dtype == torch.float32
+    assert torch.equal(cast.isnan(), src.isnan()) and torch.equal(cast.nan_to_num(), want.nan_to_num())
 
 
 def test_untied_head_is_streamed_from_the_checkpoint_bitwise(tmp_path):

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,33 +87,80 @@ def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in set(weight_map(folder).values()))
 
 
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_CHUNK = 16 * 2**20  # bytes copied or read back at a time
+
+
+class MappedTensor:
+    """A tensor read straight from a file: ``tensor`` is a view of a read-only map of its bytes, so its pages come
+    in as they are read, and :meth:`release` hands them back (they stay in the page cache, and the next read maps
+    them again). A weight that waits between uses then holds no resident memory (docs/scale.md). Writing into
+    ``tensor`` is a fault: only copies of it may be written."""
+
+    def __init__(self, path: Path, offset: int, dtype: torch.dtype, shape: list[int]):
+        numel = math.prod(shape)
+        first = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY  # maps start on a page boundary
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), offset - first + numel * dtype.itemsize, offset=first,
+                                  access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # torch warns that the buffer is not writable: nothing writes into it
+            warnings.simplefilter("ignore", UserWarning)
+            self.tensor = torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset - first).view(shape)
+
+    def release(self) -> None:
+        """Unmap the pages read so far (a no-op where the platform has no madvise)."""
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
 class ShardReader:
     """Reads single tensors of a (sharded) safetensors folder on demand. Each read opens its shard anew: a shard
     left open stays memory-mapped, and the pages read through the map count in the resident size until it closes
-    (a whole model's worth by the last block)."""
+    (a whole model's worth by the last block). :meth:`mapped` reads one without a copy, its pages handed back
+    on request."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.map = weight_map(self.folder)
+        self._headers: dict[Path, tuple[int, dict]] = {}  # file -> (offset of its data, its JSON header)
 
     def __contains__(self, name: str) -> bool:
         return name in self.map
 
-    def get(self, name: str) -> torch.Tensor:
+    def _path(self, name: str) -> Path:
         path = self.map.get(name)
         if path is None:
             raise WCTError(f"{self.folder} has no tensor {name}; the checkpoint does not match its config.json")
-        with safe_open(str(path), framework="pt") as f:
+        return path
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self._path(name)), framework="pt") as f:
             return f.get_tensor(name)
+
+    def mapped(self, name: str) -> MappedTensor | None:
+        """``name`` as a :class:`MappedTensor` over its shard's bytes, or None for a dtype wct does not map (or an
+        empty tensor): read it with :meth:`get` then."""
+        path = self._path(name)
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (8 + n, json.loads(f.read(n)))
+        start, header = self._headers[path]
+        info = header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        numel = math.prod(info["shape"])
+        if dtype is None or numel == 0:
+            return None
+        a, b = info["data_offsets"]
+        if b - a != numel * dtype.itemsize or start + b > path.stat().st_size:
+            raise WCTError(f"{path} is corrupt: tensor {name} does not fit its header; re-create the checkpoint")
+        return MappedTensor(path, start + a, dtype, info["shape"])
 
     def load_all(self) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in self.map}
-
-
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
-_CHUNK = 16 * 2**20  # bytes copied or read back at a time
 
 
 def _raw(t: torch.Tensor):

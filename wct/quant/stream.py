@@ -41,7 +41,9 @@ from wct.shards import ShardReader, ShardWriter
 
 SHARD_BYTES = 256 * 2**20  # output shard size (written to disk tensor by tensor: no shard waits in memory)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD = 5 * 2**20  # bytes: above the 4 MiB slab temporaries (1 M fp32 elements), below one layer's weight
+NAN_SCAN_ELEMS = 1 << 20  # elements per step of the NaN scan of a tensor written as read
+PAGES = "_weight_pages"  # a linear's attribute: the MappedTensor its stored weight is a view of
+MMAP_THRESHOLD = 3 * 2**19  # bytes: above the 1 MiB slab temporaries (gptq/linalg SLAB_ELEMS), below activations
 
 
 def skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
@@ -90,12 +92,17 @@ def _fill(model: nn.Module, names: list[str], reader: ShardReader, narrow: froze
         parent, _, leaf = name.rpartition(".")
         mod = model.get_submodule(parent)
         current = mod._parameters.get(leaf, mod._buffers.get(leaf))
-        t = reader.get(name)
+        pages = reader.mapped(name) if name in narrow else None
+        t = reader.get(name) if pages is None else pages.tensor
         if t.shape != current.shape:
             raise WCTError(f"{reader.folder}: {name} has shape {tuple(t.shape)} but config.json makes it "
                            f"{tuple(current.shape)}; the checkpoint belongs to another model")
-        if t.is_floating_point() and not (name in narrow and _widens(current.dtype, t.dtype)):
+        if pages is not None and t.dtype != current.dtype and _widens(current.dtype, t.dtype):
+            mod.__dict__[PAGES] = pages  # only ever read through copies; widen_on_call hands its pages back
+        elif t.is_floating_point() and not (name in narrow and _widens(current.dtype, t.dtype)):
             t = t.to(current.dtype)
+        elif pages is not None:
+            t = t.clone()  # the map is read-only and this tensor is used (and may be written) as it is
         if leaf in mod._parameters:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=current.requires_grad)
         else:
@@ -111,10 +118,11 @@ def _widens(compute: torch.dtype, src: torch.dtype) -> bool:
 def widen_on_call(layer: nn.Module, compute: torch.dtype) -> None:
     """Let ``layer`` hold its weight in a narrower dtype whose values ``compute`` holds exactly (the checkpoint's
     fp16 or bf16 in an fp32 skeleton) and compute as if it held the ``compute`` copy: each forward call swaps that
-    copy in and the stored tensor back, so every product is the fp32 model's, bit for bit, and a block waiting
-    for its solve takes half the memory (docs/scale.md). Widening a slab of output features at a time would avoid
-    the whole copy, but its products do not have the bits of one product at every shape (measured: 200 x 96 in
-    slabs of 16), so the whole weight is widened."""
+    copy in and the stored tensor back, so every product is the fp32 model's, bit for bit (docs/scale.md). When
+    the stored tensor is a view of the checkpoint's file (:func:`_fill`), its pages are handed back after each
+    call, so a block waiting for its solve holds none of its linear weights in memory. Widening a slab of output
+    features at a time would avoid the whole copy, but its products do not have the bits of one product at every
+    shape (measured: 200 x 96 in slabs of 16), so the whole weight is widened."""
 
     def widen(mod: nn.Module, args: tuple) -> None:
         w = mod._parameters["weight"]
@@ -126,9 +134,33 @@ def widen_on_call(layer: nn.Module, compute: torch.dtype) -> None:
         w = mod.__dict__.pop("_stored_weight", None)
         if w is not None:
             mod._parameters["weight"] = w
+            pages = mod.__dict__.get(PAGES)
+            if pages is not None:
+                pages.release()
 
     layer.register_forward_pre_hook(widen)
     layer.register_forward_hook(restore)
+
+
+def widen_output(embedding: nn.Embedding, compute: torch.dtype) -> None:
+    """Let a plain ``nn.Embedding`` hold its table in the checkpoint's narrower dtype and cast the rows it looks
+    up to ``compute``: a lookup copies rows and the cast is exact, so the output has the bits of a lookup in the
+    ``compute`` table, which is never made (a 32000 x 2048 table: 250 MiB in fp32; docs/scale.md)."""
+    embedding.register_forward_hook(lambda mod, args, out: out.to(compute))
+
+
+def _lookup_tables(model: nn.Module, blocks: nn.ModuleList) -> dict[str, nn.Embedding]:
+    """{name: embedding} outside the blocks whose output is a plain row lookup (no max_norm renormalisation, no
+    subclass that scales or offsets), so :func:`widen_output` gives their exact output."""
+    outside = {id(m) for top in outside_blocks(model, blocks) for m in top.modules()}
+    return {n: m for n, m in model.named_modules()
+            if id(m) in outside and type(m) is nn.Embedding and m.max_norm is None}
+
+
+def _drop_pages(module: nn.Module) -> None:
+    """Forget the file maps of ``module``'s stored weights (they are unmapped once nothing else reads them)."""
+    for m in module.modules():
+        m.__dict__.pop(PAGES, None)
 
 
 def stored_from_file(src: torch.Tensor, compute: torch.dtype, storage: torch.dtype) -> torch.Tensor:
@@ -138,9 +170,16 @@ def stored_from_file(src: torch.Tensor, compute: torch.dtype, storage: torch.dty
     ``compute`` copy is made: a 262k x 2048 head does not pass through fp32."""
     if not src.is_floating_point():
         return storage_form(src, False, storage)
-    if src.dtype == storage and _widens(compute, src.dtype) and not src.isnan().any():
+    if src.dtype == storage and _widens(compute, src.dtype) and not _has_nan(src):
         return src.contiguous()
     return storage_form(src.to(compute), False, storage)
+
+
+def _has_nan(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a NaN, scanned :data:`NAN_SCAN_ELEMS` at a time (a whole-tensor ``isnan`` is a byte per
+    element: 0.5 GiB for a 128256 x 4096 head)."""
+    flat = t.reshape(-1)
+    return any(bool(flat[a:a + NAN_SCAN_ELEMS].isnan().any()) for a in range(0, flat.numel(), NAN_SCAN_ELEMS))
 
 
 def _output_head(model: nn.Module) -> list[str]:
@@ -199,9 +238,10 @@ def _map_large_allocations() -> None:
     By default glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MiB), so a block's
     weights, Hessians and products end up in the heap, where freed ones stay resident and the heap grows with depth
     (1.5B synthetic model, docs/scale.md: peak 1.02 GiB after 9 blocks and 1.23 GiB after 27 without this, 0.89-0.91
-    GiB after 9 with it; the time per block stayed within run-to-run noise). The 4 MiB slab temporaries stay below
-    it and are reused from the heap. Process-wide and kept (mallopt cannot restore the sliding default); a no-op
-    where the C library has no mallopt."""
+    GiB after 9 with a 5 MiB threshold). At 1.5 MiB the activations of a calibration sequence are mapped too,
+    instead of leaving resident holes in the heap, while the 1 MiB slab temporaries (gptq and linalg SLAB_ELEMS,
+    pack PACK_CHUNK_ELEMS) stay below it and are reused from the heap. Process-wide and kept (mallopt cannot
+    restore the sliding default); a no-op where the C library has no mallopt."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
@@ -228,6 +268,7 @@ def _block_loader(setup: _Setup, model: nn.Module, reader: ShardReader) -> Calla
         block = setup.blocks[i]
         if not enter:
             block.to("meta")
+            _drop_pages(block)
             _release_freed_memory()
             return
         prefix = f"{setup.prefix}.{i}."
@@ -281,11 +322,15 @@ def quantize_streaming(
         raise WCTError(f"{source} lacks {len(missing)} tensor(s) of the model its config.json builds (e.g. "
                        f"{missing[0]}); the checkpoint is incomplete or belongs to another model")
     head = _output_head(model)
-    _fill(model, [n for n in outside if n not in head], reader)
+    compute_dtype = next(model.parameters()).dtype
+    tables = _lookup_tables(model, setup.blocks)  # they stay in the checkpoint's dtype, looked up in place
+    for table in tables.values():
+        widen_output(table, compute_dtype)
+    narrow = frozenset(f"{n}.weight" for n in tables)
+    _fill(model, [n for n in outside if n not in head], reader, narrow)
     model.tie_weights()
     model.eval()
     use_cache, model.config.use_cache = getattr(model.config, "use_cache", None), False
-    compute_dtype = next(model.parameters()).dtype
     for block in setup.blocks:  # linear weights stay in the checkpoint's 16 bits until solved (docs/scale.md)
         for layer in find_linears(block).values():
             widen_on_call(layer, compute_dtype)
@@ -304,11 +349,12 @@ def quantize_streaming(
 
         stream = _catch(model, setup, calib, select, cfg, device, visit)
         state = _outside_state(model, blocks_prefix)
-        compute = {n: t.dtype for n, t in state.items()}
+        compute = {n: compute_dtype if n in narrow else t.dtype for n, t in state.items()}
         kept = {n: t.detach() for n, t in state.items() if n not in reader}  # buffers the checkpoint does not hold
         del state
         for mod in outside_blocks(model, setup.blocks):  # embeddings, norm and head are no longer needed in memory:
             mod.to("meta")                                # each is written from the checkpoint, one at a time
+            _drop_pages(mod)
         for name in compute:  # no local keeps the last one (a 16-bit head would stay alive through every block)
             write({name: kept[name] if name in kept else stored_from_file(reader.get(name), compute[name],
                                                                           storage_dtype)}, ())
