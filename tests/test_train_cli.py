@@ -3,6 +3,7 @@ a failing job, Optuna with a resumable SQLite study), DDP on CPU, and a short ru
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -143,6 +144,37 @@ def test_fsdp_two_processes_on_cpu(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["state_dict"] and all(k.endswith("weak_weight") for k in ckpt["state_dict"])
     assert all(not hasattr(v, "to_local") for v in ckpt["state_dict"].values())  # gathered, plain tensors
+    assert "sync_dist=True" not in p.stderr  # val/* and weak* are global already: Lightning's advice is silenced
+
+
+@pytest.mark.slow  # three 2-process Lightning runs on 2 cores: ~55 s
+def test_fsdp_resume_equals_a_straight_run(tmp_path):
+    """trainer=fsdp resumed from the gathered checkpoint of a 2-step run (wct.training.sharding.ShardedStrategy):
+    the weak columns and their AdamW state are set back into the shards, so steps 3-4 equal a straight 4-step run
+    (losses, trained tensors, the weak-column deltas logged at the last validation), and the checkpoint holds
+    whole tensors only (no rank's shard)."""
+    from wct.training.resume import load_checkpoint
+
+    args = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+            *tiny(tmp_path), "logger=csv", "++callbacks.samples=null", "task.global_batch_size=8",
+            "trainer.validate_first=false", "optim.lr=1e-2"]
+    train(*args, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'straight'}")
+    train(*args, f"hydra.run.dir={tmp_path / 'first'}")
+    first = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(*args, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={first}")
+    a, c = (load_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("straight", "resumed"))
+    assert c["global_step"] == 4 and c["callbacks"]["LossPlot"]["history"] == a["callbacks"]["LossPlot"]["history"]
+    assert a["state_dict"].keys() == c["state_dict"].keys()
+    assert all(torch.equal(c["state_dict"][k], v) for k, v in a["state_dict"].items())
+    start = load_checkpoint(first)["callbacks"]["WeakColumnStats"]["start"]
+    assert start and all(type(t) is torch.Tensor for t in start.values())  # whole, not rank 0's DTensor shard
+
+    def last_deltas(run: str) -> dict[str, str]:
+        with open(tmp_path / run / "csv" / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("weak/delta_mean")]
+        return {k: v for k, v in rows[-1].items() if k.startswith("weak")}
+
+    assert last_deltas("resumed") == last_deltas("straight") and float(last_deltas("straight")["weak/delta_max"]) > 0
 
 
 @pytest.mark.slow

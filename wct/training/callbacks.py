@@ -130,9 +130,17 @@ class WeakColumnStats(L.Callback):
     def _layers(self, pl_module) -> dict[str, OWQLinear]:
         return {n: m for n, m in pl_module.model.named_modules() if isinstance(m, OWQLinear) and m.n_weak}
 
+    @staticmethod
+    def _whole(m: OWQLinear) -> torch.Tensor:
+        """The layer's weak columns in fp32, whole: under trainer=fsdp each rank holds a shard (a DTensor), which
+        is all-gathered here (every rank runs these hooks), so the start kept in checkpoints is the whole tensor
+        and every rank logs the same, global value."""
+        w = m.weak_weight.detach()
+        return (w.full_tensor() if hasattr(w, "full_tensor") else w).float()
+
     def on_fit_start(self, trainer, pl_module) -> None:
         if not self.start:
-            self.start = {n: m.weak_weight.detach().float().clone() for n, m in self._layers(pl_module).items()}
+            self.start = {n: self._whole(m).clone() for n, m in self._layers(pl_module).items()}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not self.start:
@@ -140,7 +148,7 @@ class WeakColumnStats(L.Callback):
         deltas = {}
         for n, m in self._layers(pl_module).items():
             w0 = self.start[n].to(m.weak_weight.device)
-            deltas[f"weak_delta/{n}"] = ((m.weak_weight.detach().float() - w0).norm() / w0.norm().clamp(min=1e-12)).item()
+            deltas[f"weak_delta/{n}"] = ((self._whole(m) - w0).norm() / w0.norm().clamp(min=1e-12)).item()
         if deltas:
             values = list(deltas.values())
             pl_module.log_dict(deltas | {"weak/delta_mean": sum(values) / len(values), "weak/delta_max": max(values)})

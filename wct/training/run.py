@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 import torch
 from omegaconf import OmegaConf
 
@@ -33,12 +35,11 @@ def build_trainer(app: TrainApp, total_steps: int, config: dict) -> L.Trainer:
 
         strategy = DDPStrategy(broadcast_buffers=False)
     elif strategy == "fsdp":  # FSDP2 over every device (TuneModule.configure_model shards; wct.training.sharding)
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from wct.training.sharding import ShardedStrategy
 
         if not isinstance(t.devices, int):
             raise WCTError(f"trainer=fsdp needs trainer.devices as a number of devices, not {t.devices!r}")
-        strategy = ModelParallelStrategy(data_parallel_size=t.devices * t.num_nodes, tensor_parallel_size=1,
-                                         save_distributed_checkpoint=False)
+        strategy = ShardedStrategy(t.devices * t.num_nodes)
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     loggers = instantiate_group("logger", app.logger)
@@ -99,6 +100,9 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
         print(memory_estimate(model, app.optim.name, app.task.micro_batch_size, app.task.max_length,
                               app.trainer.gradient_checkpointing))
 
+    # val/* (reduced over the ranks by TuneModule) and weak* (from the whole weak columns) are the same on every
+    # rank already: Lightning's advice to log them with sync_dist=True does not apply
+    warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('(val|weak)", PossibleUserWarning)
     before = None
     if app.trainer.validate_first and ckpt_path is None:
         before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]

@@ -7,15 +7,24 @@ and freed again. Integer tensors are never cast by a mixed-precision policy (FSD
 and :func:`shard_model` sets no ``param_dtype``, so the fp16 scales stay fp16; the compute dtype comes from
 autocast (Lightning's ``bf16-mixed``). The weak columns are the only parameters that require a gradient: their
 gradients are reduce-scattered and averaged over the ranks, their optimizer state is sharded with them.
+
+:class:`ShardedStrategy` is Lightning's FSDP2 strategy with single-file checkpoints (gathered to rank 0: the weak
+columns and their optimizer state) that resume in the order the other strategies follow: read, checked by
+``TuneModule.on_load_checkpoint``, then set into the sharded model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from wct.nn import OWQLinear
 from wct.quant.blocks import find_blocks
+from wct.training.resume import load_checkpoint
 
 
 def shard_model(model: nn.Module, mesh=None) -> nn.Module:
@@ -54,3 +63,38 @@ def packed_bytes(model: nn.Module) -> dict[str, int]:
     layers = [m for m in model.modules() if isinstance(m, OWQLinear)]
     return {"planes": sum(local_bytes(p) for m in layers for p in m.planes.values()),
             "scales_zeros": sum(local_bytes(m.scales) + local_bytes(m.zeros) for m in layers)}
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` (FSDP2, data parallel only) saving one gathered checkpoint file and resuming from it
+    as the other strategies do. Lightning's own ``load_checkpoint`` sets the weights and optimizer state into the
+    model while it reads the file and drops the ``state_dict``, so ``TuneModule.on_load_checkpoint`` could no longer
+    check which tensors the checkpoint trained; it also reads with the caller's ``weights_only``. Here the file is
+    read whole by :func:`wct.training.resume.load_checkpoint` (``weights_only=True``), checked by the module, and
+    only then are the weak columns and the optimizer state distributed over the ranks' shards."""
+
+    def __init__(self, devices: int) -> None:
+        super().__init__(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:  # Lightning's parent says False: its load_checkpoint did it
+        return True
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(self.broadcast(checkpoint_path))
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # the checkpoint holds the trained tensors only (TuneModule.strict_loading is False)
+        set_model_state_dict(self.model, checkpoint["state_dict"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
+
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            # saved keyed by parameter index (ModelParallelStrategy.optimizer_state); set by parameter name
+            state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+            set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
