@@ -48,7 +48,8 @@ def test_resume_with_a_new_lr_and_schedule_trains_at_them(base, runs, tmp_path, 
     assert "resume: optim.lr: 0.001 -> 0.01" in out and "resume: optim.scheduler: 'constant' -> 'cosine'" in out
     # cosine over 3 steps, no warmup, at step 2: 0.5 * (1 + cos(pi * 2/3)) of the new lr
     factor = 0.5 * (1 + math.cos(math.pi * 2 / 3))
-    assert logged_lr(tmp_path) == {3: pytest.approx(1e-2 * factor, rel=1e-6)}  # the rate of the resumed step 3
+    # the rate of the resumed 3rd step, logged at step 2 as the straight run logs its 3rd step (0-based steps)
+    assert logged_lr(tmp_path) == {2: pytest.approx(1e-2 * factor, rel=1e-6)} and 2 in logged_lr(runs / "straight")
     group = module.trainer.optimizers[0].param_groups[0]
     assert group["initial_lr"] == 1e-2 and module.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [1e-2]
     # the same gradients and Adam state as the straight run's 3rd step: the update is the straight run's, scaled

@@ -148,6 +148,10 @@ class TuneModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning's logging step counts the optimizer steps taken, as global_step does, but comes back one too
+        # high when a run resumes from the checkpoint written at the end of fit (a run extended with a larger
+        # max_steps): kept equal, so the resumed run logs step k where the straight run logs it
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
         loss = torch.stack(self._step_losses).mean().float()
         self._step_losses.clear()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
