@@ -181,7 +181,7 @@ def test_every_kit_command_composes(tmp_path, resources):
             if verb == "train" and "smollm2" in resources:
                 assert cfg.model.name == "smollm2-135m" and cfg.model.quantized.endswith("owq-cuda")
             composed += 1
-    assert composed == (8 if "smollm2" in resources else 6)
+    assert composed == (10 if "smollm2" in resources else 8)
 
 
 def test_loss_curve_of_a_real_training_run(tmp_path):

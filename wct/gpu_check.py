@@ -44,6 +44,7 @@ MANIFEST = "MANIFEST.json"
 PART_SUFFIX = ".part"
 BUDGET_S = 480  # the 8 minutes for all parts together
 LOSS_RTOL = 0.02  # train/loss of a kernel vs the torch kernel, per step (bf16 autocast: summation order differs)
+RESUME_RTOL = 1e-3  # train/loss of a resumed run vs the straight run, same kernel (bitwise on the CPU; GPU atomics)
 PPL_RTOL = 0.02  # OWQ perplexity quantized on the GPU vs on the CPU (same recipe, fp32; GPU reductions differ)
 WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
 
@@ -403,10 +404,15 @@ def plan(work: Path, resources: set[str], py: str = sys.executable, loss_rtol: f
                           f"{loss_rtol:.0%}", 5, needs=("train-torch", f"train-{kernel}"),
                           check=lambda r, k=kernel: compare_curves(r["train-torch"].figures["loss"],
                                                                    r[f"train-{k}"].figures["loss"], loss_rtol)))
+
+    def fsdp(name: str, steps: int, *extra: str) -> list[str]:
+        return train(name, "trainer=fsdp", "trainer.devices=1", f"trainer.max_steps={steps}",
+                     f"trainer.val_check_interval={steps}", *extra)
+
+    half = 2  # the resumed fsdp run stops at this step, then goes on to 4 from its checkpoint
     parts += [
         Part("fsdp", "trainer=fsdp on one GPU, 4 steps", 120, requires=("cuda",), needs=needs_base,
-             commands=[train("fsdp", "trainer=fsdp", "trainer.devices=1", "trainer.max_steps=4",
-                             "trainer.val_check_interval=4")]),
+             commands=[fsdp("fsdp", 4)], figures=lambda: {"loss": loss_curve(work / "fsdp")}),
         Part("export-generate", "wct.export of the kernel=torch run, reload and greedy generation on the GPU", 120,
              requires=("cuda",), needs=("train-torch",),
              commands=[[py, "-m", "wct.export", f"ckpt_path={work / 'train-torch' / 'checkpoints' / 'last.ckpt'}",
@@ -414,6 +420,15 @@ def plan(work: Path, resources: set[str], py: str = sys.executable, loss_rtol: f
                        [py, "-m", "wct.generate", f"model.name={work / 'export'}", "device=cuda",
                         'prompt="Name three primary colors."', "max_new_tokens=24", f"hydra.run.dir={work / 'gen'}",
                         *hydra_quiet]]),
+        Part("fsdp-resume", f"trainer=fsdp on one GPU, {half} steps, then resumed from its checkpoint to 4", 120,
+             requires=("cuda",), needs=needs_base,
+             commands=[fsdp("fsdp-half", half),
+                       fsdp("fsdp-resumed", 4, f"ckpt_path={work / 'fsdp-half' / 'checkpoints' / 'last.ckpt'}")],
+             figures=lambda: {"loss": loss_curve(work / "fsdp-resumed")}),
+        Part("losses-fsdp-resume", f"train/loss of the resumed steps vs the straight fsdp run, within "
+             f"{RESUME_RTOL:.0e}", 5, needs=("fsdp", "fsdp-resume"),
+             check=lambda r: compare_curves({s: v for s, v in r["fsdp"].figures["loss"].items() if s >= half},
+                                            r["fsdp-resume"].figures["loss"], RESUME_RTOL)),
     ]
     if big:  # last: the CPU run is the slowest part and only gives the reference figure
         parts += [
