@@ -25,6 +25,11 @@ from wct.training.module import TuneModule, logical_params
 from wct.training.objects import instantiate_group
 from wct.training.resume import resume_checkpoint
 
+# val/* (reduced over the ranks by TuneModule) and weak* (from the whole weak columns) are the same on every rank
+# already: Lightning's advice to log them with sync_dist=True does not apply. Set once, at import: adding a filter
+# resets Python's once-per-place memory of the warnings already shown, which would then repeat on every fit.
+warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('(val|weak)", PossibleUserWarning)
+
 
 def build_trainer(app: TrainApp, total_steps: int, config: dict) -> L.Trainer:
     """The Lightning Trainer of ``app.trainer`` with the callbacks and loggers of their config groups."""
@@ -100,9 +105,6 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
         print(memory_estimate(model, app.optim.name, app.task.micro_batch_size, app.task.max_length,
                               app.trainer.gradient_checkpointing))
 
-    # val/* (reduced over the ranks by TuneModule) and weak* (from the whole weak columns) are the same on every
-    # rank already: Lightning's advice to log them with sync_dist=True does not apply
-    warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('(val|weak)", PossibleUserWarning)
     before = None
     if app.trainer.validate_first and ckpt_path is None:
         before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
