@@ -17,11 +17,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from wct.errors import WCTError, cli_errors  # noqa: E402
 
 
 def _gpu_peak(device) -> int | None:
@@ -90,7 +93,7 @@ def phase_train(args) -> dict:
         loss = model(ids, labels=ids, use_cache=False).loss
     loss.backward()
     opt.step()
-    return {"seconds": time.time() - start, "loss": float(loss), "trainable": sum(p.numel() for p in weak),
+    return {"seconds": time.time() - start, "loss": loss.item(), "trainable": sum(p.numel() for p in weak),
             "gpu_peak": _gpu_peak(device)}
 
 
@@ -98,22 +101,33 @@ PHASES = {"quantize": phase_quantize, "load": phase_load, "train": phase_train}
 
 
 def run_phase(name: str, args) -> dict:
-    """One phase in a child process; its result plus the child's own peak RSS (bytes)."""
+    """One phase in a child process; its result plus the child's own peak RSS (bytes). The child's ``error:``
+    line (bad input: a folder that is not wct's, a device that is absent) becomes this program's one line; any
+    other failure shows the child's output as it was."""
     argv = [sys.executable, __file__, "--phase", name, "--model", str(args.model), "--packed", str(args.packed),
             "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen), "--bits", str(args.bits),
             "--device", args.device, "--tuning", args.tuning, "--micro", str(args.micro),
             "--train-dtype", args.train_dtype] + (["--checkpointing"] if args.checkpointing else [])
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONPATH": str(REPO)})
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
     if proc.returncode:
-        raise SystemExit(f"error: phase {name} failed (exit code {proc.returncode})")
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        if errors:
+            raise WCTError(f"phase {name}: {errors[-1].removeprefix('error: ')}")
+        sys.stderr.write(stderr)
+        raise SystemExit(f"error: phase {name} failed (exit code {proc.returncode}); its output is above")
+    sys.stderr.write(stderr)  # warnings
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_rss"] = usage.ru_maxrss * 1024  # Linux reports KiB
     return result
 
 
+@cli_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -142,9 +156,18 @@ def main() -> None:
     from wct.quant.config import QuantConfig
     from wct.training.memory import estimate_from_config, train_memory
 
+    if not (args.model / "config.json").is_file():
+        raise WCTError(f"--model {args.model} has no config.json: pass a Hugging Face model folder with safetensors "
+                       "shards (scripts/make_synthetic_llama.py writes one)")
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - set(PHASES):
+        raise WCTError(f"--skip {args.skip}: {', '.join(sorted(skip - set(PHASES)))} is not a phase; the phases are "
+                       f"{', '.join(PHASES)}")
+    if "quantize" in skip and {"load", "train"} - skip and not list(args.packed.glob("*.safetensors")):
+        raise WCTError(f"--packed {args.packed} holds no packed model to load or train; run the quantize phase "
+                       "(leave it out of --skip) or pass the folder it wrote with --packed")
     config = json.loads((args.model / "config.json").read_text())
     fp16 = sum(f.stat().st_size for f in args.model.glob("*.safetensors"))
-    skip = set(filter(None, args.skip.split(",")))
     res: dict = {"model": str(args.model), "fp16_bytes": fp16, "blocks": config["num_hidden_layers"],
                  "hidden": config["hidden_size"], "n_samples": args.n_samples, "seqlen": args.seqlen,
                  "bits": args.bits, "tuning": args.tuning, "threads": os.environ.get("OMP_NUM_THREADS"),
