@@ -62,7 +62,8 @@ def test_smallest_model_is_sharded_and_loads_in_transformers(synth, tmp_path):
     assert model.float()(ids).logits.shape == (1, ids.shape[1], 32000)
 
     again = tmp_path / "again"  # one seed: the same bytes
-    assert script("make_synthetic_llama.py", "--size", "0.08B", "--out", str(again), "--shard-mib", "64").returncode == 0
+    p = script("make_synthetic_llama.py", "--size", "0.08B", "--out", str(again), "--shard-mib", "64")
+    assert p.returncode == 0
     assert all(s.read_bytes() == (again / s.name).read_bytes() for s in shards)
 
 
