@@ -27,7 +27,8 @@ def worker(rank: int, world: int, base: str, out: str, port: int) -> None:
     from wct.nn import OWQLinear
     from wct.quant.checkpoint import load_quantized
     from wct.training.module import prepare_wct
-    from wct.training.sharding import packed_bytes, shard_model
+    from wct.quant.blocks import find_blocks
+    from wct.training.sharding import local_bytes, packed_bytes, shard_model
 
     torch.set_num_threads(1)
     kernels.configure(kernel="torch", cache_dense="0")
@@ -35,6 +36,11 @@ def worker(rank: int, world: int, base: str, out: str, port: int) -> None:
     prepare_wct(model, TuningConfig())
     model.train()
     whole = packed_bytes(model)
+    _, blocks = find_blocks(model)
+    block = [[m for m in b.modules() if isinstance(m, OWQLinear)] for b in blocks]  # one block, as FSDP gathers it
+    per_block = max(sum(local_bytes(p) for m in ms for n, p in m.named_parameters() if n != "weak_weight")
+                    for ms in block)
+    per_block_weak = max(sum(local_bytes(m.weak_weight) for m in ms) for ms in block)
     seen_dtypes: set[str] = set()
     for m in model.modules():
         if isinstance(m, OWQLinear):
@@ -44,6 +50,9 @@ def worker(rank: int, world: int, base: str, out: str, port: int) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         shard_model(model)
     local = packed_bytes(model)
+    layers = [m for m in model.modules() if isinstance(m, OWQLinear)]
+    stored = sum(local_bytes(t) for m in layers for n, t in m.state_dict().items() if n != "weak_weight")
+    weak_bytes = sum(local_bytes(m.weak_weight) for m in layers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     mine = ids[rank::world] if world else ids
@@ -59,7 +68,8 @@ def worker(rank: int, world: int, base: str, out: str, port: int) -> None:
         losses.append(total.item() / max(world, 1))
     weak = [m.weak_weight for m in model.modules() if isinstance(m, OWQLinear)]
     weak = [w.full_tensor() if hasattr(w, "full_tensor") else w for w in weak]
-    result = {"whole": whole, "local": local, "losses": losses, "scales_dtypes": sorted(seen_dtypes),
+    result = {"whole": whole, "local": local, "stored": stored, "weak_bytes": weak_bytes, "block": per_block,
+              "block_weak": per_block_weak, "losses": losses, "scales_dtypes": sorted(seen_dtypes),
               "weak": torch.cat([w.detach().flatten() for w in weak]).tolist()}
     Path(out, f"rank{rank}-of-{world}.json").write_text(json.dumps(result))
     if world:
@@ -104,6 +114,19 @@ def test_two_ranks_hold_half_the_packed_weights_and_train_alike(base, tmp_path):
         assert r["local"]["planes"] * 2 == r["whole"]["planes"]  # every plane's rows split evenly
         assert r["local"]["scales_zeros"] * 2 == r["whole"]["scales_zeros"]  # one row: split along the outputs
         assert r["scales_dtypes"] == ["torch.float16"]  # unsharded for the forward, not cast
+    # the training estimate for trainer=fsdp (wct.training.memory.train_memory, ranks=2) against what a rank holds:
+    # its shard of the planes, scales, zeros and weak columns, the replicated indices, and two blocks gathered
+    from wct.models import config_dict
+    from wct.quant.config import QuantConfig
+    from wct.training.memory import train_memory
+
+    args = (config_dict(base), QuantConfig(), torch.float32, "32-true", 1, SEQ, "adamw")
+    alone, sharded = train_memory(*args).rows, train_memory(*args, ranks=2).rows
+    assert alone["packed weights"][0] == one["stored"] and alone["weak columns"][0] == one["weak_bytes"]
+    for r in two:
+        assert sharded["packed weights"][0] == r["stored"] + 2 * one["block"]  # tiny-llama: 2 blocks, all of it
+        assert sharded["weak columns"][0] == r["weak_bytes"] + 2 * one["block_weak"]
+        assert r["stored"] < one["stored"] and sharded["dense-weight cache (torch kernel)"] == (0, 0)
     assert one["losses"][-1] < one["losses"][0] - 0.05  # the curve moves: the comparison below means something
     for r in two:
         assert r["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)

@@ -174,6 +174,19 @@ def test_estimate_only_on_the_command_line(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "68.98 B parameters" in p.stdout and "| activations (1 x 4096 tokens) |" in p.stdout
     assert "| **total (peak)** |" in p.stdout and sorted(f.name for f in folder.iterdir()) == ["config.json"]
+    # trainer=fsdp over 8 devices: one device's share, the packed weights 1/8 plus two gathered blocks (of 80)
+    fsdp = subprocess.run([*cmd, "trainer=fsdp", "trainer.devices=8"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=REPO)
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    assert "per device of 8 sharding the model (trainer=fsdp)" in fsdp.stdout
+
+    def row(out: str, name: str) -> float:
+        return float(next(line for line in out.splitlines() if line.startswith(f"| {name} |")).split("|")[2])
+
+    whole, share = row(p.stdout, "packed weights"), row(fsdp.stdout, "packed weights")
+    assert whole / 8 + 2 * whole / 80 - 0.02 <= share <= whole / 8 + 2 * whole / 80 + 0.02  # GiB, 2 decimals
+    root = "other weights (embeddings, head, norms)"
+    assert row(fsdp.stdout, root) == row(p.stdout, root)  # the root: gathered whole through the step
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = subprocess.run(cmd[:4] + [f"model.name={empty}", *cmd[5:]], capture_output=True, text=True, env=env,

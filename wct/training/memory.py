@@ -156,6 +156,7 @@ class TrainMemory:
     trainable: int  # weak-column weights
     tokens: int  # micro-batch x sequence length
     rows: dict[str, tuple[int, int]]
+    ranks: int = 1  # trainer=fsdp over this many devices: the rows are one device's
 
     @property
     def total(self) -> tuple[int, int]:
@@ -164,8 +165,9 @@ class TrainMemory:
     def table(self) -> str:
         """The estimate as a Markdown table (GiB)."""
         gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        where = f", per device of {self.ranks} sharding the model (trainer=fsdp)" if self.ranks > 1 else ""
         lines = [f"memory estimate of one WCT step ({self.params / 1e9:.2f} B parameters, {self.trainable:,} "
-                 f"trainable, {self.tokens} tokens per micro-batch), GiB:",
+                 f"trainable, {self.tokens} tokens per micro-batch{where}), GiB:",
                  "| item | checkpointing off | checkpointing on |", "| --- | ---: | ---: |"]
         lines += [f"| {name} | {gib(off)} | {gib(on)} |" for name, (off, on) in self.rows.items()]
         off, on = self.total
@@ -190,7 +192,7 @@ def _activations(model: nn.Module, tokens: int, attn: int, size: int) -> tuple[i
 
 def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision: str, micro: int, seq: int,
                  optim: str, device: str = "cpu", master: torch.dtype = torch.float32,
-                 cache_budget: int = 0, torch_kernel: bool = True) -> TrainMemory:
+                 cache_budget: int = 0, torch_kernel: bool = True, ranks: int = 1) -> TrainMemory:
     """The itemised peak of one WCT step for the model ``config`` (a ``config.json`` dict; an owq-pack's records
     its weak columns, otherwise ``quant`` chooses them) — from the shapes alone, on the meta device.
 
@@ -203,33 +205,55 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
     :func:`wct.kernels.dispatch.cache_budget`, a quarter of RAM on a CPU, 0 on a GPU or with WCT_CACHE_DENSE=0),
     the torch kernel's dequantization workspace (``torch_kernel``: :data:`DEQUANT_BYTES` per weight of the largest
     linear), activations (:func:`_activations`)
-    and the logits (fp32 copy, its log-softmax and gradient)."""
+    and the logits (fp32 copy, its log-softmax and gradient).
+
+    ``ranks`` > 1: ``trainer=fsdp`` over that many devices (:mod:`wct.training.sharding`), the rows one device's.
+    The packed weights, weak columns, gradients and optimizer state are sharded (1/ranks each), plus two decoder
+    blocks' packed weights and weak columns all-gathered at a time (the block running and the one FSDP2
+    prefetches) and one block's weak-column gradients before their reduce-scatter; the embeddings, head and norms
+    count whole (the root, which FSDP2 keeps gathered from forward to backward); no dense-weight cache
+    (``TuneModule.configure_model`` turns it off); activations and logits are per device already."""
     model = meta_model(config)
     bits, group, n_weak = weak_columns(model, config, quant)
+    prefix, blocks = find_blocks(model)
     size = torch.empty(0, dtype=dtype).element_size()
+    ws = torch.empty(0, dtype=master).element_size()
     compute = 2 if precision.startswith(("bf16", "16")) else size
-    packed = weak = dense = largest = 0
+    shardable = replicated = weak = dense = largest = 0
+    block_shardable, block_weak = [0] * len(blocks), [0] * len(blocks)
     for name, n in n_weak.items():
         lin = model.get_submodule(name)
         layer = OWQLinear(lin.in_features, lin.out_features, bits, group, n, lin.bias is not None, device="meta")
-        packed += sum(t.numel() * t.element_size() for k, t in layer.state_dict().items() if k != "weak_weight")
+        params = dict(layer.named_parameters())
+        stored = {k: t.numel() * t.element_size() for k, t in layer.state_dict().items() if k != "weak_weight"}
+        codes = sum(b for k, b in stored.items() if k in params)  # planes, scales, zeros: FSDP shards parameters
+        shardable += codes
+        replicated += sum(stored.values()) - codes  # weak-column indices and bias: buffers, on every rank
         weak += n * lin.out_features
         dense += lin.in_features * lin.out_features
         largest = max(largest, lin.in_features * lin.out_features)
+        if name.startswith(f"{prefix}."):
+            b = int(name.removeprefix(f"{prefix}.").split(".")[0])
+            block_shardable[b] += codes
+            block_weak[b] += n * lin.out_features
     other = sum(p.numel() for p in model.parameters()) - dense  # dense counts the weak columns too
-    ws = torch.empty(0, dtype=master).element_size()
     state = weak * (4 + (2 if "8bit" in optim else 8))
     cache = min(dense * size, cache_budget)
+    packed, weak_bytes = shardable + replicated, weak * ws
+    if ranks > 1:
+        packed = -(-shardable // ranks) + replicated + 2 * max(block_shardable)
+        weak_bytes = -(-weak_bytes // ranks) + 2 * max(block_weak) * ws
+        state, cache = -(-state // ranks) + max(block_weak) * 4, 0
     tokens = micro * seq
     acts = _activations(model, tokens, compute, size)
     logits = tokens * model.config.vocab_size * (compute + 3 * 4)
     same = lambda b: (b, b)  # noqa: E731
     rows = {"runtime (Python, torch)": same(RUNTIME if device == "cpu" else 0), "packed weights": same(packed),
-            "other weights (embeddings, head, norms)": same(other * size), "weak columns": same(weak * ws),
+            "other weights (embeddings, head, norms)": same(other * size), "weak columns": same(weak_bytes),
             "gradients + optimizer state": same(state), "dense-weight cache (torch kernel)": same(cache),
             "dequantization workspace (torch kernel)": same(DEQUANT_BYTES * largest if torch_kernel else 0),
             f"activations ({micro} x {seq} tokens)": acts, "logits": same(logits)}
-    return TrainMemory(sum(p.numel() for p in model.parameters()), weak, tokens, rows)
+    return TrainMemory(sum(p.numel() for p in model.parameters()), weak, tokens, rows, ranks)
 
 
 def estimate_run(app: TrainApp, config: dict | None = None) -> TrainMemory:
@@ -249,5 +273,7 @@ def estimate_run(app: TrainApp, config: dict | None = None) -> TrainMemory:
     torch_kernel = t.kernel == "torch" or (t.kernel == "auto" and device == "cpu")
     budget = cache_budget(torch.device(device)) if torch_kernel else 0
     config = config or config_dict(app.model.quantized or app.model.name)
+    ranks = t.devices * t.num_nodes if t.strategy == "fsdp" and isinstance(t.devices, int) else 1
     return train_memory(config, app.quant, as_dtype(app.model.dtype), t.precision, app.task.micro_batch_size,
-                        app.task.max_length, app.optim.name, device, as_dtype(app.tuning.master_dtype), budget, torch_kernel)
+                        app.task.max_length, app.optim.name, device, as_dtype(app.tuning.master_dtype), budget,
+                        torch_kernel, ranks)
