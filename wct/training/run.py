@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.fabric.utilities.warnings import PossibleUserWarning
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from omegaconf import OmegaConf
 
 from wct import kernels
