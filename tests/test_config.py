@@ -46,7 +46,7 @@ def test_every_verb_composes_into_its_schema(verb):
     ("task.global_batch_size=-4", "task.global_batch_size=-4 is invalid"),
     ("task.max_length=0", "task.max_length=0 is invalid"),
     ("task.val_fraction=1.0", "task.val_fraction=1.0 is invalid"),
-    ("trainer.precision=bf16-mixd", "trainer.precision='bf16-mixd' is unknown; use one of 32-true"),
+    ("trainer.precision=bf16-mixd", "trainer.precision='bf16-mixd' is unknown; use one of auto, 32-true"),
     ("trainer.kernel=cudaa", "trainer.kernel='cudaa' is unknown"),
     ("trainer.max_steps=0", "trainer.max_steps=0 is invalid"),
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wct.config import CONF_DIR
-from wct.device import place, resolve_device, resolve_dtype
+from wct.device import place, resolve_device, resolve_dtype, resolve_precision
 from wct.errors import WCTError
 
 REPO = Path(CONF_DIR).parent
@@ -52,11 +52,55 @@ def test_bad_device_is_one_clear_error(monkeypatch, spec, count, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize(("device", "bf16", "expected"), [
-    ("cpu", True, torch.float32), ("cuda", True, torch.bfloat16), ("cuda", False, torch.float16)])
-def test_auto_dtype(monkeypatch, device, bf16, expected):
-    fake_gpus(monkeypatch, 1, bf16)
+def fake_cpu(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    """Make torch report the CPU's bf16 capabilities (AVX512-BF16, AMX tiles)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize(("device", "gpu_bf16", "cpu_bf16", "expected"), [
+    ("cpu", True, (False, False), torch.float32), ("cpu", True, (True, False), torch.bfloat16),
+    ("cpu", False, (False, True), torch.bfloat16),
+    ("cuda", True, (False, False), torch.bfloat16), ("cuda", False, (True, True), torch.float16)])
+def test_auto_dtype(monkeypatch, device, gpu_bf16, cpu_bf16, expected):
+    fake_gpus(monkeypatch, 1, gpu_bf16)
+    fake_cpu(monkeypatch, *cpu_bf16)
     assert resolve_dtype("auto", torch.device(device)) == expected
+
+
+@pytest.mark.parametrize(("gpu", "gpu_bf16", "cpu_bf16", "expected", "why"), [
+    (False, True, (False, False), "32-true", "no native bf16"),
+    (False, True, (True, False), "bf16-mixed", "computes bf16 natively"),
+    (False, True, (False, True), "bf16-mixed", "computes bf16 natively"),
+    (True, True, (False, False), "bf16-mixed", "GPU computes bf16"),
+    (True, False, (True, True), "16-mixed", "GPU has no bf16")])
+def test_auto_precision_follows_the_hardware(monkeypatch, gpu, gpu_bf16, cpu_bf16, expected, why):
+    fake_gpus(monkeypatch, 1 if gpu else 0, gpu_bf16)
+    fake_cpu(monkeypatch, *cpu_bf16)
+    precision, reason = resolve_precision("auto", gpu)
+    assert precision == expected and why in reason and reason.startswith("auto:")
+
+
+@pytest.mark.parametrize("spec", ["bf16-mixed", "bf16-true"])
+def test_explicit_bf16_on_an_emulating_cpu_is_obeyed_with_one_measured_warning(monkeypatch, caplog, spec):
+    fake_gpus(monkeypatch, 0)
+    fake_cpu(monkeypatch, False, False)
+    with caplog.at_level("WARNING", logger="wct"):
+        assert resolve_precision(spec, gpu=False) == (spec, "as set")
+    (record,) = caplog.records
+    slowdown = float(record.getMessage().split("run ")[1].split("x slower")[0])
+    assert record.levelname == "WARNING" and "without native bf16" in record.getMessage() and slowdown > 0
+
+
+@pytest.mark.parametrize(("spec", "cpu_bf16", "gpu"), [("32-true", (True, True), False),
+                                                        ("bf16-mixed", (True, True), False),
+                                                        ("16-mixed", (False, False), True)])
+def test_explicit_precision_is_obeyed_silently_where_it_is_native(monkeypatch, caplog, spec, cpu_bf16, gpu):
+    fake_gpus(monkeypatch, 1 if gpu else 0)
+    fake_cpu(monkeypatch, *cpu_bf16)
+    with caplog.at_level("WARNING", logger="wct"):
+        assert resolve_precision(spec, gpu) == (spec, "as set")
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(("spec", "expected"), [("float32", torch.float32), ("bf16", torch.bfloat16),
@@ -69,6 +113,7 @@ def test_explicit_dtype_is_kept_on_any_device(monkeypatch, spec, expected):
 
 def test_place_checks_device_before_dtype(monkeypatch):
     fake_gpus(monkeypatch, 0)
+    fake_cpu(monkeypatch, False, False)
     assert place("auto", "auto") == (torch.device("cpu"), torch.float32)
     with pytest.raises(WCTError, match="torch sees no CUDA device"):
         place("cuda", "no-such-dtype")

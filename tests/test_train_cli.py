@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 
+from wct.device import resolve_precision
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_tiny.json"
 
@@ -57,7 +59,9 @@ def test_default_task_offline(tmp_path):
     assert run.parent.name == "alpaca-tiny-llama-owq-w4-k4-weak"  # one run name: task-model-quant-tuning
     config = (run / "config.yaml").read_text()
     assert yaml.safe_load(config)["data_origin"].startswith("alpaca-libre (embedded: wct/data/embedded/alpaca_libre")
-    assert "precision: bf16-mixed" in config
+    precision = resolve_precision("auto", gpu=False)[0]  # trainer.precision=auto, resolved for this CPU
+    assert f"precision: {precision} (auto: this CPU" in out
+    assert yaml.safe_load(config)["trainer"]["precision"] == precision  # the saved config says what ran
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 2 and results["val_loss_before"] > 0 and 0 <= results["padding_fraction"] < 1
     assert {"train/loss", "val/loss", "val/ppl", "lr", "perf/tokens_per_s", "perf/peak_mem_gb"} <= set(results["metrics"])

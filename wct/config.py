@@ -34,7 +34,7 @@ DTYPES = ("float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "ha
 MODEL_DTYPES = (*DTYPES, "auto")  # auto: fp32 on a CPU, bf16/fp16 on a GPU (wct.device); quantize/evaluate/generate
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
 METHODS = ("wct", "lora", "qlora")
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 
@@ -259,7 +259,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # wct.device.resolve_precision: bf16-mixed where bf16 is native, else 32-true (CPU)
     max_steps: int = 30
     max_epochs: Optional[float] = None  # epochs of the training split instead of max_steps
     val_check_interval: int = 10  # optimizer steps between validations

@@ -261,19 +261,20 @@ def estimate_run(app: TrainApp, config: dict | None = None) -> TrainMemory:
     ``config.json`` of ``model.quantized`` (its recorded weak columns) or of ``model.name`` (the columns ``quant``
     would choose); no weight is loaded."""
     from wct.kernels.dispatch import cache_budget
-    from wct.device import as_dtype
+    from wct.device import accelerator_is_gpu, as_dtype, resolve_precision
     from wct.models import config_dict
 
     if app.method.name != "wct":
         raise WCTError(f"model.estimate_only=true estimates WCT runs; method={app.method.name} loads the "
                        "full-precision base, whose size is 2 bytes per parameter in 16 bits; use method=wct")
     t = app.trainer
-    gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    gpu = accelerator_is_gpu(t.accelerator)
     device = "cuda" if gpu else "cpu"
     torch_kernel = t.kernel == "torch" or (t.kernel == "auto" and device == "cpu")
     budget = cache_budget(torch.device(device)) if torch_kernel else 0
     config = config or config_dict(app.model.quantized or app.model.name)
     ranks = t.devices * t.num_nodes if t.strategy == "fsdp" and isinstance(t.devices, int) else 1
-    return train_memory(config, app.quant, as_dtype(app.model.dtype), t.precision, app.task.micro_batch_size,
+    precision = resolve_precision(t.precision, gpu)[0]
+    return train_memory(config, app.quant, as_dtype(app.model.dtype), precision, app.task.micro_batch_size,
                         app.task.max_length, app.optim.name, device, as_dtype(app.tuning.master_dtype), budget,
                         torch_kernel, ranks)

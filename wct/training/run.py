@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from wct import kernels
 from wct.config import TrainApp
+from wct.device import accelerator_is_gpu, resolve_precision
 from wct.errors import WCTError
 from wct.io import atomic_file
 from wct.training.base import load_base
@@ -68,6 +69,10 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
     ``(optimized metric, module)``."""
     start = time.time()
     run_dir = Path(app.paths.run_dir)
+    t = app.trainer
+    t.precision, why = resolve_precision(t.precision, accelerator_is_gpu(t.accelerator))
+    print(f"precision: {t.precision} ({why})")
+    config = config | {"trainer": config["trainer"] | {"precision": t.precision}}  # what runs is what is saved
     ckpt_path = resume_checkpoint(app.ckpt_path, run_dir, config)
     L.seed_everything(app.seed, workers=True, verbose=False)
     kernels.configure(kernel=app.trainer.kernel)
