@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from wct.errors import WCTError, cli_errors  # noqa: E402
-from wct.gpu_check import pack  # noqa: E402
+from gpu_check import pack  # noqa: E402 (scripts/gpu_check.py, beside this file)
 
 # What the GPU image lacks (its package list: hydra, omegaconf, datasets, gguf, bitsandbytes, smollm2's wheel) or
 # holds at another version than the one wct is tested with here (transformers, peft). Versions: this venv's.

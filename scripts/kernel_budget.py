@@ -12,7 +12,7 @@ prints per kernel and bit width, for the M = 1 instantiation:
 - ``stack``  : stack frame bytes and ``regs`` registers from ``ptxas -v``.
 
 Weights per loop iteration come from the code (the packed words the CUDA loop loads, the weights the Triton
-fp16x2 decode blocks name; wct/kernels/budget.py): the budget at batch 1 on an H100/H200 is ≤ 3.5 instructions per
+fp16x2 decode blocks name; scripts/ptx_budget.py): the budget at batch 1 on an H100/H200 is ≤ 3.5 instructions per
 weight at 4 bits and ≤ 2.6 at 3 bits, no conversions, no stack frame.
 
     python scripts/kernel_budget.py [--arch 80 --arch 90] [--out results/kernel_budget.json] [--skip-triton]
@@ -24,9 +24,9 @@ import argparse
 import json
 from dataclasses import asdict
 
+from ptx_budget import TARGET, Figures, cuda_figures, tools, triton_figures  # beside this file (a development tool)
 from wct.errors import WCTError, cli_errors
 from wct.io import atomic_file
-from wct.kernels.budget import TARGET, Figures, cuda_figures, tools, triton_figures
 
 
 def print_rows(rows: list[Figures]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+# The development tools (scripts/gpu_check.py, scripts/ptx_budget.py, ...) are not in the installed package; their
+# tests import them from scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 # Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors. It must be chosen before anything
 # (bitsandbytes, peft, wct.kernels) imports triton, so it is set here rather than in the kernel tests.
@@ -58,6 +63,34 @@ def _rtn_pack(model, bits: int, group: int = -1, n_weak: dict | None = None):
         model.set_submodule(name, OWQLinear.from_packed(packed, bits, k))
     model.config.quantization_config = {"method": "rtn", "bits": bits, "target_bit": None}
     return model
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny OWQ base (4-bit, 4 weak columns per layer) saved as an owq-pack folder, built once per test run
+    (tests only read it)."""
+    from helpers import make_base
+
+    return make_base(tmp_path_factory.mktemp("base") / "tiny-owq", seed=0)
+
+
+@pytest.fixture(scope="session")
+def base(base_dir) -> Path:
+    """The same tiny OWQ base under the name the training tests use."""
+    return base_dir
+
+
+@pytest.fixture(scope="session")
+def wct_run(base_dir, tmp_path_factory) -> Path:
+    """A real 2-step WCT training run on the tiny base (its checkpoints/last.ckpt), run once per test run."""
+    from helpers import train_config
+
+    from wct.train import fit
+
+    run_dir = tmp_path_factory.mktemp("run")
+    fit(train_config(run_dir, f"model.quantized={base_dir}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                     "trainer.validate_first=false", "optim.lr=1e-3"))
+    return run_dir / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture

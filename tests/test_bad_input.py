@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from test_cli_quantize import TEXT, cfg_of, tiny_overrides
+from helpers import TEXT, cfg_of, tiny_overrides
 from wct.config import CONF_DIR
 from wct.data.instruct import encode, format_prompt, load_rows
 from wct.errors import WCTError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from torch import nn
 from wct.baselines import prepare_lora_model, quantize_nf4
 from wct.errors import WCTError
 from wct.models import load_model
+
+from helpers import train_config
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -98,25 +99,6 @@ def test_bad_method_and_targets_are_clear_errors():
         prepare_lora_model(model, "wct")
     with pytest.raises(WCTError, match="matched no layer"):
         prepare_lora_model(model, "lora", target_modules=["no_such_proj"])
-
-
-FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_tiny.json"
-
-
-def train_config(run_dir: Path, *overrides: str):
-    """The real train config, shrunk: tiny-llama, fixture data, CSV logs, fp32, 3 steps."""
-    from hydra import compose, initialize_config_dir
-
-    from wct.config import CONF_DIR
-
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=[
-            "model=tiny-llama", "logger=csv", f"task.data.path={FIXTURE}", "task.max_length=512",
-            "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2", "trainer.precision=32-true",
-            "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint.every_n_train_steps=3", "++callbacks.samples=null", f"paths.run_dir={run_dir}",
-            "optim.lr=1e-2", *overrides,
-        ])
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from test_train_cli import REPO, run_dirs, tiny, train
+from helpers import REPO, run_dirs, tiny, train
 
 TEMPLATE = Path(__file__).parent / "fixtures" / "tiny_chat.jinja"
 

@@ -21,11 +21,7 @@ from wct.quant.checkpoint import (
 )
 from wct.pack import unpack_codes
 
-
-def logits(model, seed: int = 1) -> torch.Tensor:
-    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(x).logits
+from helpers import logits
 
 
 @pytest.mark.parametrize("bits,group", [(3, -1), (4, -1), (3, 32), (4, 64)])

@@ -9,17 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from wct.config import CONF_DIR
 from wct.quant.checkpoint import load_quantized
 
-REPO = Path(CONF_DIR).parent
-TEXT = "".join(f"Line {i}: she said that {i * 37 % 101} letters had come by the morning post.\n" for i in range(200))
-TINY = ["model=tiny-llama", "calib=local", "calib.n_samples=4", "calib.seqlen=64", "eval.seqlen=64",
-        "eval.max_windows=3", "progress=false"]
+from helpers import REPO, TEXT, TINY, cfg_of, tiny_overrides
 
 
 @pytest.fixture
@@ -27,16 +23,6 @@ def text(tmp_path) -> Path:
     path = tmp_path / "book.txt"
     path.write_text(TEXT, encoding="utf-8")
     return path
-
-
-def cfg_of(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-def tiny_overrides(tmp_path: Path, text: Path, *extra: str) -> list[str]:
-    return [*TINY, f"calib.source={text}", f"eval.corpora=[{text}]", f"paths.run_dir={tmp_path / 'run'}",
-            f"paths.quantized_dir={tmp_path / 'q'}", *extra]
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(CONF_DIR) / "quant").glob("*.yaml")))

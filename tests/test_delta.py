@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-from test_export import base_dir, export_config, trained_from, wct_run  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM
 
 import wct
@@ -16,6 +15,8 @@ from wct.exporting import check_batch, export_delta, export_wct, logits
 from wct.models import load_model
 from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
+
+from helpers import export_config, trained_from
 
 
 def trained_run(base_dir, seed_scale: float, norms: bool):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +16,7 @@ from wct.models import load_model
 from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
 
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny OWQ base (4-bit, 4 weak columns per layer) saved as an owq-pack folder."""
-    model, tok = load_model("tiny-llama")
-    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
-    quantize_model(model, calib, bits=4, target_rank=4, progress=False)
-    return save_quantized(model, tok, tmp_path_factory.mktemp("base") / "tiny-owq")
-
-
-def trained_from(base_dir, scale: float = 0.05) -> Trained:
-    """The base with 'trained' fp32 master weak columns (base columns + a perturbation), as training leaves it."""
-    model, tok = load_quantized(base_dir)
-    g = torch.Generator().manual_seed(3)
-    weak = {n: m.weak_weight.detach().float() + scale * torch.randn(m.weak_weight.shape, generator=g)
-            for n, m in owq_layers(model).items()}
-    set_weak_columns(model, weak, dtype=torch.float32)
-    return Trained(model=model, tokenizer=tok, method="wct", config={"model": {"name": str(base_dir)}},
-                   base=str(base_dir), base_dir=base_dir, trained=weak, metrics={"val/loss": 1.5})
+from helpers import export_config, generate_config, greedy_reference, train_config, trained_from
 
 
 def test_export_reloads_with_equal_logits(base_dir, tmp_path):
@@ -181,28 +162,6 @@ def test_adapter_export_reloads_with_equal_logits(method, tmp_path):
     assert not torch.equal(logits(reloaded, ids), plain)
 
 
-def export_config(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from wct.config import CONF_DIR
-
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("export", overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def wct_run(base_dir, tmp_path_factory) -> Path:
-    """A real 2-step WCT training run on the tiny base (its checkpoints/last.ckpt)."""
-    from test_baselines import train_config
-
-    from wct.train import fit
-
-    run_dir = tmp_path_factory.mktemp("run")
-    fit(train_config(run_dir, f"model.quantized={base_dir}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                     "trainer.validate_first=false", "optim.lr=1e-3"))
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
 def test_cli_export_of_a_training_checkpoint(wct_run, base_dir, tmp_path, capsys):
     from wct.export import run
     from wct.runs import load_trained
@@ -228,8 +187,6 @@ def test_cli_export_of_a_training_checkpoint(wct_run, base_dir, tmp_path, capsys
 
 def test_cli_export_of_a_run_that_trained_norms_and_head(base_dir, tmp_path):
     """tuning.norms + tuning.lm_head: the export holds every trained tensor and reloads to the trained logits."""
-    from test_baselines import train_config
-
     from wct.export import run
     from wct.runs import load_trained
     from wct.train import fit
@@ -271,20 +228,16 @@ def test_cli_refuses_a_checkpoint_for_another_base(wct_run, tmp_path):
 
 
 def test_generate_from_a_training_checkpoint(wct_run):
-    from test_generate import config, greedy_reference
-
     from wct.generate import run
     from wct.generation import render
 
     trained = runs.load_trained(wct_run)
     expected = greedy_reference(trained.model, trained.tokenizer, render(trained.tokenizer, "Hi.", "", "alpaca"), 4)
-    assert run(config(f"ckpt_path={wct_run}", "prompt=Hi.", "max_new_tokens=4")) == expected
+    assert run(generate_config(f"ckpt_path={wct_run}", "prompt=Hi.", "max_new_tokens=4")) == expected
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_cli_export_of_an_adapter_checkpoint(method, tmp_path, capsys):
-    from test_baselines import train_config
-
     from wct.export import run
     from wct.train import fit
 

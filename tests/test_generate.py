@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from wct.config import CONF_DIR
 from wct.errors import WCTError
 from wct.generate import run
 from wct.generation import generate, render
@@ -14,22 +12,7 @@ from wct.models import load_model
 from wct.quant.checkpoint import save_quantized
 from wct.quant.owq import quantize_model
 
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="generate", overrides=["model=tiny-llama", "paths.run_dir=.", *overrides])
-
-
-def greedy_reference(model, tok, text: str, n: int) -> str:
-    """Greedy decoding by hand: argmax of the last logits, n times, no cache (stops at EOS)."""
-    ids = tok(text, return_tensors="pt", add_special_tokens=True).input_ids
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(ids, use_cache=False).logits[0, -1].argmax()
-            if nxt == tok.eos_token_id:
-                break
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return tok.decode(ids[0, len(tok(text, add_special_tokens=True).input_ids):], skip_special_tokens=True)
+from helpers import generate_config, greedy_reference
 
 
 def test_render_templates():
@@ -54,22 +37,22 @@ def test_greedy_generation_matches_argmax_loop():
 def test_cli_base_and_quantized_folder(tmp_path, capsys):
     model, tok = load_model("tiny-llama")
     expected = greedy_reference(model, tok, render(tok, "Name a fruit.", "", "alpaca"), 5)
-    assert run(config("prompt=Name a fruit.", "max_new_tokens=5")) == expected
+    assert run(generate_config("prompt=Name a fruit.", "max_new_tokens=5")) == expected
     calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     quantize_model(model, calib, bits=4, target_rank=2, progress=False)
     save_quantized(model, tok, tmp_path / "q")
     expected = greedy_reference(model, tok, "Once", 5)
-    out = run(config("prompt=Once", "template=none", "max_new_tokens=5", f"model.quantized={tmp_path / 'q'}"))
+    out = run(generate_config("prompt=Once", "template=none", "max_new_tokens=5", f"model.quantized={tmp_path / 'q'}"))
     assert out == expected
     assert expected in capsys.readouterr().out
 
 
 def test_cli_errors():
     with pytest.raises(SystemExit) as e:
-        run(config())  # no prompt
+        run(generate_config())  # no prompt
     assert e.value.code == 2
     with pytest.raises(SystemExit):
-        run(config("prompt=x", "template=jinja"))
+        run(generate_config("prompt=x", "template=jinja"))
 
 
 def test_cli_adapter_export_folder(tmp_path):
@@ -89,4 +72,4 @@ def test_cli_adapter_export_folder(tmp_path):
     config_ = {"model": {"name": "tiny-llama", "dtype": "float32"}, "method": {"name": "lora", **lora}}
     export_adapter(Trained(peft_model, tok, "lora", config_, "tiny-llama", None, trained), tmp_path / "a")
     expected = greedy_reference(peft_model, tok, render(tok, "Name a fruit.", "", "alpaca"), 5)
-    assert run(config("prompt=Name a fruit.", "max_new_tokens=5", f"model.name={tmp_path / 'a'}")) == expected
+    assert run(generate_config("prompt=Name a fruit.", "max_new_tokens=5", f"model.name={tmp_path / 'a'}")) == expected

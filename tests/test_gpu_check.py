@@ -1,4 +1,4 @@
-"""The GPU validation kit's CPU-side paths (wct.gpu_check): kit packing and reassembly, the offline install plan,
+"""The GPU validation kit's CPU-side paths (scripts/gpu_check.py): kit packing and reassembly, the offline install plan,
 parts that pass, fail, time out or are skipped, the report, the loss / perplexity comparisons, and that every
 command the kit runs composes with Hydra."""
 
@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from wct.config import CONF_DIR
-from wct.errors import WCTError
-from wct.gpu_check import (
+from gpu_check import (
     MANIFEST,
     Part,
     assemble,
@@ -32,6 +30,8 @@ from wct.gpu_check import (
     wheel_id,
     write_report,
 )
+from wct.config import CONF_DIR
+from wct.errors import WCTError
 
 REPO = Path(CONF_DIR).parent
 PY = sys.executable
@@ -197,7 +197,7 @@ def test_loss_curve_of_a_real_training_run(tmp_path):
 
 
 def test_main_installs_the_kit_offline_and_reports(tmp_path):
-    """python -m wct.gpu_check on a kit holding one real wheel: installed into the work folder's site, report
+    """scripts/gpu_check.py on a kit holding one real wheel: installed into the work folder's site, report
     written; without CUDA every GPU part is skipped."""
     pkg = tmp_path / "probe"
     (pkg / "wctkitprobe").mkdir(parents=True)
@@ -210,7 +210,7 @@ def test_main_installs_the_kit_offline_and_reports(tmp_path):
     kit = pack({f"wheels/{wheel.name}": wheel}, tmp_path / "gpukit", limit=2**20)[-1]
     out, work = tmp_path / "report", tmp_path / "work"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WCT_GPU_STAGE": str(tmp_path / "no-stage")}
-    proc = subprocess.run([PY, "-m", "wct.gpu_check", "--kit", str(kit), "--out", str(out), "--work", str(work),
+    proc = subprocess.run([PY, str(REPO / "scripts" / "gpu_check.py"), "--kit", str(kit), "--out", str(out), "--work", str(work),
                            "--budget", "120", "--only", "imports,gpu-tests"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert (work / "site" / "wctkitprobe" / "__init__.py").is_file(), proc.stderr[-2000:]
@@ -220,6 +220,6 @@ def test_main_installs_the_kit_offline_and_reports(tmp_path):
     if "cuda" not in report["env"]["resources"]:
         assert report["parts"][1]["status"] == "skipped"
     assert (out / "report.md").is_file() and (out / "logs.txt").is_file()
-    bad = subprocess.run([PY, "-m", "wct.gpu_check", "--kit", str(kit), "--out", str(out), "--work", str(work),
+    bad = subprocess.run([PY, str(REPO / "scripts" / "gpu_check.py"), "--kit", str(kit), "--out", str(out), "--work", str(work),
                           "--only", "nope"], capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --only names unknown parts ['nope']")

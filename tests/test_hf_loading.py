@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_checkpoint import logits
+from helpers import logits
 from transformers import AutoModelForCausalLM, pipeline
 
 import wct

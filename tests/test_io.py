@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli_quantize import cfg_of, tiny_overrides
+from helpers import TEXT, cfg_of, tiny_overrides, trained_from
 from wct.errors import WCTError
 from wct.io import (
     MARKER,
@@ -47,7 +47,6 @@ def siblings(path: Path) -> list[str]:
 
 @pytest.fixture
 def text(tmp_path) -> Path:
-    from test_cli_quantize import TEXT
 
     path = tmp_path / "book.txt"
     path.write_text(TEXT, encoding="utf-8")
@@ -97,7 +96,6 @@ def test_quantize_output_is_replaced_only_with_overwrite(tmp_path, text, capsys)
 
 
 def test_user_folder_survives_export_out(tmp_path):
-    from test_export import trained_from
 
     from wct.exporting import export_wct
     from wct.models import load_model

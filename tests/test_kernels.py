@@ -18,9 +18,9 @@ from wct.kernels import triton_backend
 from wct.nn.owq_linear import OWQLinear
 from wct.pack import kernel_words3, pack_linear
 
+from kernel_helpers import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-N_WEAK = [0, 1, 7, 40]  # 40: all inside the first 256-wide chunk of K
-TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -29,45 +29,6 @@ def _restore_kernel_config():
     yield
     kernels._config.update(saved)
     kernels.clear_cache()
-
-
-def make_layer(bits, group, n_o, dtype=torch.float32, sym=False, n=48, k=256, bias=True, device="cpu", seed=0):
-    """A random packed layer and its float64 weight [N, K] built independently of the packer's dequantizer."""
-    g = torch.Generator().manual_seed(seed)
-    groups = 1 if group is None else k // group
-    scales = (torch.rand(groups, n, generator=g) * 0.1 + 0.01).half()
-    zeros = torch.full((groups, n), 2 ** (bits - 1)) if sym else torch.randint(0, 2**bits, (groups, n), generator=g)
-    codes = torch.randint(0, 2**bits, (k, n), generator=g)
-    idx = torch.arange(100, 140) if n_o == 40 else torch.randperm(k, generator=g)[:n_o].sort().values
-    rep = k // groups
-    w = ((codes - zeros.repeat_interleave(rep, 0)) * scales.double().repeat_interleave(rep, 0)).t().contiguous()
-    w[:, idx] = torch.randn(n, n_o, generator=g, dtype=torch.float64).to(dtype).double()
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    packed = pack_linear(w.float(), scales, zeros, idx, bits, bias=b, weak_dtype=dtype)
-    return OWQLinear.from_packed(packed, bits, k).to(device), w.to(device)
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def check_fwd_bwd(layer, w64, x, dtype):
-    """y, dX and dW_o of ``layer`` (through autograd) against float64."""
-    x = x.detach().requires_grad_()
-    y = layer(x)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    x64, dy64 = x.detach().double(), dy.double()
-    idx = layer.weak_idx.long()
-    ref = x64 @ w64.t() + (layer.bias.double() if layer.bias is not None else 0)
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    assert rel_err(y, ref) < TOL[dtype]
-    assert rel_err(x.grad, dy64 @ w64) < TOL[dtype]
-    dwo = x64[..., idx].flatten(0, -2).t() @ dy64.flatten(0, -2)
-    assert layer.weak_weight.grad.shape == layer.weak_weight.shape
-    if idx.numel():
-        assert rel_err(layer.weak_weight.grad, dwo) < TOL[dtype]
-    layer.weak_weight.grad = None
 
 
 @pytest.mark.parametrize("bits", [3, 4])

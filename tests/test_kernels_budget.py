@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from wct.kernels.budget import cuda_figures, tools, triton_figures
+from ptx_budget import cuda_figures, tools, triton_figures
 
 needs_nvcc = pytest.mark.skipif(tools()["nvcc"] is None, reason="nvcc (CUDA toolkit) not found")
 

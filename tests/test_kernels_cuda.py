@@ -14,8 +14,7 @@ from wct.kernels.__main__ import main as kernels_cli
 from wct.kernels.sources import source_dir
 from wct.pack import dequantize_dense, kernel_words3
 
-from test_kernels import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
-from test_kernels_half2 import U, half2_bound, overflowing_x
+from kernel_helpers import N_WEAK, TOL, U, check_fwd_bwd, half2_bound, make_layer, overflowing_x, rel_err
 
 needs_nvcc = pytest.mark.skipif(cuda_backend.nvcc() is None, reason="nvcc (CUDA toolkit) not found")
 

@@ -18,23 +18,13 @@ import triton.language as tl
 
 import wct.pack
 from ptx_emulator import run as run_ptx
-from test_kernels import make_layer
+from kernel_helpers import ROWS, U, half2_bound, make_layer, overflowing_x, pair_rows
 from wct.kernels import kernel_planes, triton_backend
 from wct.kernels.sources import load_module
 from wct.pack import kernel_words3, pack_codes, padded_k
 
 SRC = load_module("owq_triton.py", "wct_kernels_src_owq_triton")
 _step3, _step4, _zero_consts = SRC._step3, SRC._step4, SRC._zero_consts
-U = 2.0**-11  # unit roundoff of fp16
-ROWS = {4: 16, 3: 32}  # rows of K per step (one fp16x2 partial)
-PRODUCTS = {4: 8, 3: 16}  # products accumulated per fp16x2 lane before the fp32 flush
-
-
-def pair_rows(bits: int) -> list[tuple[int, int]]:
-    """The rows (lane 0, lane 1) of each x pair of a step, in the order the kernel documents."""
-    if bits == 4:  # two words of 8 nibbles: pairs (c, c+4)
-        return [(8 * w + c, 8 * w + c + 4) for w in range(2) for c in range(4)]
-    return [(p, p + 16) for p in range(16)]  # 3-bit words: lanes pair rows (p, p + 16)
 
 
 def words3_from_spec(codes: np.ndarray) -> np.ndarray:
@@ -171,18 +161,6 @@ def test_tl_form_is_bit_identical_to_the_assembly(bits):
         np.testing.assert_array_equal(hi.numpy().view(np.uint32), want_hi.view(np.uint32))
 
 
-def half2_bound(bits: int, w64: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """The documented bound (docs/kernels.md) on |y - y_float64| per output: γ_n·Σ_k |W[n,k]·x_k| over the quantized
-    columns (n fp16x2 products per lane between fp32 flushes, γ_n = n·u / (1 - n·u)), 2^-20·Σ_k |W[n,k]·x_k| for the
-    fp32 sums, and half an fp16 ulp of the output (2^-11·|y|)."""
-    n = PRODUCTS[bits]
-    gamma = n * U / (1 - n * U)
-    terms = (w64.unsqueeze(0) * x.double().unsqueeze(1)).abs()  # [M, N, K]
-    quantized = terms.clone()
-    quantized[..., idx.long()] = 0
-    return gamma * quantized.sum(-1) + 2.0**-20 * terms.sum(-1) + U * ref.abs() + 1e-30
-
-
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group", [None, 64])
 @pytest.mark.parametrize("n_o,splits,n", [(0, 1, 64), (1, 3, 40), (40, 7, 40), (40, 2, 64)])
@@ -198,28 +176,6 @@ def test_half2_gemv_within_its_error_bound(bits, group, n_o, splits, n):
     ref = x.double() @ w64.t() + layer.bias.double()
     bound = half2_bound(bits, w64, layer.weak_idx, x, ref)
     assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max()
-
-
-def overflowing_x(bits: int, layer, w64: torch.Tensor, k: int, m: int = 2, big: float = 5000.0):
-    """x [M, K] fp16 with |x| ≈ big on a band of quantized channels (massive activations), ~N(0, 4) elsewhere; and
-    the [M, N] mask of the outputs whose fp16x2 partial overflows in some step (some lane's exact Σ t·x over the
-    step exceeds 65520, which rounds to inf in fp16), from the float64 weights and the documented pair order."""
-    g = torch.Generator().manual_seed(bits)
-    x = torch.randn(m, k, generator=g) * 2
-    band = torch.tensor([c for c in range(32, 64) if c not in set(layer.weak_idx.tolist())])
-    x[:, band] = big * torch.randn(m, band.numel(), generator=g).sign()
-    x = x.half()
-    rows = ROWS[bits]
-    s = layer.scales.double().repeat_interleave(k // layer.scales.shape[0], 0)  # [K, N]
-    t = w64.t() / s  # code - z at the quantized columns
-    t[layer.weak_idx.long()] = 0
-    lanes = [[r for pair in pair_rows(bits) for r in pair[:1]], [r for pair in pair_rows(bits) for r in pair[1:]]]
-    over = torch.zeros(m, w64.shape[0], dtype=torch.bool)
-    for k0 in range(0, k, rows):
-        for lane in lanes:
-            ks = [k0 + r for r in lane]
-            over |= (x.double()[:, ks] @ t[ks]).abs() > 65520
-    return x, over
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from test_train import base, config  # noqa: F401 (the module-scoped tiny OWQ base fixture)
+from helpers import FIXTURE, REPO, base_train_config, tiny
 from wct.errors import WCTError
 from wct.train import fit
 from wct.training.callbacks import AtomicCheckpointIO
@@ -23,8 +23,8 @@ from wct.training.resume import load_checkpoint
 def runs(base, tmp_path_factory):  # noqa: F811
     """A straight 3-step run and a 2-step run to resume from (constant lr 1e-3, no weight decay)."""
     root = tmp_path_factory.mktemp("runs")
-    fit(config(root / "straight", base, "trainer.max_steps=3", "trainer.validate_first=false"))
-    fit(config(root / "first", base, "trainer.max_steps=2", "trainer.validate_first=false"))
+    fit(base_train_config(root / "straight", base, "trainer.max_steps=3", "trainer.validate_first=false"))
+    fit(base_train_config(root / "first", base, "trainer.max_steps=2", "trainer.validate_first=false"))
     return root
 
 
@@ -42,7 +42,7 @@ def test_resume_with_a_new_lr_and_schedule_trains_at_them(base, runs, tmp_path, 
     caplog.set_level(logging.INFO)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, module = fit(config(tmp_path, base, f"ckpt_path={ckpt}", "trainer.max_steps=3", "optim.lr=1e-2",
+        _, module = fit(base_train_config(tmp_path, base, f"ckpt_path={ckpt}", "trainer.max_steps=3", "optim.lr=1e-2",
                                "optim.scheduler=cosine", "trainer.validate_first=false"))
     out = capsys.readouterr().out
     assert "resume: optim.lr: 0.001 -> 0.01" in out and "resume: optim.scheduler: 'constant' -> 'cosine'" in out
@@ -70,7 +70,7 @@ def test_resume_with_a_new_lr_and_schedule_trains_at_them(base, runs, tmp_path, 
 def test_resume_refuses_changes_that_cannot_take_effect(base, runs, tmp_path, override, keys):  # noqa: F811
     ckpt = runs / "first" / "checkpoints" / "last.ckpt"
     with pytest.raises(WCTError, match=rf"resuming cannot change {keys} \("):
-        fit(config(tmp_path, base, f"ckpt_path={ckpt}", override))
+        fit(base_train_config(tmp_path, base, f"ckpt_path={ckpt}", override))
     assert not (tmp_path / "checkpoints").exists()  # refused before any training
 
 
@@ -89,7 +89,7 @@ def test_crafted_pickle_is_refused_even_when_torch_is_told_otherwise(base, runs,
     evil, pwned = tmp_path / "evil.ckpt", tmp_path / "pwned"
     torch.save({"state_dict": {}, "wct": {}, "payload": WritesAFile(str(pwned))}, evil)
     with pytest.raises(WCTError, match="holds Python objects other than tensors") as e:
-        fit(config(tmp_path / "run", base, f"ckpt_path={evil}"))
+        fit(base_train_config(tmp_path / "run", base, f"ckpt_path={evil}"))
     assert "GLOBAL builtins.open" in str(e.value) or "GLOBAL io.open" in str(e.value)
     assert "weights_only=False" not in str(e.value) and "safe_globals" not in str(e.value)
     with pytest.raises(WCTError, match="holds Python objects"):  # Lightning's own load path: the CheckpointIO
@@ -105,7 +105,7 @@ def test_unreadable_checkpoint_is_one_line(base, runs, tmp_path, content):  # no
     real = (runs / "first" / "checkpoints" / "last.ckpt").read_bytes()
     bad.write_bytes(real[: len(real) // 2] if content == "truncated" else content)
     with pytest.raises(WCTError, match=rf"ckpt_path={bad} is not a readable checkpoint") as e:
-        fit(config(tmp_path / "run", base, f"ckpt_path={bad}"))
+        fit(base_train_config(tmp_path / "run", base, f"ckpt_path={bad}"))
     assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
 
 
@@ -118,7 +118,6 @@ def test_kill_9_then_resume_equals_a_straight_run(tmp_path):
     import sys
     import time
 
-    from test_train_cli import FIXTURE, REPO, tiny
 
     args = [*tiny(tmp_path), "task=alpaca", "logger=csv", "++callbacks.samples=null", "trainer.precision=32-true",
             "trainer.validate_first=false", "trainer.max_steps=30", "trainer.val_check_interval=5",

@@ -127,3 +127,56 @@ def test_every_module_imports():
     assert len(names) > 30
     for name in names:
         importlib.import_module(name)
+
+
+SCRIPTS = PACKAGE.parent / "scripts"
+TESTS = PACKAGE.parent / "tests"
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module name ``path`` imports (absolute imports, inside functions too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def dev_tool_imports(root: Path) -> list[str]:
+    """``module imports tool`` for each module under ``root`` that imports a development tool (a file of
+    scripts/, or the scripts folder itself): the runtime package must work without them."""
+    tools = {p.stem for p in SCRIPTS.glob("*.py")} | {"scripts"}
+    return [f"{p.relative_to(root.parent)} imports {n}" for p in sorted(root.rglob("*.py"))
+            for n in sorted(imported_names(p)) if n.split(".")[0] in tools]
+
+
+def test_the_runtime_package_imports_no_development_tool():
+    assert {"gpu_check", "ptx_budget", "kernel_budget"} <= {p.stem for p in SCRIPTS.glob("*.py")}
+    assert not (PACKAGE / "gpu_check.py").exists() and not (PACKAGE / "kernels" / "budget.py").exists()
+    assert dev_tool_imports(PACKAGE) == []
+
+
+def test_the_dev_tool_check_fails_on_a_planted_import(tmp_path):
+    root = copy_package(tmp_path)
+    (root / "kernels" / "op.py").write_text((root / "kernels" / "op.py").read_text() + "\nimport ptx_budget\n")
+    assert dev_tool_imports(root) == ["wct/kernels/op.py imports ptx_budget"]
+
+
+def other_tests_imported(path: Path) -> list[str]:
+    """The other test files ``path`` imports (shared helpers belong in conftest.py or tests/helpers.py)."""
+    files = {p.stem for p in TESTS.glob("test_*.py")}
+    return sorted(n for n in imported_names(path) if n.removeprefix("tests.") in files)
+
+
+def test_no_test_file_imports_another():
+    found = {p.name: other_tests_imported(p) for p in sorted(TESTS.glob("test_*.py"))}
+    assert len(found) > 30
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_the_test_import_check_fails_on_a_planted_import(tmp_path):
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("def test_x():\n    from test_train import base  # noqa\n    import tests.test_io\n")
+    assert other_tests_imported(planted) == ["test_train", "tests.test_io"]

@@ -4,7 +4,6 @@ config errors, optimizers and schedules."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,42 +12,16 @@ from hydra.errors import ConfigCompositionException
 
 from wct.config import CONF_DIR
 from wct.errors import WCTError
-from wct.models import load_model
-from wct.quant.checkpoint import load_quantized, owq_layers, save_quantized
-from wct.quant.owq import quantize_model
+from wct.quant.checkpoint import load_quantized, owq_layers
 from wct.train import fit
 from wct.config import OptimConfig
 from wct.training.module import lr_lambda, make_optimizer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_tiny.json"
-
-
-def make_base(path: Path, seed: int) -> Path:
-    model, tok = load_model("tiny-llama")
-    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(seed))
-    quantize_model(model, calib, bits=4, target_rank=4, progress=False)
-    return save_quantized(model, tok, path)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory.mktemp("base") / "tiny-owq", seed=0)
-
-
-def config(run_dir: Path, base: Path, *overrides: str):
-    """The real train config, shrunk: tiny base, fixture data, CSV logs, fp32, 4 steps."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=[
-            f"model.quantized={base}", "logger=csv", f"task.data.path={FIXTURE}", "task.max_length=512",
-            "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2", "trainer.precision=32-true",
-            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint.every_n_train_steps=2", "++callbacks.samples=null", f"paths.run_dir={run_dir}",
-            "optim.lr=1e-3", *overrides,
-        ])
+from helpers import FIXTURE, base_train_config, make_base
 
 
 def test_only_weak_columns_change(base, tmp_path):
-    metric, module = fit(config(tmp_path, base, "trainer.max_steps=2", "trainer.validate_first=false"))
+    metric, module = fit(base_train_config(tmp_path, base, "trainer.max_steps=2", "trainer.validate_first=false"))
     assert math.isfinite(metric)
     trained = module.model.state_dict()
     reference, _ = load_quantized(base)
@@ -74,10 +47,10 @@ def test_only_weak_columns_change(base, tmp_path):
 ])
 def test_resume_gives_the_same_loss_curve(base, tmp_path, precision, batching):
     p = f"trainer.precision={precision}"
-    _, straight = fit(config(tmp_path / "a", base, p, batching))
-    fit(config(tmp_path / "b", base, "trainer.max_steps=2", p, batching))
+    _, straight = fit(base_train_config(tmp_path / "a", base, p, batching))
+    fit(base_train_config(tmp_path / "b", base, "trainer.max_steps=2", p, batching))
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
-    _, resumed = fit(config(tmp_path / "c", base, f"ckpt_path={last}", p, batching))
+    _, resumed = fit(base_train_config(tmp_path / "c", base, f"ckpt_path={last}", p, batching))
     a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     c = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)
     history_a, history_c = a["callbacks"]["LossPlot"]["history"], c["callbacks"]["LossPlot"]["history"]
@@ -89,31 +62,31 @@ def test_resume_gives_the_same_loss_curve(base, tmp_path, precision, batching):
 
 
 def test_checkpoint_of_another_base_is_refused(base, tmp_path):
-    fit(config(tmp_path / "a", base, "trainer.max_steps=2", "trainer.validate_first=false"))
+    fit(base_train_config(tmp_path / "a", base, "trainer.max_steps=2", "trainer.validate_first=false"))
     other = make_base(tmp_path / "other", seed=1)  # same shapes, other calibration: other weights
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     with pytest.raises(WCTError, match="trained on another base"):
-        fit(config(tmp_path / "b", other, f"ckpt_path={ckpt}"))
+        fit(base_train_config(tmp_path / "b", other, f"ckpt_path={ckpt}"))
     with pytest.raises(WCTError, match=r"resuming cannot change tuning.name, tuning.norms \("):
-        fit(config(tmp_path / "c", base, f"ckpt_path={ckpt}", "tuning=weak_norms"))
+        fit(base_train_config(tmp_path / "c", base, f"ckpt_path={ckpt}", "tuning=weak_norms"))
 
 
 def test_loss_guard_stops_a_diverging_run(base, tmp_path):
     with pytest.raises(WCTError, match=r"loss (became nan|became inf|exploded) at step \d"):
-        fit(config(tmp_path, base, "optim.lr=1e30", "optim.grad_clip=0", "trainer.validate_first=false"))
+        fit(base_train_config(tmp_path, base, "optim.lr=1e30", "optim.grad_clip=0", "trainer.validate_first=false"))
 
 
 def test_config_errors(base, tmp_path):
     with pytest.raises(ConfigCompositionException, match="lrr"):
-        config(tmp_path, base, "optim.lrr=1")
+        base_train_config(tmp_path, base, "optim.lrr=1")
     with pytest.raises(WCTError, match="lrr"):
-        fit(config(tmp_path, base, "+optim.lrr=1"))
+        fit(base_train_config(tmp_path, base, "+optim.lrr=1"))
     with pytest.raises(WCTError, match="optim.name='sgd' is unknown"):
-        fit(config(tmp_path, base, "optim.name=sgd"))
+        fit(base_train_config(tmp_path, base, "optim.name=sgd"))
     with pytest.raises(WCTError, match="not a multiple of task.micro_batch_size"):
-        fit(config(tmp_path, base, "task.global_batch_size=5"))
+        fit(base_train_config(tmp_path, base, "task.global_batch_size=5"))
     with pytest.raises(WCTError, match="no earlier run"):
-        fit(config(tmp_path / "x" / "run", base, "ckpt_path=last"))
+        fit(base_train_config(tmp_path / "x" / "run", base, "ckpt_path=last"))
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit", "paged_adamw8bit"])
@@ -166,9 +139,9 @@ def test_weak_columns_selected_on_the_task(base, tmp_path, monkeypatch):
     idx = {t: [m.weak_idx for m in load_quantized(f)[0].modules() if isinstance(m, OWQLinear)] for t, f in folders.items()}
     assert len(idx["weak"]) == 14 and any(not torch.equal(a, b) for a, b in zip(idx["weak"], idx["weak_task"]))
     with pytest.raises(WCTError, match="tuning.select=task chooses the weak columns while the base is quantized"):
-        fit(config(tmp_path, base, "tuning=weak_task"))
+        fit(base_train_config(tmp_path, base, "tuning=weak_task"))
     with pytest.raises(WCTError, match="tuning.select='hessian' is unknown"):
-        fit(config(tmp_path, base, "tuning.select=hessian"))
+        fit(base_train_config(tmp_path, base, "tuning.select=hessian"))
 
 
 def test_tuning_norms_and_head(base, tmp_path):
@@ -195,6 +168,6 @@ def test_tuning_norms_and_head(base, tmp_path):
 def test_every_config_option_composes(override, tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = config(tmp_path, tmp_path, override)
+    cfg = base_train_config(tmp_path, tmp_path, override)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert cfg.run_name.startswith(cfg.task.name)

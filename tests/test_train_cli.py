@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,34 +16,7 @@ import yaml
 
 from wct.device import resolve_precision
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_tiny.json"
-
-
-def tiny(tmp: Path) -> list[str]:
-    """Overrides shrinking the default run to seconds: tiny-llama quantized on the fly (4 weak columns per layer,
-    calibrated on the fixture's text), 2 steps, a small validation split."""
-    return [
-        "model=tiny-llama", "quant.target_bit=null", "quant.target_rank=4", f"calib.source={FIXTURE}",
-        "calib.n_samples=2", "calib.seqlen=64", f"cache_dir={tmp / 'cache'}", f"paths.root_dir={tmp}",
-        "task.max_length=1024", "task.val_size=4", "task.global_batch_size=4", "task.micro_batch_size=2",
-        "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.samples.max_new_tokens=4",
-        "trainer.enable_progress_bar=false",
-    ]
-
-
-def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    env.pop("WANDB_API_KEY", None)
-    p = subprocess.run([sys.executable, "-m", "wct.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def run_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.rglob("results.json"))
+from helpers import REPO, run_dirs, tiny, train
 
 
 def test_default_task_offline(tmp_path):
@@ -55,6 +27,9 @@ def test_default_task_offline(tmp_path):
     assert "2790 training / 4 validation rows" in out and "padding: " in out
     assert "trainable params: 4,096 || all params:" in out and "memory estimate" in out
     assert "[[Below is an instruction that describes a task" in out and "### Response:]]" in out
+    for noise in NOISE:  # third-party tips, deprecations and warnings that do not apply (wct/console.py)
+        assert noise not in out, noise
+    assert "error" not in p.stderr.lower() and "warning" not in out.lower()
     (run,) = run_dirs(tmp_path / "outputs" / "train")
     assert run.parent.name == "alpaca-tiny-llama-owq-w4-k4-weak"  # one run name: task-model-quant-tuning
     config = (run / "config.yaml").read_text()
@@ -73,7 +48,8 @@ def test_default_task_offline(tmp_path):
     again = train("task=alpaca", *tiny(tmp_path))
     assert "reusing the cached quantized model" in again.stdout  # the quantized base is cached by content hash
     resumed = train("task=alpaca", *tiny(tmp_path), "trainer.max_steps=3", "ckpt_path=last")
-    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    newest = run_dirs(tmp_path / "outputs" / "train")[-2]  # ckpt_path=last: the newest earlier run ("again")
+    assert f"resuming from {newest / 'checkpoints' / 'last.ckpt'}" in resumed.stdout
 
 
 def test_missing_calibration_text_falls_back_to_the_task_rows(tmp_path, monkeypatch):
@@ -87,6 +63,19 @@ def test_missing_calibration_text_falls_back_to_the_task_rows(tmp_path, monkeypa
     p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent.txt'}", "calib.fallback=error",
               check=False)
     assert p.returncode == 2 and "absent.txt" in p.stderr and "Traceback" not in p.stderr
+
+
+NOISE = ["litlogger", "LeafSpec", "not supported by the model summary", "anonymous setting", "GPU available",
+         "Tracking run with wandb", "Run history"]
+
+
+def test_quiet_run_prints_nothing_but_errors(tmp_path):
+    p = train("task=alpaca", *tiny(tmp_path), "quiet=true")
+    assert p.stdout == "" and p.stderr == ""
+    (run,) = run_dirs(tmp_path / "outputs" / "train")
+    assert json.loads((run / "results.json").read_text())["steps"] == 2  # it did run: results in the run folder
+    p = train("task=alpaca", *tiny(tmp_path), "quiet=true", "task.micro_batch_size=3", check=False)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
 
 
 def test_config_errors_are_clear(tmp_path):

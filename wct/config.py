@@ -316,9 +316,11 @@ class QuantizeApp:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device); blocks are quantized there one at a time
     stream: bool = False  # read one block at a time from the safetensors shards (models larger than memory)
     progress: bool = True
+    quiet: bool = False  # scripts: no progress bars, nothing on stdout (warnings and errors on stderr; wct.console)
 
     def __post_init__(self) -> None:
         self.model.train_only()
+        self.progress = self.progress and not self.quiet
 
 
 @dataclass
@@ -330,9 +332,11 @@ class EvaluateApp:
     paths: PathsConfig = field(default_factory=PathsConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device)
     progress: bool = True
+    quiet: bool = False  # scripts: no progress bars, nothing on stdout (warnings and errors on stderr; wct.console)
 
     def __post_init__(self) -> None:
         self.model.train_only()
+        self.progress = self.progress and not self.quiet
         if not self.eval.corpora and not self.eval.tasks:
             raise WCTError("eval.corpora and eval.tasks are empty; name a corpus (eval.corpora=[wikitext2]) or lm-eval "
                            "tasks (eval=lm_eval eval.tasks=[arc_easy])")
@@ -401,8 +405,10 @@ class TrainApp:
     cache_dir: Optional[str] = None  # on-the-fly quantized bases (None: wct.models.cache_dir()/quantized)
     optimized_metric: str = "val/loss"  # returned to sweepers
     progress: bool = True
+    quiet: bool = False  # scripts: no progress bars, nothing on stdout (warnings and errors on stderr; wct.console)
 
     def __post_init__(self) -> None:
+        self.progress = self.progress and not self.quiet
         require(self.model.dtype != "auto", "model.dtype", self.model.dtype, "training keeps the base in one dtype "
                 "on every device; use float32 or bfloat16", "is for quantize, evaluate and generate")
         if self.tuning.select == "task" and (self.method.name != "wct" or self.model.quantized):

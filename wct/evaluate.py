@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from wct.config import CONF_DIR, EvaluateApp, to_app
+from wct.console import run_output
 from wct.errors import cli_errors
 
 
@@ -25,36 +26,37 @@ def run(cfg: DictConfig) -> dict:
     from wct.io import write_json
     from wct.loading import load_for_use
 
-    print(OmegaConf.to_yaml(cfg, resolve=True))
     app = to_app(cfg, EvaluateApp)
-    start = time.time()
-    loaded = load_for_use(app.model, device=app.device)
-    bos = resolve_bos(loaded.tokenizer, app.eval.bos, "eval.bos")
-    sets = load_eval_sets(loaded.tokenizer, app.eval.corpora, app.eval.seqlen, app.eval.max_windows, bos)
-    ppl = evaluate_all(loaded.model, sets, app.eval.seqlen, app.progress, bos)
-    if ppl:
-        print(ppl_table({loaded.label: ppl}, sets))
-    harness = None
-    if app.eval.tasks:
-        from wct.evaluation.harness import lm_eval_table, run_lm_eval, summary
+    with run_output(app.quiet):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        start = time.time()
+        loaded = load_for_use(app.model, device=app.device)
+        bos = resolve_bos(loaded.tokenizer, app.eval.bos, "eval.bos")
+        sets = load_eval_sets(loaded.tokenizer, app.eval.corpora, app.eval.seqlen, app.eval.max_windows, bos)
+        ppl = evaluate_all(loaded.model, sets, app.eval.seqlen, app.progress, bos)
+        if ppl:
+            print(ppl_table({loaded.label: ppl}, sets))
+        harness = None
+        if app.eval.tasks:
+            from wct.evaluation.harness import lm_eval_table, run_lm_eval, summary
 
-        out = run_lm_eval(loaded.model, loaded.tokenizer, list(app.eval.tasks), app.eval.limit, app.eval.num_fewshot,
-                          app.eval.include_path, app.eval.batch_size)
-        print(lm_eval_table(out))
-        harness = summary(out)
-    results = {
-        "model": loaded.label,
-        "ppl": ppl,
-        "tokens": {c: t.numel() for c, t in sets.items()},
-        "seqlen": app.eval.seqlen,
-        "bos": {"eval": bos_label(bos)},  # eval.bos resolved for this tokenizer
-        "device": str(next(loaded.model.parameters()).device),
-        "quantization_config": getattr(loaded.model.config, "quantization_config", None),
-        "lm_eval": harness,
-        "seconds": time.time() - start,
-    }
-    print(f"results: {write_json(Path(app.paths.run_dir) / 'results.json', results)}")
-    return results
+            out = run_lm_eval(loaded.model, loaded.tokenizer, list(app.eval.tasks), app.eval.limit,
+                              app.eval.num_fewshot, app.eval.include_path, app.eval.batch_size)
+            print(lm_eval_table(out))
+            harness = summary(out)
+        results = {
+            "model": loaded.label,
+            "ppl": ppl,
+            "tokens": {c: t.numel() for c, t in sets.items()},
+            "seqlen": app.eval.seqlen,
+            "bos": {"eval": bos_label(bos)},  # eval.bos resolved for this tokenizer
+            "device": str(next(loaded.model.parameters()).device),
+            "quantization_config": getattr(loaded.model.config, "quantization_config", None),
+            "lm_eval": harness,
+            "seconds": time.time() - start,
+        }
+        print(f"results: {write_json(Path(app.paths.run_dir) / 'results.json', results)}")
+        return results
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

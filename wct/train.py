@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from wct.config import CONF_DIR, TrainApp, to_app
+from wct.console import run_output
 from wct.errors import cli_errors
 
 
@@ -40,8 +41,9 @@ def fit(cfg: DictConfig):
         return math.nan, None
     from wct.training.run import fit as fit_app
 
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-    return fit_app(app, OmegaConf.to_container(cfg, resolve=True))
+    with run_output(app.quiet):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return fit_app(app, OmegaConf.to_container(cfg, resolve=True))
 
 
 @cli_errors

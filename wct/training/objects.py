@@ -43,5 +43,9 @@ def wandb_logger(name: str, save_dir: str, project: str = "wct", entity: str | N
         offline = not os.environ.get("WANDB_API_KEY")
     if group is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name
-    return WandbLogger(name=name, project=project, entity=entity, save_dir=save_dir, offline=offline, group=group,
-                       tags=list(tags or []))
+    logger = WandbLogger(name=name, project=project, entity=entity, save_dir=save_dir, offline=offline, group=group,
+                         tags=list(tags or []))
+    # Lightning always passes wandb.init(anonymous=None), which W&B >= 0.19 answers with "The anonymous setting has
+    # no effect" on every run: the setting is gone from W&B, so it is not passed at all.
+    logger._wandb_init.pop("anonymous", None)
+    return logger

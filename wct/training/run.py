@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.warnings import PossibleUserWarning
 from omegaconf import OmegaConf
 
 from wct import kernels
@@ -26,10 +24,6 @@ from wct.training.module import TuneModule, logical_params
 from wct.training.objects import instantiate_group
 from wct.training.resume import resume_checkpoint
 
-# val/* (reduced over the ranks by TuneModule) and weak* (from the whole weak columns) are the same on every rank
-# already: Lightning's advice to log them with sync_dist=True does not apply. Set once, at import: adding a filter
-# resets Python's once-per-place memory of the warnings already shown, which would then repeat on every fit.
-warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('(val|weak)", PossibleUserWarning)
 
 
 def build_trainer(app: TrainApp, total_steps: int, config: dict) -> L.Trainer:
@@ -60,6 +54,7 @@ def build_trainer(app: TrainApp, total_steps: int, config: dict) -> L.Trainer:
         deterministic=t.deterministic, default_root_dir=app.paths.run_dir, num_sanity_val_steps=0,
         use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, inference_mode=False,  # the dense cache must stay usable by autograd
+        enable_model_summary=False,  # wct prints the trainable parameters itself (and the memory estimate)
         enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
     )
 
@@ -74,6 +69,8 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
     print(f"precision: {t.precision} ({why})")
     config = config | {"trainer": config["trainer"] | {"precision": t.precision}}  # what runs is what is saved
     ckpt_path = resume_checkpoint(app.ckpt_path, run_dir, config)
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}")
     L.seed_everything(app.seed, workers=True, verbose=False)
     kernels.configure(kernel=app.trainer.kernel)
     data = task_rows(app.task)  # loaded once: training, and task calibration / column selection

@@ -5,7 +5,8 @@ with the most instructions (the K loop of a GEMV). Per decoded weight in that lo
 nvdisasm, which Triton ships), int→float conversions, global loads per packed 32-bit word; from ``ptxas -v``: stack
 frame bytes, registers, spills. Weights per loop iteration come from each kernel's tiling, declared with it below,
 or (``0``) from the decode blocks the loop holds (the Triton fp16x2 asm names its weights in a comment) or else the
-packed words the loop loads. Used by ``scripts/kernel_budget.py`` and the static-check test.
+packed words the loop loads. Used by ``scripts/kernel_budget.py`` and the static-check test; a development tool,
+outside the installed package.
 """
 
 from __future__ import annotations
@@ -347,7 +348,8 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from wct.kernels.budget import triton_specs
+sys.path.insert(0, sys.argv[3])
+from ptx_budget import triton_specs
 
 for fn, sig, const, attrs, weights, num_warps in triton_specs(int(sys.argv[1])):
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", int(sys.argv[2]), 32),
@@ -360,11 +362,11 @@ for fn, sig, const, attrs, weights, num_warps in triton_specs(int(sys.argv[1])):
 def triton_figures(archs: list[str], t: dict) -> list[Figures]:
     """Compile the Triton GEMV ahead of time in a subprocess (TRITON_INTERPRET must be off while decorating)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     rows = []
     for arch in archs:
         for bits in (4, 3):
-            proc = subprocess.run([sys.executable, "-c", TRITON_WORKER, str(bits), arch], capture_output=True,
+            proc = subprocess.run([sys.executable, "-c", TRITON_WORKER, str(bits), arch, str(Path(__file__).parent)], capture_output=True,
                                   text=True, env=env)
             if proc.returncode:
                 raise WCTError(f"Triton AOT compile failed for sm_{arch}, {bits} bits: {proc.stderr[-2000:]}")

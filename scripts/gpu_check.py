@@ -1,7 +1,7 @@
 """The one-command GPU validation run (docs/scale.md): install the carried wheels, run every GPU-side check with its
 own timeout, write one Markdown + JSON report.
 
-    bash scripts/gpu_check.sh                      # on the GPU machine (wraps python -m wct.gpu_check)
+    bash scripts/gpu_check.sh                      # on the GPU machine (wraps python scripts/gpu_check.py)
     python scripts/gpu_kit.py                      # here, where pip works: fills gpukit/ (wheels, data, model)
 
 The machine it is written for has PyTorch and Triton but no network, and a working-tree copy limit (64 MiB a call)
@@ -12,7 +12,8 @@ the last call carries the last folder and runs the check. ``MANIFEST.json`` (in 
 with its size and SHA-256, so whatever did not arrive is named in the report, and the parts that need it are
 skipped while the rest still run.
 
-Only the standard library is imported at module level: this runs before the wheels are installed.
+Only the standard library and wct's standard-library-only modules (errors, io) are imported at module level: this
+runs before the wheels are installed. A development tool: it lives in scripts/, outside the installed package.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from wct.errors import WCTError
-from wct.io import atomic_file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's wct, also when run as a file
+
+from wct.errors import WCTError  # noqa: E402
+from wct.io import atomic_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE = Path(os.environ.get("WCT_GPU_STAGE", "/tmp/wct-gpukit"))  # where gpu_check.sh --stage leaves kit folders
@@ -484,7 +487,7 @@ def machine() -> tuple[dict, set[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wct.gpu_check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kit", type=Path, action="append", default=[],
                     help="kit folder(s) carried with this call (default: the last of gpukit/N); the stage folder "
