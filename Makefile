@@ -1,12 +1,13 @@
 # Two commands take a fresh machine (Python 3.10+ and pip, no GPU, no model hub) to a working tool:
 #   make demo   the main job (see README)
-#   make test   the test suite
+#   make test   the test suite without the slow end-to-end tests on the real model (minutes; 2 pytest-xdist workers)
+#   make test-slow   those slow end-to-end tests (CI runs both: .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.wct-installed
 
-.PHONY: install demo test test-fast test-transformers4 clean
+.PHONY: install demo test test-slow test-transformers4 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +23,10 @@ demo: $(STAMP)
 	$(PY) -m wct.train task=alpaca
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=10 tests
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m slow --durations=10 tests
 
 test-transformers4:  # the transformers-integration tests against transformers 4.5x, in .venv-tf4
 	PYTHON=$(PYTHON) scripts/interop_transformers4.sh
