@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" --durations=10 tests
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m slow --durations=10 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --durations=10 tests
 
 test-transformers4:  # the transformers-integration tests against transformers 4.5x, in .venv-tf4
 	PYTHON=$(PYTHON) scripts/interop_transformers4.sh

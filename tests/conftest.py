@@ -97,6 +97,23 @@ def wct_run(base_dir, tmp_path_factory) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def smollm2_owq(shared_data, tmp_path_factory):
+    """The real SmolLM2-135M quantized once per test run to OWQ 4.01 bits on 8 x 256 tokens of *Emma*: (the
+    in-memory model, its report, its tokenizer, the saved owq-pack folder). Tests only read it. Every test using it
+    is in the ``smollm2`` xdist group, so one worker builds it (make test-slow: --dist loadgroup)."""
+    from wct.data.text import calibration_windows
+    from wct.models import load_model
+    from wct.quant.checkpoint import save_quantized
+    from wct.quant.config import QuantConfig
+    from wct.quant.owq import quantize_model
+
+    model, tok = load_model("smollm2-135m")
+    calib = calibration_windows(tok, shared_data / "janeausten" / "emma.txt", n_samples=8, seqlen=256, seed=0)
+    report = quantize_model(model, calib, QuantConfig(method="owq", bits=4, target_bit=4.01), progress=False)
+    return model, report, tok, save_quantized(model, tok, tmp_path_factory.mktemp("smol") / "owq-4.01")
+
+
 @pytest.fixture
 def rtn_pack():
     """``rtn_pack(model, bits, group=-1, n_weak=None)``: :func:`_rtn_pack`, a packed model built without the OWQ

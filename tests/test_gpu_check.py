@@ -184,6 +184,7 @@ def test_every_kit_command_composes(tmp_path, resources):
     assert composed == (10 if "smollm2" in resources else 8)
 
 
+@pytest.mark.slow  # a real training run in a subprocess
 def test_loss_curve_of_a_real_training_run(tmp_path):
     """The kit's train part, on the CPU: its metrics.csv gives one train/loss per optimizer step."""
     proc = subprocess.run(
@@ -196,6 +197,7 @@ def test_loss_curve_of_a_real_training_run(tmp_path):
     assert sorted(curve) == [0, 1, 2] and all(0 < v < 20 for v in curve.values())
 
 
+@pytest.mark.slow  # pip installs a kit into a fresh site
 def test_main_installs_the_kit_offline_and_reports(tmp_path):
     """scripts/gpu_check.py on a kit holding one real wheel: installed into the work folder's site, report
     written; without CUDA every GPU part is skipped."""

@@ -7,24 +7,17 @@ import torch
 from transformers import AutoModelForCausalLM, pipeline
 
 import wct
-from wct.data.text import calibration_windows
 from wct.delta import delta_tensors, packed_fingerprint, write_delta
 from wct.generation import generate
-from wct.models import load_model
-from wct.quant.checkpoint import load_quantized, owq_layers, save_quantized
-from wct.quant.config import QuantConfig
-from wct.quant.owq import quantize_model
+from wct.quant.checkpoint import load_quantized, owq_layers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
 
-@pytest.fixture(scope="module")
-def export(shared_data, tmp_path_factory):
-    """A SmolLM2 OWQ-4.01 owq-pack folder (small calibration: this is about loading, not quality)."""
-    model, tok = load_model("smollm2-135m")
-    calib = calibration_windows(tok, shared_data / "janeausten" / "emma.txt", n_samples=4, seqlen=128, seed=0)
-    quantize_model(model, calib, QuantConfig(method="owq", bits=4, target_bit=4.01), progress=False)
-    return save_quantized(model, tok, tmp_path_factory.mktemp("smol") / "owq-4.01")
+@pytest.fixture
+def export(smollm2_owq):
+    """The SmolLM2 OWQ-4.01 owq-pack folder shared by the real-model tests (conftest.py)."""
+    return smollm2_owq[3]
 
 
 def test_from_pretrained_equals_load_quantized_on_smollm2(export, shared_data):

@@ -19,6 +19,7 @@ from kernel_helpers import N_WEAK, TOL, U, check_fwd_bwd, half2_bound, make_laye
 needs_nvcc = pytest.mark.skipif(cuda_backend.nvcc() is None, reason="nvcc (CUDA toolkit) not found")
 
 
+@pytest.mark.slow  # nvcc compiles the library for two architectures
 @needs_nvcc
 def test_cli_builds_sm80_sm90_and_ctypes_loads(tmp_path, capsys):
     out = tmp_path / "libwct_owq.so"

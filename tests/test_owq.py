@@ -222,6 +222,7 @@ def test_recipe_keywords_and_default_device():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")
 def test_smollm2_first_blocks_owq_beats_rtn(shared_data):
     from wct.data.text import calibration_windows
     from wct.models import load_model

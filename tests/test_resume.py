@@ -109,6 +109,7 @@ def test_unreadable_checkpoint_is_one_line(base, runs, tmp_path, content):  # no
     assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
 
 
+@pytest.mark.slow  # three training processes, one killed
 def test_kill_9_then_resume_equals_a_straight_run(tmp_path):
     """A real ``kill -9`` of ``python -m wct.train`` after a mid-run checkpoint (taken at a validation step), then
     ``ckpt_path=`` that checkpoint: every train and val loss and every trained weight equal the straight run's."""

@@ -22,7 +22,7 @@ SCRIPTS = REPO / "scripts"
 
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+                          env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def one_error(p: subprocess.CompletedProcess) -> str:
@@ -77,6 +77,7 @@ def test_bad_size_is_one_line_and_leaves_nothing(tmp_path, size, message):
     assert message in one_error(p) and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # bench_scale.py end to end: three phases in subprocesses
 def test_bench_scale_measures_the_three_phases(synth, tmp_path):
     model, summary = synth
     packed, out = tmp_path / "packed", tmp_path / "bench.json"
@@ -100,6 +101,7 @@ def test_bench_scale_measures_the_three_phases(synth, tmp_path):
     assert "quantize (streaming): peak RSS" in p.stdout and "load packed + one token: peak RSS" in p.stdout
 
 
+@pytest.mark.slow  # bench_scale.py phases in subprocesses
 def test_bench_scale_bad_input_is_one_line(synth, tmp_path):
     model, _ = synth
     assert "has no config.json" in one_error(script("bench_scale.py", "--model", str(tmp_path / "absent")))

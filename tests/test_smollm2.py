@@ -16,11 +16,11 @@ from safetensors import safe_open
 from wct.data.text import calibration_windows, eval_tokens
 from wct.evaluation.perplexity import perplexity
 from wct.models import load_model, smollm2_dir
-from wct.quant.checkpoint import load_quantized, save_quantized
+from wct.quant.checkpoint import load_quantized
 from wct.quant.config import QuantConfig
 from wct.quant.owq import quantize_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_conversion_cache(tmp_path, monkeypatch, shared_data):
     assert tok.decode(tok("Mr. Darcy").input_ids) == "Mr. Darcy"
 
 
-def test_owq_beats_rtn_and_reloads_exactly(texts, tmp_path):
+def test_owq_beats_rtn_and_reloads_exactly(texts, smollm2_owq):
     calib, tokens = texts
     fp_model, _ = load_model("smollm2-135m")
     ppl_fp = perplexity(fp_model, tokens, 512, progress=False)
@@ -58,13 +58,11 @@ def test_owq_beats_rtn_and_reloads_exactly(texts, tmp_path):
     ppl_rtn = perplexity(rtn, tokens, 512, progress=False)
     del rtn
 
-    owq, tok = load_model("smollm2-135m")
-    report = quantize_model(owq, calib, QuantConfig(method="owq", bits=4, target_bit=4.01), progress=False)
+    owq, report, tok, out = smollm2_owq  # the same calibration windows as ``texts`` (conftest.py)
     ppl_owq = perplexity(owq, tokens, 512, progress=False)
     assert ppl_fp < ppl_owq < ppl_rtn, (ppl_fp, ppl_owq, ppl_rtn)
     assert report.weak_by_role["q"] > 0 and 4.0 < report.paper_bits < 4.02
 
-    out = save_quantized(owq, tok, tmp_path / "owq")
     reloaded, _ = load_quantized(out)
     x = tokens[:512].unsqueeze(0)
     with torch.no_grad():

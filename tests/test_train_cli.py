@@ -93,6 +93,7 @@ def test_grid_sweep_survives_a_failed_job(tmp_path):
     assert [d.name for d in run_dirs(tmp_path / "sweep")] == ["1"]  # job 0 failed, job 1 ran to the end
 
 
+@pytest.mark.slow  # two Optuna sweeps of training processes
 def test_optuna_sweep_is_resumable(tmp_path):
     import optuna
 
@@ -115,6 +116,7 @@ def test_optuna_sweep_is_resumable(tmp_path):
     assert len({t.params["optim.lr"] for t in study.trials}) == 3
 
 
+@pytest.mark.slow  # two ranks of training processes
 def test_ddp_two_processes_on_cpu(tmp_path):
     p = train("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *tiny(tmp_path), "logger=csv",
               "task.global_batch_size=8")
@@ -171,6 +173,7 @@ def test_fsdp_resume_equals_a_straight_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")
 def test_smollm2_short_run(tmp_path):
     """A few steps on the real SmolLM2-135M with the default 4.01-bit allocation (gate/up keep no weak column):
     the held-out loss falls, and ``python -m wct.export`` writes a folder of the base's size."""
