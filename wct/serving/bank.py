@@ -42,6 +42,7 @@ class DeltaBank:
         self.delta_bytes = 0
         self.rows: torch.Tensor | None = None
         self.single: int | None = 0  # the one bank index of every row, or None for a mixed batch
+        self._gathered: dict[str, torch.Tensor] = {}  # layer -> the columns it multiplies by in this batch
         self._lock = threading.Lock()
         for name, layer in self.layers.items():
             self.columns[name] = [layer.weak_weight.detach()]
@@ -54,13 +55,16 @@ class DeltaBank:
 
     @contextlib.contextmanager
     def use(self, rows: list[int]) -> Iterator[None]:
-        """Run the model with batch row b on bank entry ``rows[b]``."""
+        """Run the model with batch row b on bank entry ``rows[b]``. The columns each layer multiplies by are built
+        (gathered per row, in the activations' dtype) on the batch's first forward and reused by its later decoding
+        steps: the rows of a batch keep their deltas until it ends."""
         self.rows = torch.tensor(rows, dtype=torch.long)
         self.single = rows[0] if len(set(rows)) == 1 else None
         try:
             yield
         finally:
             self.rows, self.single = None, 0
+            self._gathered.clear()
 
     def _hook(self, name: str):
         columns = self.columns[name]
@@ -68,17 +72,26 @@ class DeltaBank:
         def add_weak(layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
             x_o = x[..., layer.weak_idx.long()]
-            if self.single is not None:  # one delta for the whole batch: one product
-                return out + x_o @ columns[self.single].to(x.dtype)
-            rows = self.rows
-            if x.shape[0] != rows.numel():
-                raise RuntimeError(f"{name}: a batch of {x.shape[0]} rows got {rows.numel()} delta indices")
-            used, inverse = torch.unique(rows, return_inverse=True)
-            w = torch.stack([columns[i] for i in used.tolist()]).to(x.dtype)[inverse.to(x.device)]  # [B, n_o, N]
+            w = self._gathered.get(name)
+            if w is None or w.dtype != x.dtype:
+                w = self._gather(columns, x.dtype, x.device)
+                if self.rows is not None:
+                    self._gathered[name] = w
+            if w.dim() == 2:  # one delta for the whole batch: one product
+                return out + x_o @ w
+            if x.shape[0] != w.shape[0]:
+                raise RuntimeError(f"{name}: a batch of {x.shape[0]} rows got {w.shape[0]} delta indices")
             y = torch.bmm(x_o.reshape(x.shape[0], -1, x_o.shape[-1]), w)
             return out + y.reshape(out.shape)
 
         return add_weak
+
+    def _gather(self, columns: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """W_o [n_o, N] when every row uses one bank entry, else the per-row stack [B, n_o, N]."""
+        if self.single is not None:
+            return columns[self.single].to(dtype)
+        used, inverse = torch.unique(self.rows, return_inverse=True)
+        return torch.stack([columns[i] for i in used.tolist()]).to(dtype)[inverse.to(device)]
 
     def add(self, name: str, path: str | os.PathLike) -> None:
         """Load the delta file at ``path`` as model id ``name``. Refused (WCTError naming the file and the reason,
