@@ -160,13 +160,15 @@ def test_streaming_concatenates_to_the_non_streamed_text_and_stops_at_a_stop_str
     full = complete(server, "alpha", PROMPTS["base"], max_tokens=24).choices[0].text
     chunks = list(complete(server, "alpha", PROMPTS["base"], max_tokens=24, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full and chunks[-1].choices[0].finish_reason == "length"
+    full = complete(server, "beta", "Hello there", max_tokens=24).choices[0].text
     first = [i for i, ch in enumerate(full) if i > 2 and ch.isprintable() and ch != "\ufffd" and full.index(ch) == i]
     stop = full[first[0]]  # a character the answer first holds after a few others: the text ends just before it
-    cut = complete(server, "alpha", PROMPTS["base"], max_tokens=24, stop=[stop])
+    cut = complete(server, "beta", "Hello there", max_tokens=24, stop=["@@", stop])
     assert cut.choices[0].text == full[:first[0]] and cut.choices[0].finish_reason == "stop"
-    streamed = complete(server, "alpha", PROMPTS["base"], max_tokens=24, stop=[stop], stream=True)
+    streamed = list(complete(server, "beta", "Hello there", max_tokens=24, stop=["@@", stop], stream=True))
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
-    chat = dict(model="base", messages=[{"role": "user", "content": "Tell me"}], temperature=0, max_tokens=12)
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    chat = dict(model="beta", messages=[{"role": "user", "content": "Tell me"}], temperature=0, max_tokens=12)
     whole = server.client.chat.completions.create(**chat).choices[0].message.content
     parts = server.client.chat.completions.create(**chat, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in parts) == whole

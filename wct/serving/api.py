@@ -6,8 +6,8 @@ max_tokens over the server's limit), 404 unknown model or route, 429 queue full 
 ``Retry-After``), 500 a failed generation. A bad request never reaches the model.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: FastAPI reads the route handlers' annotations (``request: Request``) at
+# run time, and FastAPI's names are imported inside create_app (the serve extra is optional)
 import asyncio
 import json
 import time
@@ -15,11 +15,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
+from wct.errors import WCTError
 from wct.serving.engine import Busy, Engine, Job
+
+SERVE_EXTRA = "pip install 'wct[serve]' (FastAPI and uvicorn)"
 
 # parameters accepted with any value, and those accepted only at their neutral value (anything else is refused)
 SUPPORTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
@@ -38,7 +37,9 @@ class ApiError(Exception):
         self.type = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
                      503: "server_unavailable"}.get(status, "server_error")
 
-    def response(self) -> JSONResponse:
+    def response(self):
+        from fastapi.responses import JSONResponse
+
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
@@ -133,8 +134,21 @@ def check_length(n_prompt: int, max_tokens: int, limits: Limits) -> None:
                        "context_length_exceeded")
 
 
-def create_app(engine: Engine, limits: Limits, reload_folder: str | None = None) -> FastAPI:
+def require_serve_extra() -> None:
+    """WCTError naming the install command when FastAPI or uvicorn is missing (they are the ``serve`` extra)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise WCTError(f"python -m wct.serve needs {e.name}: {SERVE_EXTRA}") from None
+
+
+def create_app(engine: Engine, limits: Limits, reload_folder: str | None = None):
     """The FastAPI application serving ``engine`` (routes in docs/serving.md §1)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     app = FastAPI(title="wct serve", docs_url=None, redoc_url=None, openapi_url=None)
     bank, tokenizer = engine.bank, engine.tokenizer
     created = int(time.time())

@@ -12,11 +12,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
-
 from wct.delta import owq_layers
 from wct.errors import WCTError
-from wct.serving.api import Limits, create_app
+from wct.serving.api import Limits, create_app, require_serve_extra
 from wct.serving.bank import DeltaBank
 from wct.serving.engine import Engine
 
@@ -32,20 +30,21 @@ def resident_bytes() -> int:
     return 0
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn's server whose SIGTERM is a graceful drain ending in exit status 0 (uvicorn re-raises the signal
-    after its graceful shutdown, which would end the process with -15)."""
+def draining_server(config, engine: Engine):
+    """uvicorn's server whose SIGTERM is a graceful drain ending in exit status 0 (uvicorn by itself re-raises the
+    signal after its graceful shutdown, which would end the process with -15); the engine refuses new work (503)
+    from the first signal on."""
+    import uvicorn
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
-        super().__init__(config)
-        self.engine = engine
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            engine.drain()
+            if sig == signal.SIGTERM and not self.should_exit:
+                self.should_exit = True
+                return
+            super().handle_exit(sig, frame)
 
-    def handle_exit(self, sig: int, frame) -> None:
-        self.engine.drain()
-        if sig == signal.SIGTERM and not self.should_exit:
-            self.should_exit = True
-            return
-        super().handle_exit(sig, frame)
+    return DrainingServer(config)
 
 
 @dataclass
@@ -89,12 +88,14 @@ class Service:
 
     def run(self, drain_timeout_s: float = 60.0, log_level: str = "warning") -> None:
         """Serve on the bound socket until SIGTERM/SIGINT; drains, then returns."""
+        import uvicorn
+
         app = create_app(self.engine, self.limits, self.deltas)
         config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=drain_timeout_s,
                                 lifespan="off")
         self.engine.start()
         try:
-            _DrainingServer(config, self.engine).run(sockets=[self.sock])
+            draining_server(config, self.engine).run(sockets=[self.sock])
         finally:
             self.engine.stop()
 
@@ -106,6 +107,7 @@ def load_service(model_cfg, deltas: str | None, name: str | None, device: str, k
     from wct.kernels import configure, resolve_backend
     from wct.loading import load_for_use
 
+    require_serve_extra()
     configure(kernel=kernel)
     loaded = load_for_use(model_cfg, None, device)
     model, tokenizer = loaded.model, loaded.tokenizer
