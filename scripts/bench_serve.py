@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,7 @@ class Served:
             self.log.append(line)
             if line.startswith("serving on "):
                 self.url = line.split()[2]
+                threading.Thread(target=self.log.extend, args=(self.proc.stdout,), daemon=True).start()  # keep reading
                 return
         sys.exit("error: the server did not start:\n" + "".join(self.log))
 
