@@ -89,6 +89,34 @@ def served(tmp_path_factory, tiny_owq_base, weak_delta):
     assert server.stop() == 0, "".join(server.output)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("port=70000", "port=70000 is invalid"),
+    ("max_batch=0", "max_batch=0 is invalid; it must be >= 1"),
+    ("default_max_tokens=600", "default_max_tokens=600 is invalid; it must be <= max_tokens=512"),
+    ("kernel=fast", "kernel='fast' is unknown"),
+    ("max_wait_ms=-1", "max_wait_ms=-1.0 is invalid"),
+])
+def test_serve_config_bad_values_name_the_key(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from wct.config import CONF_DIR, ServeApp, to_app
+    from wct.errors import WCTError
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        assert to_app(compose("serve"), ServeApp).host == "127.0.0.1"  # loopback unless asked
+        with pytest.raises(WCTError, match=message):
+            to_app(compose("serve", overrides=[override]), ServeApp)
+
+
+def test_cli_a_missing_deltas_folder_is_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "wct.serve", "model.name=tiny-llama", f"deltas={tmp_path / 'none'}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: deltas={tmp_path / 'none'} is not a folder; pass the folder holding the *.safetensors deltas written "
+        "by python -m wct.export format=delta"]
+
+
 def reference(base: Path, delta: Path | None, prompt: str, n: int, chat: bool = False) -> str:
     """What python -m wct.generate answers: the delta applied to a freshly loaded base (wct.apply_delta), greedy."""
     model, tok = load_quantized(base, delta=delta)

@@ -28,6 +28,15 @@ from wct.delta import WEAK, check_fits, owq_layers, packed_fingerprint, read_del
 from wct.errors import WCTError
 
 
+def deltas_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path once it is known to be a folder (WCTError otherwise)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WCTError(f"deltas={folder} is not a folder; pass the folder holding the *.safetensors deltas "
+                       "written by python -m wct.export format=delta")
+    return folder
+
+
 class DeltaBank:
     """The base's weak columns (index 0) and each loaded delta's (index 1, 2, ...) for every layer with weak
     columns of ``model``, and the per-row bank indices of the batch being computed (:meth:`use`)."""
@@ -121,10 +130,7 @@ class DeltaBank:
     def scan(self, folder: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
         """Load every ``*.safetensors`` in ``folder`` not loaded yet (model id: the file's stem); returns (added
         names, {file name: why it was refused})."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise WCTError(f"deltas={folder} is not a folder; pass the folder holding the *.safetensors deltas "
-                           "written by python -m wct.export format=delta")
+        folder = deltas_folder(folder)
         added, refused = [], {}
         loaded = set(self.paths.values())
         for path in sorted(folder.glob("*.safetensors")):

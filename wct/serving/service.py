@@ -15,7 +15,7 @@ from pathlib import Path
 from wct.delta import owq_layers
 from wct.errors import WCTError
 from wct.serving.api import Limits, create_app, require_serve_extra
-from wct.serving.bank import DeltaBank
+from wct.serving.bank import DeltaBank, deltas_folder
 from wct.serving.engine import Engine
 
 
@@ -108,6 +108,8 @@ def load_service(model_cfg, deltas: str | None, name: str | None, device: str, k
     from wct.loading import load_for_use
 
     require_serve_extra()
+    if deltas:
+        deltas_folder(deltas)  # before the model loads
     configure(kernel=kernel)
     loaded = load_for_use(model_cfg, None, device)
     model, tokenizer = loaded.model, loaded.tokenizer
