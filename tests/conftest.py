@@ -119,3 +119,44 @@ def rtn_pack():
     """``rtn_pack(model, bits, group=-1, n_weak=None)``: :func:`_rtn_pack`, a packed model built without the OWQ
     driver (for checkpoint and loader tests)."""
     return _rtn_pack
+
+
+def _tiny_owq_base(folder: Path, calib_seed: int = 0) -> Path:
+    """tiny-llama quantized with OWQ (4 bits, 4 weak columns per layer) on seeded random calibration tokens and saved
+    as an owq-pack folder whose tokenizer carries tests/fixtures/tiny_chat.jinja; another ``calib_seed`` gives
+    another base (other packed weights, another fingerprint)."""
+    from wct.models import load_model
+    from wct.quant.checkpoint import save_quantized
+    from wct.quant.owq import quantize_model
+
+    model, tok = load_model("tiny-llama")
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(calib_seed))
+    quantize_model(model, calib, bits=4, target_rank=4, progress=False)
+    tok.chat_template = (Path(__file__).parent / "fixtures" / "tiny_chat.jinja").read_text()
+    return save_quantized(model, tok, folder)
+
+
+def _weak_delta(base_dir: Path, out: Path, scale: float, seed: int) -> Path:
+    """A weak-column delta of ``base_dir`` written with the public delta API: every layer's weak columns plus
+    ``scale``·N(0, 1) noise (seeded), as a fine-tune of the weak columns would leave them."""
+    from wct.delta import delta_tensors, owq_layers, packed_fingerprint, write_delta
+    from wct.quant.checkpoint import load_quantized
+
+    model, _ = load_quantized(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    weak = {n: m.weak_weight.detach().float() + scale * torch.randn(m.weak_weight.shape, generator=g)
+            for n, m in owq_layers(model).items() if m.n_weak}
+    return write_delta(out, delta_tensors(model, weak, {}, {}), packed_fingerprint(model), str(base_dir),
+                       {"made_by": "tests/conftest.py"}, {})
+
+
+@pytest.fixture(scope="session")
+def tiny_owq_base():
+    """``tiny_owq_base(folder, calib_seed=0)``: :func:`_tiny_owq_base`."""
+    return _tiny_owq_base
+
+
+@pytest.fixture(scope="session")
+def weak_delta():
+    """``weak_delta(base_dir, out, scale, seed)``: :func:`_weak_delta`."""
+    return _weak_delta

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "wct"
-ENTRY_POINTS = {"wct.quantize", "wct.evaluate", "wct.train", "wct.export", "wct.generate"}
+ENTRY_POINTS = {"wct.quantize", "wct.evaluate", "wct.train", "wct.export", "wct.generate", "wct.serve"}
 
 
 def module_name(path: Path, root: Path) -> str:

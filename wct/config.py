@@ -385,6 +385,40 @@ class ExportApp:
 
 
 @dataclass
+class ServeApp:
+    """``python -m wct.serve`` (docs/serving.md)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    deltas: Optional[str] = None  # folder of *.safetensors weak-column deltas of the base (wct.export format=delta)
+    name: Optional[str] = None  # the base's model id in /v1/models (None: its folder's name)
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (printed)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device)
+    kernel: str = "auto"  # OWQLinear backend (wct.kernels)
+    max_batch: int = 8  # rows of one batched generate
+    max_wait_ms: float = 10.0  # how long the first queued request waits for others to join its batch
+    max_queue: int = 64  # waiting requests beyond which a request gets 429 + Retry-After
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512  # the most new tokens a request may ask for
+    default_max_tokens: int = 128  # a request that names no max_tokens
+    drain_timeout_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
+    log_level: str = "warning"  # uvicorn's
+
+    def __post_init__(self) -> None:
+        self.model.train_only()
+        one_of("kernel", self.kernel, KERNELS)
+        require(0 <= self.port < 65536, "port", self.port, "use 0 (any free port) to 65535")
+        for key in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "default_max_tokens"):
+            at_least(key, getattr(self, key), 1)
+        require(self.default_max_tokens <= self.max_tokens, "default_max_tokens", self.default_max_tokens,
+                f"it must be <= max_tokens={self.max_tokens}")
+        at_least("max_wait_ms", self.max_wait_ms, 0)
+        at_least("drain_timeout_s", self.drain_timeout_s, 0)
+        one_of("log_level", self.log_level, ("critical", "error", "warning", "info", "debug", "trace"))
+
+
+@dataclass
 class TrainApp:
     """``python -m wct.train``."""
 
@@ -423,7 +457,7 @@ GROUPS = {
     "method": MethodConfig,
 }
 APPS = {"quantize": QuantizeApp, "evaluate": EvaluateApp, "generate": GenerateApp, "export": ExportApp,
-        "train": TrainApp}
+        "train": TrainApp, "serve": ServeApp}
 
 
 def run_name(task: str, model: str, quantized: str | None, quant: DictConfig, tuning: str, method: str) -> str:

@@ -95,7 +95,7 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
-def _check_fits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.nn.Parameter]:
+def check_fits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.nn.Parameter]:
     """The parameters of ``model`` the delta writes, once every tensor has been checked against them."""
     layers, params = owq_layers(model), dict(model.named_parameters())
     weak = {n.removesuffix(WEAK) for n in tensors if n.endswith(WEAK) and n.removesuffix(WEAK) in layers}
@@ -123,7 +123,7 @@ def apply_delta(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, st
     if found != meta.get("base_fingerprint"):
         raise WCTError(f"delta {path} was exported for another base (base {meta.get('base')!r}, fingerprint "
                        f"{str(meta.get('base_fingerprint'))[:12]} vs this model's {found[:12]}); load that base")
-    targets = _check_fits(model, tensors, path)
+    targets = check_fits(model, tensors, path)
     own = dict(model.named_parameters())
     saved = _base_values.setdefault(model, {})
     for name in list(saved):  # undo the previous delta's norms / head

@@ -40,6 +40,14 @@ def resolve_template(template: str, tokenizer, tuned: str | None, has_input: boo
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
+def sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict:
+    """``model.generate`` arguments: sampling with ``temperature`` and ``top_p``, or greedy (the generation config's
+    sampling defaults cleared)."""
+    if do_sample:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 @torch.no_grad()
 def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, add_special_tokens: bool = True) -> str:
@@ -55,8 +63,6 @@ def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: 
         torch.manual_seed(seed)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
     ids = ids.to(next(model.parameters()).device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with eval_mode(model):
         out = model.generate(
             input_ids=ids,
@@ -64,6 +70,6 @@ def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: 
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **sampling,
+            **sampling_kwargs(do_sample, temperature, top_p),
         )
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

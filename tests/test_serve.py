@@ -1,0 +1,296 @@
+"""python -m wct.serve: the OpenAI API over a packed tiny-llama base and two weak-column deltas, driven by the official
+``openai`` client against a server this module starts on 127.0.0.1 (a free port). Every load is bounded: a few
+requests, each with a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from wct.generation import generate, render  # noqa: E402
+from wct.quant.checkpoint import load_quantized  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = {"base": "The weather", "alpha": "Once upon", "beta": "Numbers: 1"}
+
+
+class Server:
+    """``python -m wct.serve`` in a child process; ``url`` once it printed its address."""
+
+    def __init__(self, tmp: Path, *overrides: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wct.serve", "port=0", f"hydra.run.dir={tmp / 'run'}", *overrides],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                raise AssertionError("the server did not start in 120 s:\n" + "".join(self.output)) from None
+            if line.startswith("serving on "):
+                self.url = line.split()[2]
+                break
+            if self.proc.poll() is not None and self.lines.empty():
+                raise AssertionError("the server exited:\n" + "".join(self.output))
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_owq_base, weak_delta):
+    tmp = tmp_path_factory.mktemp("serve")
+    base = tiny_owq_base(tmp / "tiny-owq")
+    deltas = tmp / "deltas"
+    deltas.mkdir()
+    weak_delta(base, deltas / "alpha.safetensors", 0.5, seed=1)
+    weak_delta(base, deltas / "beta.safetensors", 0.5, seed=2)
+    weak_delta(tiny_owq_base(tmp / "other-base", calib_seed=1), deltas / "foreign.safetensors", 0.5, seed=3)
+    server = Server(tmp, f"model.quantized={base}", f"deltas={deltas}", "name=base", "max_wait_ms=300",
+                    "max_prompt_tokens=64", "max_tokens=48", "default_max_tokens=16")
+    yield server, base, deltas, tmp
+    assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("port=70000", "port=70000 is invalid"),
+    ("max_batch=0", "max_batch=0 is invalid; it must be >= 1"),
+    ("default_max_tokens=600", "default_max_tokens=600 is invalid; it must be <= max_tokens=512"),
+    ("kernel=fast", "kernel='fast' is unknown"),
+    ("max_wait_ms=-1", "max_wait_ms=-1.0 is invalid"),
+])
+def test_serve_config_bad_values_name_the_key(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from wct.config import CONF_DIR, ServeApp, to_app
+    from wct.errors import WCTError
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        assert to_app(compose("serve"), ServeApp).host == "127.0.0.1"  # loopback unless asked
+        with pytest.raises(WCTError, match=message):
+            to_app(compose("serve", overrides=[override]), ServeApp)
+
+
+def test_cli_a_missing_deltas_folder_is_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "wct.serve", "model.name=tiny-llama", f"deltas={tmp_path / 'none'}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: deltas={tmp_path / 'none'} is not a folder; pass the folder holding the *.safetensors deltas written "
+        "by python -m wct.export format=delta"]
+
+
+def reference(base: Path, delta: Path | None, prompt: str, n: int, chat: bool = False) -> str:
+    """What python -m wct.generate answers: the delta applied to a freshly loaded base (wct.apply_delta), greedy."""
+    model, tok = load_quantized(base, delta=delta)
+    text = render(tok, prompt, template="chat" if chat else "none")
+    return generate(model, tok, text, max_new_tokens=n, add_special_tokens=not chat)
+
+
+def complete(server: Server, model: str, prompt: str, **kw):
+    return server.client.completions.create(model=model, prompt=prompt, temperature=0, **kw)
+
+
+def test_startup_lists_the_deltas_and_refuses_one_of_another_base(served):
+    server, _, _, _ = served
+    out = "".join(server.output)
+    assert "deltas: 2 from" in out and "backend torch" in out and "MiB resident" in out
+    assert "refused foreign.safetensors" in out and "exported for another base" in out
+    assert [m.id for m in server.client.models.list()] == ["base", "alpha", "beta"]
+
+
+def test_greedy_outputs_equal_wct_generate_for_the_base_and_each_delta(served):
+    server, base, deltas, _ = served
+    texts = {}
+    for name in ("base", "alpha", "beta"):
+        delta = None if name == "base" else deltas / f"{name}.safetensors"
+        got = complete(server, name, PROMPTS["alpha"], max_tokens=12)
+        assert got.choices[0].text == reference(base, delta, PROMPTS["alpha"], 12)
+        assert got.model == name and got.usage.completion_tokens <= 12
+        texts[name] = got.choices[0].text
+    assert len(set(texts.values())) == 3  # the deltas change the answers: each request really used its own
+    chat = server.client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi there"}],
+                                                 temperature=0, max_tokens=10)
+    assert chat.choices[0].message.content == reference(base, deltas / "beta.safetensors", "Hi there", 10, chat=True)
+
+
+def test_a_batch_mixing_two_deltas_and_the_base_gives_each_request_its_tokens_alone(served):
+    server, _, _, _ = served
+    alone = {name: complete(server, name, p, max_tokens=16).choices[0].text for name, p in PROMPTS.items()}
+    before = server.health()
+    with ThreadPoolExecutor(3) as pool:  # arrive within max_wait_ms=300: one batch of three rows, three deltas
+        together = dict(zip(PROMPTS, pool.map(lambda kv: complete(server, kv[0], kv[1], max_tokens=16), PROMPTS.items())))
+    after = server.health()
+    assert {n: r.choices[0].text for n, r in together.items()} == alone
+    assert after["mixed_batches"] > before["mixed_batches"] and after["largest_batch"] >= 3
+
+
+def test_bank_logits_of_a_mixed_batch_match_each_delta_applied(served):
+    """The per-row weak-column product against an independent reference: each delta applied to its own base copy."""
+    from wct.serving.bank import DeltaBank
+
+    _, base, deltas, _ = served
+    model, _ = load_quantized(base)
+    bank = DeltaBank(model, "base")
+    for name in ("alpha", "beta"):
+        bank.add(name, deltas / f"{name}.safetensors")
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), bank.use([1, 0, 2]):
+        mixed = model(ids).logits
+    for row, delta in enumerate([deltas / "alpha.safetensors", None, deltas / "beta.safetensors"]):
+        ref, _ = load_quantized(base, delta=delta)
+        with torch.no_grad():
+            expected = ref(ids[row:row + 1]).logits[0]
+        assert (mixed[row] - expected).abs().max().item() < 1e-4
+    files = sum(os.path.getsize(deltas / f"{n}.safetensors") for n in ("alpha", "beta"))
+    assert 0 < bank.delta_bytes <= files  # a delta costs its own columns, nothing more
+
+
+def test_streaming_concatenates_to_the_non_streamed_text_and_stops_at_a_stop_string(served):
+    server, _, _, _ = served
+    full = complete(server, "alpha", PROMPTS["base"], max_tokens=24).choices[0].text
+    chunks = list(complete(server, "alpha", PROMPTS["base"], max_tokens=24, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full and chunks[-1].choices[0].finish_reason == "length"
+    full = complete(server, "beta", "Hello there", max_tokens=24).choices[0].text
+    first = [i for i, ch in enumerate(full) if i > 2 and ch.isprintable() and ch != "\ufffd" and full.index(ch) == i]
+    stop = full[first[0]]  # a character the answer first holds after a few others: the text ends just before it
+    cut = complete(server, "beta", "Hello there", max_tokens=24, stop=["@@", stop])
+    assert cut.choices[0].text == full[:first[0]] and cut.choices[0].finish_reason == "stop"
+    streamed = list(complete(server, "beta", "Hello there", max_tokens=24, stop=["@@", stop], stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    chat = dict(model="beta", messages=[{"role": "user", "content": "Tell me"}], temperature=0, max_tokens=12)
+    whole = server.client.chat.completions.create(**chat).choices[0].message.content
+    parts = server.client.chat.completions.create(**chat, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in parts) == whole
+
+
+@pytest.mark.parametrize("body, status, names", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "gamma", "prompt": "hi"}, 404, "'gamma' is not served"),
+    ({"model": "alpha", "prompt": "x" * 80}, 400, "max_prompt_tokens=64"),
+    ({"model": "alpha", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens=-3"),
+    ({"model": "alpha", "prompt": "hi", "max_tokens": 49}, 400, "limit max_tokens=48"),
+    ({"model": "alpha", "prompt": "hi", "logit_bias": {"5": 1}}, 400, "'logit_bias' is not supported"),
+    ({"model": "alpha", "prompt": "hi", "n": 2}, 400, "'n' is not supported"),
+    ({"model": "alpha", "prompt": "hi", "temperature": 3}, 400, "temperature=3"),
+])
+def test_bad_input_gets_its_status_and_one_json_error_line_and_the_server_keeps_serving(served, body, status, names):
+    server, _, _, _ = served
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}/v1/completions", content=data, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == status and "\n" not in r.text.strip()
+    assert names in r.json()["error"]["message"]
+    assert complete(server, "beta", "ok", max_tokens=2).choices[0].finish_reason in ("length", "stop")
+
+
+def test_the_openai_client_raises_the_documented_errors(served):
+    server, _, _, _ = served
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        complete(server, "nobody", "hi")
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        complete(server, "alpha", "hi", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        complete(server, "alpha", "hi", presence_penalty=0.5)
+
+
+def test_a_client_leaving_mid_stream_stops_its_row_and_the_server_keeps_serving(served):
+    server, _, _, _ = served
+    before = server.health()["cancelled"]
+    body = {"model": "beta", "prompt": "Go on", "max_tokens": 48, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        next(r.iter_lines())  # the first event arrived: the row is running; then the client goes away
+    deadline = time.monotonic() + 30
+    while server.health()["cancelled"] <= before:
+        assert time.monotonic() < deadline, "the server did not notice the client leaving"
+        time.sleep(0.05)
+    assert complete(server, "beta", "still", max_tokens=3).choices[0].finish_reason in ("length", "stop")
+
+
+def test_reload_adds_a_new_delta_while_serving(served, weak_delta):
+    server, base, deltas, tmp = served
+    weak_delta(base, tmp / "gamma.safetensors", 0.5, seed=4)
+    shutil.copy(tmp / "gamma.safetensors", deltas / "gamma.safetensors")
+    r = httpx.post(f"{server.url}/v1/deltas/reload", timeout=30).json()
+    assert r["added"] == ["gamma"] and "another base" in r["refused"]["foreign.safetensors"]
+    assert "gamma" in [m.id for m in server.client.models.list()]
+    got = complete(server, "gamma", PROMPTS["beta"], max_tokens=8).choices[0].text
+    assert got == reference(base, deltas / "gamma.safetensors", PROMPTS["beta"], 8)
+
+
+def test_over_capacity_is_429_and_sigterm_drains_the_requests_in_flight(served, tmp_path):
+    _, base, _, _ = served
+    server = Server(tmp_path, f"model.quantized={base}", "name=base", "max_batch=1", "max_queue=1", "max_tokens=400",
+                    "max_wait_ms=0")
+    try:
+        body = {"model": "base", "prompt": "Long", "max_tokens": 400, "temperature": 0, "stream": True}
+        events: list[dict] = []
+        first = threading.Event()
+
+        def long_stream() -> None:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[6:]))
+                        first.set()
+
+        a = threading.Thread(target=long_stream)
+        a.start()
+        assert first.wait(30)  # A runs
+        with ThreadPoolExecutor(1) as pool:
+            b = pool.submit(complete, server, "base", "Queued", max_tokens=5)  # B waits in the queue
+            deadline = time.monotonic() + 10
+            while server.health()["queued"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            c = httpx.post(f"{server.url}/v1/completions", json={"model": "base", "prompt": "C", "max_tokens": 2},
+                           timeout=10)
+            assert c.status_code == 429 and int(c.headers["retry-after"]) >= 1
+            assert "max_queue" in c.json()["error"]["message"]
+            server.proc.send_signal(signal.SIGTERM)  # A still streaming, B queued
+            assert b.result(timeout=60).choices[0].finish_reason in ("length", "stop")
+        a.join(60)
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(len(e["choices"][0]["text"]) > 0 for e in events) > 100  # A ran to its end after SIGTERM
+        assert server.proc.wait(timeout=60) == 0
+        assert "drained; stopped" in "".join(server.output)
+    finally:
+        server.stop()
