@@ -14,7 +14,7 @@ import torch
 from wct.errors import WCTError
 
 DEVICES = "auto, cpu, cuda or cuda:N"
-KERNELS = ("auto", "torch", "triton", "cuda")  # backends of OWQLinear's product (wct.kernels, docs/kernels.md)
+KERNELS = ("auto", "torch", "cpu", "triton", "cuda")  # backends of OWQLinear's product (wct.kernels, docs/kernels.md)
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:

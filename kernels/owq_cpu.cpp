@@ -1,0 +1,107 @@
+// wct CPU decode kernel: y[M, N] = x[M, K] · deq(W_q)ᵀ read straight from the owq-pack v1 planes (docs/kernels.md
+// "CPU backend"). Built by torch.utils.cpp_extension on first use (wct/kernels/cpu_backend.py) with -O3
+// -march=native; the inner loops run over N, contiguous in every plane, so the compiler vectorises them (AVX-512 or
+// AVX2 where the CPU has them). Threads: torch's intra-op pool (at::parallel_for over column blocks).
+//
+// Plane layout (wct/pack.py): a plane of width w is int32 [Kp * w / 32, N]; code bits of row k sit in word row
+// k / (32 / w) at offset (k % (32 / w)) * w. 4-bit: one plane; 3-bit: a 2-bit plane (bits 0-1) and a 1-bit plane
+// (bit 2). Dequantisation per group g = k / G: w[k, n] = s[g, n] * (code[k, n] - z[g, n]); the product of the
+// small integer (code - z) with x is accumulated in fp32 per group, then scaled: y = Σ_g s_g · Σ_{k∈g} x_k (q - z).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t NB = 64;  // output columns per block (4 AVX-512 vectors)
+
+template <int BITS, int MB, typename scale_t>
+void block(const float* x, int64_t ldx, const int32_t* p0, const int32_t* p1, const scale_t* scales,
+           const uint8_t* zeros, float* y, int64_t K, int64_t N, int64_t G, int64_t n0, int64_t nb) {
+  float out[MB][NB] = {};
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const int64_t gi = g0 / G;
+    float zf[NB];
+    for (int64_t j = 0; j < nb; ++j) zf[j] = static_cast<float>(zeros[gi * N + n0 + j]);
+    float acc[MB][NB] = {};
+    for (int64_t k = g0; k < g0 + G; ++k) {
+      float xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = x[m * ldx + k];
+      if (BITS == 4) {
+        const int32_t* row = p0 + (k >> 3) * N + n0;
+        const int sh = (k & 7) * 4;
+        for (int64_t j = 0; j < nb; ++j) {
+          const float q = static_cast<float>((row[j] >> sh) & 15) - zf[j];
+          for (int m = 0; m < MB; ++m) acc[m][j] += xv[m] * q;
+        }
+      } else {
+        const int32_t* lo = p0 + (k >> 4) * N + n0;
+        const int32_t* hi = p1 + (k >> 5) * N + n0;
+        const int sl = (k & 15) * 2, shh = k & 31;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int32_t c = ((lo[j] >> sl) & 3) | (((hi[j] >> shh) & 1) << 2);
+          const float q = static_cast<float>(c) - zf[j];
+          for (int m = 0; m < MB; ++m) acc[m][j] += xv[m] * q;
+        }
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const float s = static_cast<float>(scales[gi * N + n0 + j]);
+      for (int m = 0; m < MB; ++m) out[m][j] += s * acc[m][j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int64_t j = 0; j < nb; ++j) y[m * N + n0 + j] = out[m][j];
+}
+
+template <int BITS, int MB, typename scale_t>
+void rows(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z,
+          float* y, int64_t K, int64_t N, int64_t G, int64_t m0) {
+  const float* xp = x.data_ptr<float>() + m0 * x.stride(0);
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NB;
+      block<BITS, MB, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n0, std::min(NB, N - n0));
+    }
+  });
+}
+
+template <int BITS, typename scale_t>
+void run(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z, float* y,
+         int64_t K, int64_t N, int64_t G) {
+  int64_t m = 0;
+  const int64_t M = x.size(0);
+  for (; m + 4 <= M; m += 4) rows<BITS, 4, scale_t>(x, p0, p1, s, z, y, K, N, G, m);
+  for (; m + 2 <= M; m += 2) rows<BITS, 2, scale_t>(x, p0, p1, s, z, y, K, N, G, m);
+  for (; m < M; ++m) rows<BITS, 1, scale_t>(x, p0, p1, s, z, y, K, N, G, m);
+}
+
+}  // namespace
+
+// x fp32 [M, K] (rows contiguous), planes int32 (contiguous), scales [K/G, N] fp32/fp16/bf16, zeros uint8 [K/G, N].
+torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch::Tensor scales, torch::Tensor zeros,
+                       int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1, "x must be fp32 [M, K]");
+  TORCH_CHECK(bits == 3 || bits == 4, "bits must be 3 or 4");
+  TORCH_CHECK(zeros.scalar_type() == torch::kByte && zeros.is_contiguous() && scales.is_contiguous(), "bad scales");
+  for (auto& p : planes) TORCH_CHECK(p.scalar_type() == torch::kInt && p.is_contiguous(), "planes: int32 contiguous");
+  const int64_t K = x.size(1), N = scales.size(1), G = K / scales.size(0);
+  TORCH_CHECK(G * scales.size(0) == K, "groups do not divide K");
+  auto y = torch::empty({x.size(0), N}, x.options());
+  const int32_t* p0 = planes[0].data_ptr<int32_t>();
+  const int32_t* p1 = bits == 3 ? planes[1].data_ptr<int32_t>() : nullptr;
+  const uint8_t* z = zeros.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "owq_gemv", [&] {
+    const scalar_t* s = scales.data_ptr<scalar_t>();
+    if (bits == 4) run<4, scalar_t>(x, p0, p1, s, z, yp, K, N, G);
+    else run<3, scalar_t>(x, p0, p1, s, z, yp, K, N, G);
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("owq_gemv", &owq_gemv, "y = x · deq(W_q)ᵀ from owq-pack v1 planes (3/4-bit, fp32 accumulation)");
+}
