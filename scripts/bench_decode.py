@@ -28,10 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+from wct.errors import WCTError, cli_errors
+from wct.io import atomic_file
+
 RECIPES = {"owq-4.01": (4, 4.01, -1), "owq-3.01": (3, 3.01, -1), "owq-4.01-g64": (4, 4.01, 64)}
 
 
-def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: int, kernel: str) -> dict:
+def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: int, kernel: str, profile: bool,
+           train_step: bool) -> dict:
     """One measurement in this process (the subprocess side)."""
     import torch
 
@@ -62,8 +66,56 @@ def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: in
 
     gen(4)  # warm-up (kernel build / load, allocator)
     t1, tn = gen(1), gen(new)
-    return {"load_s": load_s, "prefill_s": t1, "decode_tok_s": batch * (new - 1) / max(tn - t1, 1e-9),
-            "total_tok_s": batch * new / tn}
+    res = {"load_s": load_s, "prefill_s": t1, "decode_tok_s": batch * (new - 1) / max(tn - t1, 1e-9),
+           "total_tok_s": batch * new / tn}
+    if profile:
+        res["profile"] = _profile_step(model, ids)
+    if train_step and label != "fp32":
+        res["train_step_s"] = _train_step(model, ids[:1])
+    return res
+
+
+def _profile_step(model, ids) -> list[dict]:
+    """torch.profiler of one decode step (one token after the prompt, KV cache filled): the top ops by self CPU
+    time, with the step's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        past = out.past_key_values
+        for _ in range(3):  # warm-up of the one-token path
+            model(nxt, past_key_values=past, use_cache=True)
+            past.crop(-1)  # drop the token just added
+        s = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(nxt, past_key_values=past, use_cache=True)
+        wall = time.perf_counter() - s
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    print(f"profile of one decode step: {wall * 1e3:.1f} ms wall (profiled), {total / 1e3:.1f} ms self CPU",
+          file=sys.stderr)
+    return [{"step_ms_profiled": wall * 1e3, "self_cpu_ms_total": total / 1e3}] + [
+        {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in rows]
+
+
+def _train_step(model, ids) -> float:
+    """Seconds of one forward + backward (next-token loss, gradients into the weak columns) on ``ids``."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weak = [m.weak_weight for m in model.modules() if hasattr(m, "weak_weight")]
+    for w in weak:
+        w.data = w.data.float()
+        w.requires_grad_(True)
+    times = []
+    for _ in range(3):
+        s = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        times.append(time.perf_counter() - s)
+    return min(times[1:])
 
 
 def _llama_cpp(batch: int, prompt: int, new: int, threads: int) -> dict:
@@ -117,10 +169,8 @@ def make_checkpoint(label: str, folder: Path) -> Path:
     return out
 
 
+@cli_errors
 def main() -> None:
-    from wct.errors import WCTError, cli_errors
-    from wct.io import atomic_file
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/bench_decode.json")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
@@ -130,50 +180,59 @@ def main() -> None:
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--models", nargs="+", default=["fp32", *RECIPES, "llama.cpp"])
     ap.add_argument("--ckpt", nargs="*", default=[], help="LABEL=PATH of an owq-pack checkpoint to measure")
+    ap.add_argument("--profile", action="store_true", help="profile one decode step (batch 1) of each model")
+    ap.add_argument("--train-step", action="store_true", help="time one forward + backward of each wct model")
     ap.add_argument("--ckpt-dir", default=str(Path.home() / ".cache" / "wct" / "bench_decode"))
     ap.add_argument("--child", nargs=3, metavar=("LABEL", "PATH", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         label, path, batch = args.child
-        res = _child(label, path, int(batch), args.prompt, args.new, args.threads, args.kernel)
+        res = _child(label, path, int(batch), args.prompt, args.new, args.threads, args.kernel,
+                     args.profile and batch == "1", args.train_step and batch == "1")
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(res))
         return
-    with cli_errors():
-        paths = dict(c.split("=", 1) for c in args.ckpt)
-        for label in args.models:
-            if label not in ("fp32", "llama.cpp", *paths, *RECIPES):
-                raise WCTError(f"--models {label}: unknown; use fp32, llama.cpp, {', '.join(RECIPES)} or a --ckpt label")
-        print(f"bench_decode: {args.models} batches {args.batches}, prompt {args.prompt}, new {args.new}, "
-              f"{args.threads} threads, kernel={args.kernel}, load {os.getloadavg()}")
-        rows = []
-        for label in args.models:
-            path = paths.get(label) or (str(make_checkpoint(label, Path(args.ckpt_dir))) if label in RECIPES else "-")
-            for batch in args.batches:
-                cmd = [sys.executable, __file__, "--child", label, path, str(batch), "--prompt", str(args.prompt),
-                       "--new", str(args.new), "--threads", str(args.threads), "--kernel", args.kernel]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    raise WCTError(f"{label} batch {batch} failed: {proc.stderr.strip().splitlines()[-1:]}")
-                res = {"model": label, "batch": batch, **json.loads(line[0][7:])}
-                rows.append(res)
-                if "skipped" in res:
-                    print(f"{label:14s} b{batch}  skipped: {res['skipped']}", flush=True)
-                else:
-                    print(f"{label:14s} b{batch}  decode {res['decode_tok_s']:7.1f} tok/s  total "
-                          f"{res['total_tok_s']:7.1f} tok/s  prefill {res['prefill_s']:.2f} s  peak RSS "
-                          f"{res['peak_rss_mb']:6.0f} MB", flush=True)
-        fp = {r["batch"]: r for r in rows if r["model"] == "fp32"}
-        for r in rows:
-            if r["batch"] in fp and "decode_tok_s" in r:
-                r["decode_vs_fp32"] = r["decode_tok_s"] / fp[r["batch"]]["decode_tok_s"]
-                r["rss_vs_fp32"] = r["peak_rss_mb"] / fp[r["batch"]]["peak_rss_mb"]
-        result = {"config": vars(args) | {"loadavg_end": os.getloadavg()}, "rows": rows}
-        out = Path(args.out)
-        with atomic_file(out, "w") as fh:
-            json.dump(result, fh, indent=1)
-        print(f"wrote {out}; load {os.getloadavg()}")
+    paths = dict(c.split("=", 1) for c in args.ckpt)
+    for label in args.models:
+        if label not in ("fp32", "llama.cpp", *paths, *RECIPES):
+            raise WCTError(f"--models {label}: unknown; use fp32, llama.cpp, {', '.join(RECIPES)} or a --ckpt label")
+    print(f"bench_decode: {args.models} batches {args.batches}, prompt {args.prompt}, new {args.new}, "
+          f"{args.threads} threads, kernel={args.kernel}, load {os.getloadavg()}")
+    rows = []
+    for label in args.models:
+        path = paths.get(label) or (str(make_checkpoint(label, Path(args.ckpt_dir))) if label in RECIPES else "-")
+        for batch in args.batches:
+            cmd = [sys.executable, __file__, "--child", label, path, str(batch), "--prompt", str(args.prompt),
+                   "--new", str(args.new), "--threads", str(args.threads), "--kernel", args.kernel,
+                   *(["--profile"] if args.profile else []), *(["--train-step"] if args.train_step else [])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise WCTError(f"{label} batch {batch} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            res = {"model": label, "batch": batch, **json.loads(line[0][7:])}
+            rows.append(res)
+            for p in res.get("profile", [])[1:9]:
+                print(f"    {p['op'][:40]:40s} {p['calls']:5d} calls {p['self_cpu_ms']:8.2f} ms", flush=True)
+            if "profile" in res:
+                print(f"    one decode step: {res['profile'][0]}", flush=True)
+            if "train_step_s" in res:
+                print(f"    training step (1x{args.prompt}, fwd+bwd): {res['train_step_s']:.2f} s", flush=True)
+            if "skipped" in res:
+                print(f"{label:14s} b{batch}  skipped: {res['skipped']}", flush=True)
+            else:
+                print(f"{label:14s} b{batch}  decode {res['decode_tok_s']:7.1f} tok/s  total "
+                      f"{res['total_tok_s']:7.1f} tok/s  prefill {res['prefill_s']:.2f} s  peak RSS "
+                      f"{res['peak_rss_mb']:6.0f} MB", flush=True)
+    fp = {r["batch"]: r for r in rows if r["model"] == "fp32"}
+    for r in rows:
+        if r["batch"] in fp and "decode_tok_s" in r:
+            r["decode_vs_fp32"] = r["decode_tok_s"] / fp[r["batch"]]["decode_tok_s"]
+            r["rss_vs_fp32"] = r["peak_rss_mb"] / fp[r["batch"]]["peak_rss_mb"]
+    result = {"config": vars(args) | {"loadavg_end": os.getloadavg()}, "rows": rows}
+    out = Path(args.out)
+    with atomic_file(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"wrote {out}; load {os.getloadavg()}")
 
 
 if __name__ == "__main__":
