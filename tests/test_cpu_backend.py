@@ -17,12 +17,7 @@ from wct.nn.owq_linear import OWQLinear
 from wct.pack import pack_linear
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel_config():
-    saved = dict(kernels._config)
-    yield
-    kernels._config.update(saved)
-    kernels.clear_cache()
+pytestmark = pytest.mark.usefixtures("kernel_config")
 
 
 def packed_layer(bits: int, group: int | None, n_o: int, n: int, k: int, seed: int = 0):

@@ -23,12 +23,7 @@ N_WEAK = [0, 1, 7, 40]  # 40: all inside the first 256-wide chunk of K
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel_config():
-    saved = dict(kernels._config)
-    yield
-    kernels._config.update(saved)
-    kernels.clear_cache()
+pytestmark = pytest.mark.usefixtures("kernel_config")
 
 
 def make_layer(bits, group, n_o, dtype=torch.float32, sym=False, n=48, k=256, bias=True, device="cpu", seed=0):

@@ -22,6 +22,7 @@ import os
 import torch
 from torch import Tensor
 
+from wct.kernels.reference import add_weak, add_weak_dx
 from wct.kernels.sources import source_dir
 from wct.pack import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
 
@@ -78,9 +79,7 @@ def forward(
         y = x.new_empty(x.shape[0], scales.shape[1])
         for sl, w in _slabs(planes, scales, zeros, bits, x.shape[1], x.dtype):
             y[:, sl] = x @ w.t()
-    if weak_idx.numel():
-        y = torch.addmm(y, x[:, weak_idx.long()], weak_weight.to(x.dtype))
-    return y if bias is None else y + bias.to(y.dtype)
+    return add_weak(y, x, weak_weight, weak_idx, bias)
 
 
 def grad_input(
@@ -91,6 +90,4 @@ def grad_input(
     dx = dy.new_zeros(dy.shape[0], in_features)
     for sl, w in _slabs(planes, scales, zeros, bits, in_features, dy.dtype):
         dx.addmm_(dy[:, sl], w)
-    if weak_idx.numel():
-        dx.index_add_(1, weak_idx.long(), dy @ weak_weight.to(dy.dtype).t())
-    return dx
+    return add_weak_dx(dx, dy, weak_weight, weak_idx)
