@@ -73,12 +73,15 @@ def test_gemv_and_slab_paths_agree_and_batch_rows_are_independent():
     weak-column addmm may round differently per batch size), and the slab path agrees with the GEMV."""
     layer, _ = packed_layer(3, 64, 5, n=130, k=256)
     x = torch.randn(7, 256)
-    with torch.no_grad(), kernels.use_kernel("cpu"):
-        batch = layer(x)
-        rows = torch.cat([layer(x[i : i + 1]) for i in range(7)])
-        slab = layer(torch.cat([x, torch.zeros(9, 256)]))[:7]  # 16 rows: the slab path
+    with kernels.use_kernel("cpu"):
+        with torch.no_grad():
+            batch = layer(x)
+            rows = torch.cat([layer(x[i : i + 1]) for i in range(7)])
+            slab = layer(torch.cat([x, torch.zeros(9, 256)]))[:7]  # 16 rows: the slab path
+        via_op = layer(x.requires_grad_())  # with autograd: through the custom op wct::owq_linear
     torch.testing.assert_close(batch, rows, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch, slab, rtol=1e-5, atol=1e-5)
+    assert torch.equal(via_op, batch)  # the no-grad shortcut past the custom op computes the same bits
 
 
 def layer_bytes(layer: OWQLinear) -> int:

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import torch
 
+import wct.kernels.cpu_backend as cpu_backend
 import wct.kernels.cuda_backend as cuda_backend
 import wct.kernels.reference as reference
 from wct.device import KERNELS
@@ -211,6 +212,12 @@ def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = deq(W_q)·x + W_o·x[idx] + b for an :class:`wct.nn.OWQLinear` ``layer`` on the configured backend."""
     decode = x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1]
     backend = _backend_for(_config["kernel"], x.device, decode)
+    if backend == "cpu" and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (x.requires_grad or layer.weak_weight.requires_grad)
+    ):  # no autograd, no tracing: skip the custom op's Python dispatch (a large share of a CPU decode step)
+        y = cpu_backend.forward(x.reshape(-1, x.shape[-1]), layer.weak_weight, list(layer.planes.values()),
+                                layer.scales, layer.zeros, layer.weak_idx, layer.bias, None, layer.bits)
+        return y.reshape(*x.shape[:-1], layer.out_features)
     dense = None
     if backend == "torch" and not torch.compiler.is_compiling():  # eager-only state; compiled graphs dequantize
         dense = cached_dense(layer, x.dtype)
