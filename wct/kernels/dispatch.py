@@ -52,7 +52,7 @@ _words_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKe
 
 
 def configure(kernel: str | None = None, cache_dense: str | bool | None = None, cache_budget_bytes: int | None = None) -> None:
-    """Set the backend (``auto|torch|triton|cuda``) and the torch backend's dense-cache policy."""
+    """Set the backend (``auto|torch|cpu|triton|cuda``) and the torch backend's dense-cache policy."""
     if kernel is not None:
         if kernel not in KERNELS:
             raise WCTError(f"kernel={kernel!r} is not a backend; choose one of {', '.join(KERNELS)}")
