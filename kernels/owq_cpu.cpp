@@ -16,15 +16,18 @@ namespace {
 
 constexpr int64_t NB = 64;  // output columns per block (4 AVX-512 vectors)
 
-template <int BITS, int MB, typename scale_t>
+// W output columns from n0 (W is a compile-time width so the accumulators stay in registers; the ragged tail of N
+// runs with W = 1).
+template <int BITS, int MB, int W, typename scale_t>
 void block(const float* x, int64_t ldx, const int32_t* p0, const int32_t* p1, const scale_t* scales,
-           const uint8_t* zeros, float* y, int64_t K, int64_t N, int64_t G, int64_t n0, int64_t nb) {
-  float out[MB][NB] = {};
+           const uint8_t* zeros, float* y, int64_t K, int64_t N, int64_t G, int64_t n0) {
+  constexpr int64_t nb = W;
+  float out[MB][W] = {};
   for (int64_t g0 = 0; g0 < K; g0 += G) {
     const int64_t gi = g0 / G;
-    float zf[NB];
+    float zf[W];
     for (int64_t j = 0; j < nb; ++j) zf[j] = static_cast<float>(zeros[gi * N + n0 + j]);
-    float acc[MB][NB] = {};
+    float acc[MB][W] = {};
     for (int64_t k = g0; k < g0 + G; ++k) {
       float xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = x[m * ldx + k];
@@ -63,7 +66,11 @@ void rows(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const sc
   at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB;
-      block<BITS, MB, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n0, std::min(NB, N - n0));
+      if (n0 + NB <= N) {
+        block<BITS, MB, NB, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n0);
+      } else {
+        for (int64_t n = n0; n < N; ++n) block<BITS, MB, 1, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n);
+      }
     }
   });
 }
