@@ -126,6 +126,8 @@ def test_an_export_generates_the_tokens_of_the_model_it_was_saved_from(tmp_path,
         loaded, _ = load_quantized(tmp_path / "export")
         after = loaded.generate(ids, **kw)
     assert torch.equal(before, after)
+    layers = [m for m in loaded.modules() if isinstance(m, OWQLinear)]
+    assert layers and all(layer_bytes(m) == sum(t.nbytes for t in m.state_dict().values()) for m in layers)
     assert {dispatch._resolved[k] for k in dispatch._resolved if k[1].type == "cpu"} >= {"cpu"}
 
 
