@@ -207,9 +207,10 @@ def main() -> None:
                    *(["--profile"] if args.profile else []), *(["--train-step"] if args.train_step else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
-            if proc.returncode or not line:
-                raise WCTError(f"{label} batch {batch} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            res = {"model": label, "batch": batch, **json.loads(line[0][7:])}
+            if proc.returncode or not line:  # recorded, and the other rows still run
+                res = {"model": label, "batch": batch, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
+            else:
+                res = {"model": label, "batch": batch, **json.loads(line[0][7:])}
             rows.append(res)
             for p in res.get("profile", [])[1:9]:
                 print(f"    {p['op'][:40]:40s} {p['calls']:5d} calls {p['self_cpu_ms']:8.2f} ms", flush=True)
