@@ -11,6 +11,9 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -58,6 +61,55 @@ void block(const float* x, int64_t ldx, const int32_t* p0, const int32_t* p1, co
     for (int64_t j = 0; j < nb; ++j) y[m * N + n0 + j] = out[m][j];
 }
 
+#ifdef __AVX512F__
+// The same block for W = 64 with AVX-512 intrinsics: 4 vectors of 16 columns, the MB × 4 accumulators and the
+// zero-points in registers; per row k and 16 weights: load, shift, mask, int→float, − z, FMA per row of x.
+template <int BITS, int MB, typename scale_t>
+void block64_avx512(const float* x, int64_t ldx, const int32_t* p0, const int32_t* p1, const scale_t* scales,
+                    const uint8_t* zeros, float* y, int64_t K, int64_t N, int64_t G, int64_t n0) {
+  __m512 out[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < 4; ++v) out[m][v] = _mm512_setzero_ps();
+  const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3), m1 = _mm512_set1_epi32(1);
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const int64_t gi = g0 / G;
+    __m512 zf[4], acc[MB][4];
+    for (int v = 0; v < 4; ++v) {
+      const __m128i zb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + gi * N + n0 + 16 * v));
+      zf[v] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb));
+      for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_setzero_ps();
+    }
+    for (int64_t k = g0; k < g0 + G; ++k) {
+      __m512 xb[MB];
+      for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(x[m * ldx + k]);
+      for (int v = 0; v < 4; ++v) {
+        __m512i c;
+        if (BITS == 4) {
+          const __m512i w = _mm512_loadu_si512(p0 + (k >> 3) * N + n0 + 16 * v);
+          c = _mm512_and_si512(_mm512_srl_epi32(w, _mm_cvtsi32_si128(static_cast<int>((k & 7) * 4))), m4);
+        } else {
+          const __m512i lo = _mm512_loadu_si512(p0 + (k >> 4) * N + n0 + 16 * v);
+          const __m512i hi = _mm512_loadu_si512(p1 + (k >> 5) * N + n0 + 16 * v);
+          const __m512i cl = _mm512_and_si512(_mm512_srl_epi32(lo, _mm_cvtsi32_si128(static_cast<int>((k & 15) * 2))), m2);
+          const __m512i ch = _mm512_and_si512(_mm512_srl_epi32(hi, _mm_cvtsi32_si128(static_cast<int>(k & 31))), m1);
+          c = _mm512_or_si512(cl, _mm512_slli_epi32(ch, 2));
+        }
+        const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(c), zf[v]);
+        for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_fmadd_ps(xb[m], q, acc[m][v]);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      float sv[16];
+      for (int j = 0; j < 16; ++j) sv[j] = static_cast<float>(scales[gi * N + n0 + 16 * v + j]);
+      const __m512 s = _mm512_loadu_ps(sv);
+      for (int m = 0; m < MB; ++m) out[m][v] = _mm512_fmadd_ps(s, acc[m][v], out[m][v]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + m * N + n0 + 16 * v, out[m][v]);
+}
+#endif
+
 template <int BITS, int MB, typename scale_t>
 void rows(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z,
           float* y, int64_t K, int64_t N, int64_t G, int64_t m0) {
@@ -67,7 +119,11 @@ void rows(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const sc
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB;
       if (n0 + NB <= N) {
+#ifdef __AVX512F__
+        block64_avx512<BITS, MB, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n0);
+#else
         block<BITS, MB, NB, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n0);
+#endif
       } else {
         for (int64_t n = n0; n < N; ++n) block<BITS, MB, 1, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n);
       }
