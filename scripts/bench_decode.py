@@ -67,7 +67,8 @@ def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: in
     gen(4)  # warm-up (kernel build / load, allocator)
     t1, tn = gen(1), gen(new)
     res = {"load_s": load_s, "prefill_s": t1, "decode_tok_s": batch * (new - 1) / max(tn - t1, 1e-9),
-           "total_tok_s": batch * new / tn}
+           "total_tok_s": batch * new / tn,  # peak RSS of load + generation (before profiling or training)
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if profile:
         res["profile"] = _profile_step(model, ids)
     if train_step and label != "fp32":
@@ -189,7 +190,7 @@ def main() -> None:
         label, path, batch = args.child
         res = _child(label, path, int(batch), args.prompt, args.new, args.threads, args.kernel,
                      args.profile and batch == "1", args.train_step and batch == "1")
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print("RESULT " + json.dumps(res))
         return
     paths = dict(c.split("=", 1) for c in args.ckpt)
