@@ -71,15 +71,34 @@ void block64_avx512(const float* x, int64_t ldx, const int32_t* p0, const int32_
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < 4; ++v) out[m][v] = _mm512_setzero_ps();
   const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3), m1 = _mm512_set1_epi32(1);
+  const __m512i magic = _mm512_set1_epi32(0x4B000000);  // the float 2^23
   for (int64_t g0 = 0; g0 < K; g0 += G) {
     const int64_t gi = g0 / G;
     __m512 zf[4], acc[MB][4];
     for (int v = 0; v < 4; ++v) {
       const __m128i zb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + gi * N + n0 + 16 * v));
-      zf[v] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb));
+      zf[v] = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(8388608.0f));  // 2^23 + z
       for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_setzero_ps();
     }
-    for (int64_t k = g0; k < g0 + G; ++k) {
+    // codes become floats without a conversion: (c & mask) | 0x4B000000 is the float 2^23 + c, and subtracting
+    // 2^23 + z (exact) gives c - z; one ternary-logic op does the mask and the or.
+    int64_t k = g0;
+    if (BITS == 4) {
+      for (; k + 8 <= g0 + G && (k & 7) == 0; k += 8) {  // a whole word row: 8 codes per lane, shifts by constants
+        __m512i w[4];
+        for (int v = 0; v < 4; ++v) w[v] = _mm512_loadu_si512(p0 + (k >> 3) * N + n0 + 16 * v);
+        for (int i = 0; i < 8; ++i) {
+          __m512 xb[MB];
+          for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(x[m * ldx + k + i]);
+          for (int v = 0; v < 4; ++v) {
+            const __m512i c = _mm512_ternarylogic_epi32(_mm512_srl_epi32(w[v], _mm_cvtsi32_si128(4 * i)), m4, magic, 0xEA);
+            const __m512 q = _mm512_sub_ps(_mm512_castsi512_ps(c), zf[v]);
+            for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_fmadd_ps(xb[m], q, acc[m][v]);
+          }
+        }
+      }
+    }
+    for (; k < g0 + G; ++k) {
       __m512 xb[MB];
       for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(x[m * ldx + k]);
       for (int v = 0; v < 4; ++v) {
@@ -94,7 +113,7 @@ void block64_avx512(const float* x, int64_t ldx, const int32_t* p0, const int32_
           const __m512i ch = _mm512_and_si512(_mm512_srl_epi32(hi, _mm_cvtsi32_si128(static_cast<int>(k & 31))), m1);
           c = _mm512_or_si512(cl, _mm512_slli_epi32(ch, 2));
         }
-        const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(c), zf[v]);
+        const __m512 q = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(c, magic)), zf[v]);
         for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_fmadd_ps(xb[m], q, acc[m][v]);
       }
     }

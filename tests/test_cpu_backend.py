@@ -52,9 +52,9 @@ def test_the_cpu_backend_is_the_cpu_default():
 @pytest.mark.parametrize("n_o", [0, 1, 40])
 @pytest.mark.parametrize("m", [1, 4, 33])
 def test_cpu_backend_matches_float64(bits, group, n_o, m):
-    """y, dX and dW_o against float64 on ragged shapes (N = 100; K = 200 per-row, 192 grouped: not multiples of
-    64 or 32 where the format allows); M = 1 and 4 run the GEMV, 33 the slab path."""
-    k = 200 if group is None else 192
+    """y, dX and dW_o against float64 on ragged shapes (N = 100; K = 204 per-row, 192 grouped: not multiples of
+    64, 32 or 8 where the format allows); M = 1 and 4 run the GEMV, 33 the slab path."""
+    k = 204 if group is None else 192
     layer, w64 = packed_layer(bits, group, n_o, n=100, k=k, seed=bits * 100 + n_o + m)
     x = torch.randn(m, k, requires_grad=True)
     with kernels.use_kernel("cpu"):
