@@ -190,7 +190,8 @@ def main() -> None:
         label, path, batch = args.child
         res = _child(label, path, int(batch), args.prompt, args.new, args.threads, args.kernel,
                      args.profile and batch == "1", args.train_step and batch == "1")
-        res.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if "skipped" not in res:
+            res.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print("RESULT " + json.dumps(res))
         return
     paths = dict(c.split("=", 1) for c in args.ckpt)
