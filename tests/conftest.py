@@ -115,6 +115,17 @@ def smollm2_owq(shared_data, tmp_path_factory):
 
 
 @pytest.fixture
+def kernel_config():
+    """Restore wct.kernels' configuration (backend, dense-cache policy) and empty its caches after the test."""
+    import wct.kernels as kernels
+
+    saved = dict(kernels._config)
+    yield
+    kernels._config.update(saved)
+    kernels.clear_cache()
+
+
+@pytest.fixture
 def rtn_pack():
     """``rtn_pack(model, bits, group=-1, n_weak=None)``: :func:`_rtn_pack`, a packed model built without the OWQ
     driver (for checkpoint and loader tests)."""

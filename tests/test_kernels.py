@@ -23,12 +23,7 @@ from kernel_helpers import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel_config():
-    saved = dict(kernels._config)
-    yield
-    kernels._config.update(saved)
-    kernels.clear_cache()
+pytestmark = pytest.mark.usefixtures("kernel_config")
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -145,6 +140,7 @@ def test_torch_compile_same_output_and_grads(kernel):
 
 
 def test_dense_cache_reuse_invalidation_and_live_weak_columns():
+    kernels.configure(cache_dense="1")  # off by default
     layer, w64 = make_layer(3, None, 7)
     dense = kernels.cached_dense(layer, torch.float32)
     assert kernels.cached_dense(layer, torch.float32) is dense
@@ -182,10 +178,10 @@ def test_kernel_planes_caches_the_3bit_words_per_layer():
 
 def test_dispatch_messages_and_log(caplog, monkeypatch):
     cpu = torch.device("cpu")
-    assert kernels.resolve_backend("auto", cpu, 1) == "torch"
+    assert kernels.resolve_backend("auto", cpu, 1) == "cpu"
     with pytest.raises(WCTError, match="kernel=cuda is unavailable: it needs CUDA tensors"):
         kernels.resolve_backend("cuda", cpu, 1)
-    with pytest.raises(WCTError, match="not a backend; choose one of auto, torch, triton, cuda"):
+    with pytest.raises(WCTError, match="not a backend; choose one of auto, torch, cpu, triton, cuda"):
         kernels.configure(kernel="fast")
     with pytest.raises(WCTError, match="cache_dense='yes' is not a policy"):
         kernels.configure(cache_dense="yes")
@@ -196,7 +192,7 @@ def test_dispatch_messages_and_log(caplog, monkeypatch):
     kernels._resolved.clear()
     with caplog.at_level(logging.INFO, logger="wct.kernels"):
         layer(torch.randn(1, 256))
-    assert "owq_linear backend: torch (kernel=auto, device=cpu)" in caplog.text
+    assert "owq_linear backend: cpu (kernel=auto, device=cpu)" in caplog.text
     kernels.configure(kernel="cuda")
     with pytest.raises(WCTError, match="kernel=cuda is unavailable"):
         layer(torch.randn(1, 256))

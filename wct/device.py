@@ -21,7 +21,7 @@ from wct.errors import WCTError
 log = logging.getLogger("wct")
 
 DEVICES = "auto, cpu, cuda or cuda:N"
-KERNELS = ("auto", "torch", "triton", "cuda")  # backends of OWQLinear's product (wct.kernels, docs/kernels.md)
+KERNELS = ("auto", "torch", "cpu", "triton", "cuda")  # backends of OWQLinear's product (wct.kernels, docs/kernels.md)
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:

@@ -2,16 +2,18 @@
 
 ``kernel`` (``configure(kernel=...)``, :func:`use_kernel`, or the ``WCT_KERNEL`` environment variable):
 
-- ``torch``  : reference (unpack, dequantize, scatter W_o, matmul); the oracle and the CPU path. On CPU it caches
-  the frozen dense part deq(W_q) per layer while the cache budget allows (``cache_dense``); the weak columns stay
+- ``torch``  : reference (unpack, dequantize, scatter W_o, matmul); the oracle. With ``cache_dense=1`` (off by
+  default) it caches the frozen dense part deq(W_q) per layer while the cache budget allows; the weak columns stay
   live because they train.
+- ``cpu``    : reads the owq-pack v1 planes directly: a compiled GEMV for decode-sized M (``kernels/owq_cpu.cpp``)
+  and a slab-at-a-time dequantize + matmul otherwise (:mod:`wct.kernels.cpu_backend`); no dense copy resident.
 - ``triton`` : fused dequant GEMV (M ≤ 4) / split-K tensor-core GEMM with the weak columns as a K-tail, and a dX
   kernel over the same planes (``kernels/owq_triton.py``). Needs a CUDA GPU, or ``TRITON_INTERPRET=1`` (tests).
 - ``cuda``   : CUDA C++ decode GEMV (M ≤ 8) and dequantize-to-scratch + one GEMM (``kernels/owq_cuda.cu``), built
   by nvcc on first use or by ``python -m wct.kernels build`` and loaded with ctypes.
 - ``auto``   : on a GPU, ``cuda`` for decode-sized M when its library loads (built by nvcc if needed) and a probe
   launch on the device returns the right result, else
-  ``triton``, else ``cuda``'s dequant path; on CPU ``torch``.
+  ``triton``, else ``cuda``'s dequant path; on CPU ``cpu``.
 
 Every product goes through the custom op ``torch.ops.wct.owq_linear`` (see :mod:`wct.kernels.op`). Imports run one
 way: this module imports the op and the backends; the op imports the backends, never this module.
@@ -27,6 +29,7 @@ from typing import Iterator
 
 import torch
 
+import wct.kernels.cpu_backend as cpu_backend
 import wct.kernels.cuda_backend as cuda_backend
 import wct.kernels.reference as reference
 from wct.device import KERNELS
@@ -40,8 +43,8 @@ CUDA_GEMV_MAX_M = 8
 
 _config: dict = {
     "kernel": os.environ.get("WCT_KERNEL", "auto"),
-    "cache_dense": os.environ.get("WCT_CACHE_DENSE", "auto"),  # "auto" | "1" | "0"
-    "cache_budget_bytes": None,  # None: a quarter of physical memory (CPU); GPU tensors are cached only if forced
+    "cache_dense": os.environ.get("WCT_CACHE_DENSE", "auto"),  # "auto" (= off) | "1" | "0"
+    "cache_budget_bytes": None,  # None: no cache unless forced with "1"
 }
 _resolved: dict[tuple, str] = {}
 _dense_cache: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -49,7 +52,7 @@ _words_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKe
 
 
 def configure(kernel: str | None = None, cache_dense: str | bool | None = None, cache_budget_bytes: int | None = None) -> None:
-    """Set the backend (``auto|torch|triton|cuda``) and the torch backend's dense-cache policy."""
+    """Set the backend (``auto|torch|cpu|triton|cuda``) and the torch backend's dense-cache policy."""
     if kernel is not None:
         if kernel not in KERNELS:
             raise WCTError(f"kernel={kernel!r} is not a backend; choose one of {', '.join(KERNELS)}")
@@ -116,10 +119,12 @@ def resolve_backend(kernel: str, device: torch.device, m: int) -> str:
         problem = cuda_backend.unavailable_reason(device)
         if problem:
             raise WCTError(f"kernel=cuda is unavailable: {problem}; use kernel=triton, kernel=torch or kernel=auto")
+    if kernel == "cpu" and device.type != "cpu":
+        raise WCTError(f"kernel=cpu runs CPU tensors (got {device.type}); use kernel=auto, triton or cuda on a GPU")
     if kernel != "auto":
         return kernel
     if device.type != "cuda":
-        return "torch"
+        return "cpu" if device.type == "cpu" else "torch"
     problem = cuda_backend.unavailable_reason(device)  # builds the library if needed and probes a real launch
     if problem:
         log.warning("kernel=auto skips the cuda backend: %s", problem)
@@ -132,17 +137,14 @@ def resolve_backend(kernel: str, device: torch.device, m: int) -> str:
 
 
 def cache_budget(device: torch.device) -> int:
-    """Bytes the torch backend may spend on dense weights on ``device`` (0: no cache)."""
-    mode = _config["cache_dense"]
-    if mode == "0":
+    """Bytes the torch backend may spend on dense weights on ``device`` (0: no cache). Off unless forced with
+    ``cache_dense=1`` / ``WCT_CACHE_DENSE=1``: a dense copy of every layer holds more memory than the FP model (the
+    CPU backend reads the planes instead); ``cache_budget_bytes`` then bounds it."""
+    if _config["cache_dense"] != "1":
         return 0
     if _config["cache_budget_bytes"] is not None:
         return _config["cache_budget_bytes"]
-    if mode == "1":
-        return 1 << 62
-    if device.type != "cpu":  # on a GPU the packed format exists to save memory
-        return 0
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    return 1 << 62
 
 
 def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
@@ -210,6 +212,12 @@ def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = deq(W_q)·x + W_o·x[idx] + b for an :class:`wct.nn.OWQLinear` ``layer`` on the configured backend."""
     decode = x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1]
     backend = _backend_for(_config["kernel"], x.device, decode)
+    if backend == "cpu" and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (x.requires_grad or layer.weak_weight.requires_grad)
+    ):  # no autograd, no tracing: skip the custom op's Python dispatch (a large share of a CPU decode step)
+        y = cpu_backend.forward(x.reshape(-1, x.shape[-1]), layer.weak_weight, list(layer.planes.values()),
+                                layer.scales, layer.zeros, layer.weak_idx, layer.bias, None, layer.bits)
+        return y.reshape(*x.shape[:-1], layer.out_features)
     dense = None
     if backend == "torch" and not torch.compiler.is_compiling():  # eager-only state; compiled graphs dequantize
         dense = cached_dense(layer, x.dtype)

@@ -21,6 +21,10 @@ def _backend(name: str):
     """The backend module (imported on first use: the triton backend imports triton)."""
     if name == "torch":
         return reference
+    if name == "cpu":
+        import wct.kernels.cpu_backend as cpu_backend
+
+        return cpu_backend
     if name == "triton":
         import wct.kernels.triton_backend as triton_backend
 

@@ -33,10 +33,21 @@ def forward(
     with and without the cache."""
     if dense is None:
         dense = dense_weight(planes, scales, zeros, bits, x.shape[1], x.dtype)
-    y = x @ dense.t()
+    return add_weak(x @ dense.t(), x, weak_weight, weak_idx, bias)
+
+
+def add_weak(y: Tensor, x: Tensor, weak_weight: Tensor, weak_idx: Tensor, bias: Tensor | None) -> Tensor:
+    """y + x[:, idx]·W_o + b: the weak columns as their own small product (the dense part is 0 there)."""
     if weak_idx.numel():
         y = torch.addmm(y, x[:, weak_idx.long()], weak_weight.to(x.dtype))
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def add_weak_dx(dx: Tensor, dy: Tensor, weak_weight: Tensor, weak_idx: Tensor) -> Tensor:
+    """dX += dY·W_oᵀ at the weak columns, in place."""
+    if weak_idx.numel():
+        dx.index_add_(1, weak_idx.long(), dy @ weak_weight.to(dy.dtype).t())
+    return dx
 
 
 def grad_input(
@@ -46,7 +57,4 @@ def grad_input(
     """dX [M, K] = dY·W_full for dY [M, N] (the same bits with and without a cached ``dense``, as :func:`forward`)."""
     if dense is None:
         dense = dense_weight(planes, scales, zeros, bits, in_features, dy.dtype)
-    dx = dy @ dense
-    if weak_idx.numel():
-        dx.index_add_(1, weak_idx.long(), dy @ weak_weight.to(dy.dtype).t())
-    return dx
+    return add_weak_dx(dy @ dense, dy, weak_weight, weak_idx)

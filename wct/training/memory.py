@@ -202,7 +202,7 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
     scales, zeros, indices of every OWQLinear), other weights (embeddings, head, norms), weak columns (``master``
     dtype), their gradient + optimizer state (AdamW: two fp32 moments; 8-bit: two bytes), the torch backend's
     dense-weight cache (the blocks' linears dequantized in ``dtype``, up to ``cache_budget`` bytes:
-    :func:`wct.kernels.dispatch.cache_budget`, a quarter of RAM on a CPU, 0 on a GPU or with WCT_CACHE_DENSE=0),
+    :func:`wct.kernels.dispatch.cache_budget`, 0 unless forced with WCT_CACHE_DENSE=1),
     the torch kernel's dequantization workspace (``torch_kernel``: :data:`DEQUANT_BYTES` per weight of the largest
     linear), activations (:func:`_activations`)
     and the logits (fp32 copy, its log-softmax and gradient).
@@ -270,7 +270,7 @@ def estimate_run(app: TrainApp, config: dict | None = None) -> TrainMemory:
     t = app.trainer
     gpu = accelerator_is_gpu(t.accelerator)
     device = "cuda" if gpu else "cpu"
-    torch_kernel = t.kernel == "torch" or (t.kernel == "auto" and device == "cpu")
+    torch_kernel = t.kernel in ("torch", "cpu") or (t.kernel == "auto" and device == "cpu")  # both dequantize slabs
     budget = cache_budget(torch.device(device)) if torch_kernel else 0
     config = config or config_dict(app.model.quantized or app.model.name)
     ranks = t.devices * t.num_nodes if t.strategy == "fsdp" and isinstance(t.devices, int) else 1

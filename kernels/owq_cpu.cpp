@@ -1,0 +1,189 @@
+// wct CPU decode kernel: y[M, N] = x[M, K] · deq(W_q)ᵀ read straight from the owq-pack v1 planes (docs/kernels.md
+// "CPU backend"). Built by torch.utils.cpp_extension on first use (wct/kernels/cpu_backend.py) with -O3
+// -march=native; the inner loops run over N, contiguous in every plane, so the compiler vectorises them (AVX-512 or
+// AVX2 where the CPU has them). Threads: torch's intra-op pool (at::parallel_for over column blocks).
+//
+// Plane layout (wct/pack.py): a plane of width w is int32 [Kp * w / 32, N]; code bits of row k sit in word row
+// k / (32 / w) at offset (k % (32 / w)) * w. 4-bit: one plane; 3-bit: a 2-bit plane (bits 0-1) and a 1-bit plane
+// (bit 2). Dequantisation per group g = k / G: w[k, n] = s[g, n] * (code[k, n] - z[g, n]); the product of the
+// small integer (code - z) with x is accumulated in fp32 per group, then scaled: y = Σ_g s_g · Σ_{k∈g} x_k (q - z).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t NB = 64;  // output columns per block (4 AVX-512 vectors)
+
+// W output columns from n0 (W is a compile-time width so the accumulators stay in registers; the ragged tail of N
+// runs with W = 1).
+template <int BITS, int MB, int W, typename scale_t>
+void block(const float* x, int64_t ldx, const int32_t* p0, const int32_t* p1, const scale_t* scales,
+           const uint8_t* zeros, float* y, int64_t K, int64_t N, int64_t G, int64_t n0) {
+  constexpr int64_t nb = W;
+  float out[MB][W] = {};
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const int64_t gi = g0 / G;
+    float zf[W];
+    for (int64_t j = 0; j < nb; ++j) zf[j] = static_cast<float>(zeros[gi * N + n0 + j]);
+    float acc[MB][W] = {};
+    for (int64_t k = g0; k < g0 + G; ++k) {
+      float xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = x[m * ldx + k];
+      if (BITS == 4) {
+        const int32_t* row = p0 + (k >> 3) * N + n0;
+        const int sh = (k & 7) * 4;
+        for (int64_t j = 0; j < nb; ++j) {
+          const float q = static_cast<float>((row[j] >> sh) & 15) - zf[j];
+          for (int m = 0; m < MB; ++m) acc[m][j] += xv[m] * q;
+        }
+      } else {
+        const int32_t* lo = p0 + (k >> 4) * N + n0;
+        const int32_t* hi = p1 + (k >> 5) * N + n0;
+        const int sl = (k & 15) * 2, shh = k & 31;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int32_t c = ((lo[j] >> sl) & 3) | (((hi[j] >> shh) & 1) << 2);
+          const float q = static_cast<float>(c) - zf[j];
+          for (int m = 0; m < MB; ++m) acc[m][j] += xv[m] * q;
+        }
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const float s = static_cast<float>(scales[gi * N + n0 + j]);
+      for (int m = 0; m < MB; ++m) out[m][j] += s * acc[m][j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int64_t j = 0; j < nb; ++j) y[m * N + n0 + j] = out[m][j];
+}
+
+#ifdef __AVX512F__
+// The same block for W = 64 with AVX-512 intrinsics: 4 vectors of 16 columns, the MB × 4 accumulators and the
+// zero-points in registers; per row k and 16 weights: load, shift, mask, int→float, − z, FMA per row of x.
+template <int BITS, int MB, typename scale_t>
+void block64_avx512(const float* x, int64_t ldx, const int32_t* p0, const int32_t* p1, const scale_t* scales,
+                    const uint8_t* zeros, float* y, int64_t K, int64_t N, int64_t G, int64_t n0) {
+  __m512 out[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < 4; ++v) out[m][v] = _mm512_setzero_ps();
+  const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3), m1 = _mm512_set1_epi32(1);
+  const __m512i magic = _mm512_set1_epi32(0x4B000000);  // the float 2^23
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const int64_t gi = g0 / G;
+    __m512 zf[4], acc[MB][4];
+    for (int v = 0; v < 4; ++v) {
+      const __m128i zb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + gi * N + n0 + 16 * v));
+      zf[v] = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(8388608.0f));  // 2^23 + z
+      for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_setzero_ps();
+    }
+    // codes become floats without a conversion: (c & mask) | 0x4B000000 is the float 2^23 + c, and subtracting
+    // 2^23 + z (exact) gives c - z; one ternary-logic op does the mask and the or.
+    int64_t k = g0;
+    if (BITS == 4) {
+      for (; k + 8 <= g0 + G && (k & 7) == 0; k += 8) {  // a whole word row: 8 codes per lane, shifts by constants
+        __m512i w[4];
+        for (int v = 0; v < 4; ++v) w[v] = _mm512_loadu_si512(p0 + (k >> 3) * N + n0 + 16 * v);
+        for (int i = 0; i < 8; ++i) {
+          __m512 xb[MB];
+          for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(x[m * ldx + k + i]);
+          for (int v = 0; v < 4; ++v) {
+            const __m512i c = _mm512_ternarylogic_epi32(_mm512_srl_epi32(w[v], _mm_cvtsi32_si128(4 * i)), m4, magic, 0xEA);
+            const __m512 q = _mm512_sub_ps(_mm512_castsi512_ps(c), zf[v]);
+            for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_fmadd_ps(xb[m], q, acc[m][v]);
+          }
+        }
+      }
+    }
+    for (; k < g0 + G; ++k) {
+      __m512 xb[MB];
+      for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(x[m * ldx + k]);
+      for (int v = 0; v < 4; ++v) {
+        __m512i c;
+        if (BITS == 4) {
+          const __m512i w = _mm512_loadu_si512(p0 + (k >> 3) * N + n0 + 16 * v);
+          c = _mm512_and_si512(_mm512_srl_epi32(w, _mm_cvtsi32_si128(static_cast<int>((k & 7) * 4))), m4);
+        } else {
+          const __m512i lo = _mm512_loadu_si512(p0 + (k >> 4) * N + n0 + 16 * v);
+          const __m512i hi = _mm512_loadu_si512(p1 + (k >> 5) * N + n0 + 16 * v);
+          const __m512i cl = _mm512_and_si512(_mm512_srl_epi32(lo, _mm_cvtsi32_si128(static_cast<int>((k & 15) * 2))), m2);
+          const __m512i ch = _mm512_and_si512(_mm512_srl_epi32(hi, _mm_cvtsi32_si128(static_cast<int>(k & 31))), m1);
+          c = _mm512_or_si512(cl, _mm512_slli_epi32(ch, 2));
+        }
+        const __m512 q = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(c, magic)), zf[v]);
+        for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_fmadd_ps(xb[m], q, acc[m][v]);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      float sv[16];
+      for (int j = 0; j < 16; ++j) sv[j] = static_cast<float>(scales[gi * N + n0 + 16 * v + j]);
+      const __m512 s = _mm512_loadu_ps(sv);
+      for (int m = 0; m < MB; ++m) out[m][v] = _mm512_fmadd_ps(s, acc[m][v], out[m][v]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + m * N + n0 + 16 * v, out[m][v]);
+}
+#endif
+
+template <int BITS, int MB, typename scale_t>
+void rows(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z,
+          float* y, int64_t K, int64_t N, int64_t G, int64_t m0) {
+  const float* xp = x.data_ptr<float>() + m0 * x.stride(0);
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NB;
+      if (n0 + NB <= N) {
+#ifdef __AVX512F__
+        block64_avx512<BITS, MB, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n0);
+#else
+        block<BITS, MB, NB, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n0);
+#endif
+      } else {
+        for (int64_t n = n0; n < N; ++n) block<BITS, MB, 1, scale_t>(xp, ldx, p0, p1, s, z, y + m0 * N, K, N, G, n);
+      }
+    }
+  });
+}
+
+template <int BITS, typename scale_t>
+void run(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z, float* y,
+         int64_t K, int64_t N, int64_t G) {
+  int64_t m = 0;
+  const int64_t M = x.size(0);
+  for (; m + 4 <= M; m += 4) rows<BITS, 4, scale_t>(x, p0, p1, s, z, y, K, N, G, m);
+  for (; m + 2 <= M; m += 2) rows<BITS, 2, scale_t>(x, p0, p1, s, z, y, K, N, G, m);
+  for (; m < M; ++m) rows<BITS, 1, scale_t>(x, p0, p1, s, z, y, K, N, G, m);
+}
+
+}  // namespace
+
+// x fp32 [M, K] (rows contiguous), planes int32 (contiguous), scales [K/G, N] fp32/fp16/bf16, zeros uint8 [K/G, N].
+torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch::Tensor scales, torch::Tensor zeros,
+                       int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1, "x must be fp32 [M, K]");
+  TORCH_CHECK(bits == 3 || bits == 4, "bits must be 3 or 4");
+  TORCH_CHECK(zeros.scalar_type() == torch::kByte && zeros.is_contiguous() && scales.is_contiguous(), "bad scales");
+  for (auto& p : planes) TORCH_CHECK(p.scalar_type() == torch::kInt && p.is_contiguous(), "planes: int32 contiguous");
+  const int64_t K = x.size(1), N = scales.size(1), G = K / scales.size(0);
+  TORCH_CHECK(G * scales.size(0) == K, "groups do not divide K");
+  auto y = torch::empty({x.size(0), N}, x.options());
+  const int32_t* p0 = planes[0].data_ptr<int32_t>();
+  const int32_t* p1 = bits == 3 ? planes[1].data_ptr<int32_t>() : nullptr;
+  const uint8_t* z = zeros.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "owq_gemv", [&] {
+    const scalar_t* s = scales.data_ptr<scalar_t>();
+    if (bits == 4) run<4, scalar_t>(x, p0, p1, s, z, yp, K, N, G);
+    else run<3, scalar_t>(x, p0, p1, s, z, yp, K, N, G);
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("owq_gemv", &owq_gemv, "y = x · deq(W_q)ᵀ from owq-pack v1 planes (3/4-bit, fp32 accumulation)");
+}

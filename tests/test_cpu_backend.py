@@ -1,0 +1,158 @@
+"""The CPU backend (wct.kernels.cpu_backend): the compiled GEMV (M ≤ 8) and the slab path (M > 8, and dX) read the
+owq-pack v1 planes and must match a float64 dequantize-matmul oracle built from the codes; nothing besides the
+stored tensors stays resident; an export generates the tokens of the model it was saved from."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wct.kernels as kernels
+from wct.kernels import cpu_backend, dispatch
+from wct.nn.owq_linear import OWQLinear
+from wct.pack import pack_linear
+
+
+pytestmark = pytest.mark.usefixtures("kernel_config")
+
+
+def packed_layer(bits: int, group: int | None, n_o: int, n: int, k: int, seed: int = 0):
+    """A random OWQLinear and its weight [N, K] in float64, computed from the codes (s·(q − z), weak columns free)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group is None else k // group
+    scales = (torch.rand(groups, n, generator=g) * 0.1 + 0.01).half()
+    zeros = torch.randint(0, 2**bits, (groups, n), generator=g)
+    codes = torch.randint(0, 2**bits, (k, n), generator=g)
+    idx = torch.randperm(k, generator=g)[:n_o].sort().values
+    rep = k // groups
+    w = ((codes - zeros.repeat_interleave(rep, 0)) * scales.double().repeat_interleave(rep, 0)).t().contiguous()
+    w[:, idx] = torch.randn(n, n_o, generator=g, dtype=torch.float64).float().double()
+    bias = torch.randn(n, generator=g)
+    packed = pack_linear(w.float(), scales, zeros, idx, bits, bias=bias, weak_dtype=torch.float32)
+    return OWQLinear.from_packed(packed, bits, k), w
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def test_the_cpu_backend_is_the_cpu_default():
+    kernels.configure(kernel="auto")
+    assert kernels.resolve_backend("auto", torch.device("cpu"), 1) == "cpu"
+    assert kernels.resolve_backend("auto", torch.device("cpu"), 64) == "cpu"
+    assert cpu_backend.extension() is not None, "the compiled GEMV must build on this machine (g++ and ninja)"
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("n_o", [0, 1, 40])
+@pytest.mark.parametrize("m", [1, 4, 33])
+def test_cpu_backend_matches_float64(bits, group, n_o, m):
+    """y, dX and dW_o against float64 on ragged shapes (N = 100; K = 204 per-row, 192 grouped: not multiples of
+    64, 32 or 8 where the format allows); M = 1 and 4 run the GEMV, 33 the slab path."""
+    k = 204 if group is None else 192
+    layer, w64 = packed_layer(bits, group, n_o, n=100, k=k, seed=bits * 100 + n_o + m)
+    x = torch.randn(m, k, requires_grad=True)
+    with kernels.use_kernel("cpu"):
+        y = layer(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    x64, dy64 = x.detach().double(), dy.double()
+    assert rel_err(y, x64 @ w64.t() + layer.bias.double()) < 2e-6
+    assert rel_err(x.grad, dy64 @ w64) < 2e-6
+    if n_o:
+        assert rel_err(layer.weak_weight.grad, x64[:, layer.weak_idx.long()].t() @ dy64) < 2e-6
+
+
+def test_gemv_and_slab_paths_agree_and_batch_rows_are_independent():
+    """Row m of a batch is the same product whatever else is in the batch (the GEMV blocks rows by 4, 2, 1; the
+    weak-column addmm may round differently per batch size), and the slab path agrees with the GEMV."""
+    layer, _ = packed_layer(3, 64, 5, n=130, k=256)
+    x = torch.randn(7, 256)
+    with kernels.use_kernel("cpu"):
+        with torch.no_grad():
+            batch = layer(x)
+            rows = torch.cat([layer(x[i : i + 1]) for i in range(7)])
+            slab = layer(torch.cat([x, torch.zeros(9, 256)]))[:7]  # 16 rows: the slab path
+        via_op = layer(x.requires_grad_())  # with autograd: through the custom op wct::owq_linear
+    torch.testing.assert_close(batch, rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch, slab, rtol=1e-5, atol=1e-5)
+    assert torch.equal(via_op, batch)  # the no-grad shortcut past the custom op computes the same bits
+
+
+def layer_bytes(layer: OWQLinear) -> int:
+    """Bytes of everything the layer holds: its tensors plus any per-layer copy the dispatcher keeps."""
+    own = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    extra = [dispatch._dense_cache.get(layer), dispatch._words_cache.get(layer)]
+    return own + sum(e[1].numel() * e[1].element_size() for e in extra if e is not None)
+
+
+def test_resident_bytes_after_load_and_after_a_forward(tmp_path):
+    """Resident ≤ stored × 1.05 after a forward on the CPU backend (decode and prefill), and 3-bit below 4-bit."""
+    resident = {}
+    for bits in (3, 4):
+        layer, _ = packed_layer(bits, None, 8, n=576, k=576)
+        stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        assert layer_bytes(layer) == stored
+        with torch.no_grad(), kernels.use_kernel("cpu"):
+            layer(torch.randn(1, 576))
+            layer(torch.randn(40, 576))
+        resident[bits] = layer_bytes(layer)
+        assert resident[bits] <= stored * 1.05
+    assert resident[3] < resident[4]
+    kernels.configure(cache_dense="1")  # the torch backend's opt-in cache is what the bound excludes
+    layer, _ = packed_layer(4, None, 8, n=576, k=576)
+    with torch.no_grad(), kernels.use_kernel("torch"):
+        layer(torch.randn(1, 576))
+    assert layer_bytes(layer) > 2 * resident[4]
+
+
+def test_an_export_generates_the_tokens_of_the_model_it_was_saved_from(tmp_path, rtn_pack):
+    """Greedy decoding of a packed tiny model and of its saved-and-reloaded checkpoint on the CPU backend."""
+    from wct.models import load_model
+    from wct.quant.checkpoint import load_quantized, save_quantized
+
+    model, tok = load_model("tiny-llama")
+    rtn_pack(model, 4, n_weak={"q_proj": 3, "down_proj": 5})
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        before = model.generate(ids, **kw)
+        save_quantized(model, tok, tmp_path / "export")
+        loaded, _ = load_quantized(tmp_path / "export")
+        after = loaded.generate(ids, **kw)
+    assert torch.equal(before, after)
+    layers = [m for m in loaded.modules() if isinstance(m, OWQLinear)]
+    assert layers and all(layer_bytes(m) == sum(t.nbytes for t in m.state_dict().values()) for m in layers)
+    assert {dispatch._resolved[k] for k in dispatch._resolved if k[1].type == "cpu"} >= {"cpu"}
+
+
+def test_a_kernel_that_cannot_build_is_one_error_line_and_the_slab_path_answers(tmp_path):
+    """No usable compiler: one `error:` log line naming the fallback, and the product is still right."""
+    script = (
+        "import logging, torch, wct.kernels as k\n"
+        "from wct.kernels import cpu_backend\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "from wct.nn.owq_linear import OWQLinear\n"
+        "from wct.pack import pack_linear\n"
+        "w = torch.randn(32, 64)\n"
+        "p = pack_linear(w, torch.rand(1, 32) * 0.1 + 0.01, torch.full((1, 32), 8), torch.tensor([3]), 4)\n"
+        "layer = OWQLinear.from_packed(p, 4, 64).float()\n"
+        "x = torch.randn(1, 64)\n"
+        "with k.use_kernel('cpu'):\n"
+        "    y = layer(x); y = layer(x)\n"
+        "assert cpu_backend.extension() is None\n"
+        "torch.testing.assert_close(y, x @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": str(tmp_path / "no-such-compiler")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "falling back to the slab path" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

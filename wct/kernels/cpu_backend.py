@@ -1,0 +1,93 @@
+"""The CPU backend: OWQLinear's product read straight from the owq-pack v1 planes, one resident copy of the weights.
+
+- Decode-sized inputs (M ≤ :data:`GEMV_MAX_M` rows, 3- or 4-bit): a compiled GEMV (``kernels/owq_cpu.cpp``, built
+  by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` on first use and cached by torch) that unpacks the
+  codes in registers and accumulates Σ_g s_g·Σ_{k∈g} x_k·(q_k − z_g) in fp32 (docs/kernels.md "CPU backend").
+- Larger M (prefill, training) and 2-bit: a bounded workspace — a slab of at most ``DEQUANT_CHUNK_ELEMS`` weights
+  is dequantized at a time (:func:`wct.pack.dequantize_dense` on a column slice) and multiplied, so no dense copy
+  of a layer outlives the call. dX = dY·W_full takes the same slabs.
+- The weak columns are a separate small product x[:, idx]·W_o (their codes equal the zero-point, so the planes
+  contribute exactly 0 there).
+
+Nothing is converted or cached: the planes the checkpoint stores are the planes the kernel reads, so resident
+weight bytes equal stored bytes and a converted model saves bit-identically. If the extension cannot be built or
+loaded (no C++ compiler, no ninja), one ``error:`` line is logged naming the fallback (the slab path for every M).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from wct.kernels.reference import add_weak, add_weak_dx
+from wct.kernels.sources import source_dir
+from wct.pack import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
+
+log = logging.getLogger("wct.kernels")
+
+GEMV_MAX_M = 8  # rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS
+_ext: dict = {}
+
+
+def extension():
+    """The compiled GEMV module, built on first use; None (after one ``error:`` log line) when it cannot be built
+    or ``WCT_CPU_KERNEL=0``."""
+    if "mod" in _ext:
+        return _ext["mod"]
+    _ext["mod"] = None
+    if os.environ.get("WCT_CPU_KERNEL", "1") == "0":
+        log.info("owq_linear cpu backend: WCT_CPU_KERNEL=0, the slab path serves every batch size")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ext["mod"] = load(
+            name="wct_owq_cpu", sources=[str(source_dir() / "owq_cpu.cpp")],
+            extra_cflags=["-O3", "-march=native"], verbose=False,
+        )
+    except Exception as exc:  # a compiler, ninja or header problem: any of them means "use the fallback"
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        log.error("error: the wct CPU GEMV (kernels/owq_cpu.cpp) could not be built or loaded (%s); falling back "
+                  "to the slab path (dequantize a slab, then matmul), which is correct but slower for decoding. "
+                  "Fix: install a C++ compiler and `pip install ninja`, or set WCT_CPU_KERNEL=0 to silence this", reason)
+    return _ext["mod"]
+
+
+def _slabs(planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int, in_features: int, dtype: torch.dtype):
+    """(column slice, deq(W_q)[slice] as [n, K] in ``dtype``) for slabs of output columns of at most
+    ``DEQUANT_CHUNK_ELEMS`` weights: the workspace of the slab path."""
+    step = max(1, DEQUANT_CHUNK_ELEMS // max(1, in_features))
+    names = [name for name, _, _ in plane_layout(bits)]
+    for n in range(0, scales.shape[1], step):
+        sl = slice(n, n + step)
+        yield sl, dequantize_dense({k: p[:, sl] for k, p in zip(names, planes)}, scales[:, sl], zeros[:, sl], bits,
+                                   in_features, dtype)
+
+
+def forward(
+    x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+    bias: Tensor | None, dense: Tensor | None, bits: int,
+) -> Tensor:
+    """y [M, N] for x [M, K] (``dense`` is unused: this backend keeps no dense copy)."""
+    ext = extension() if x.shape[0] <= GEMV_MAX_M and bits in (3, 4) else None
+    if ext is not None:
+        y = ext.owq_gemv(x.float().contiguous(), planes, scales, zeros, bits).to(x.dtype)
+    else:
+        y = x.new_empty(x.shape[0], scales.shape[1])
+        for sl, w in _slabs(planes, scales, zeros, bits, x.shape[1], x.dtype):
+            y[:, sl] = x @ w.t()
+    return add_weak(y, x, weak_weight, weak_idx, bias)
+
+
+def grad_input(
+    dy: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
+    dense: Tensor | None, bits: int, in_features: int,
+) -> Tensor:
+    """dX [M, K] = dY·W_full for dY [M, N], a slab of W at a time."""
+    dx = dy.new_zeros(dy.shape[0], in_features)
+    for sl, w in _slabs(planes, scales, zeros, bits, in_features, dy.dtype):
+        dx.addmm_(dy[:, sl], w)
+    return add_weak_dx(dx, dy, weak_weight, weak_idx)
