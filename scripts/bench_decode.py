@@ -103,7 +103,6 @@ def _profile_step(model, ids) -> list[dict]:
 
 def _train_step(model, ids) -> float:
     """Seconds of one forward + backward (next-token loss, gradients into the weak columns) on ``ids``."""
-    import torch
 
     for p in model.parameters():
         p.requires_grad_(False)
