@@ -21,6 +21,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow  # the benchmark script end to end
 def test_a_row_quantizes_trains_and_evaluates_its_own_base(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -45,6 +45,7 @@ def test_reference_column_only_on_its_protocol(bench):
         assert bench.table([row], other).splitlines()[2].split()[2] == "-"
 
 
+@pytest.mark.slow  # two quantize processes
 def test_seed_changes_the_calibration_windows(tmp_path):
     book = tmp_path / "book.txt"
     book.write_text(TEXT, encoding="utf-8")

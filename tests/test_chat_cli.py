@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from helpers import REPO, run_dirs, tiny, train
@@ -17,6 +18,7 @@ from helpers import REPO, run_dirs, tiny, train
 TEMPLATE = Path(__file__).parent / "fixtures" / "tiny_chat.jinja"
 
 
+@pytest.mark.slow  # training, export and generation processes
 def test_chat_run_keeps_its_template(tmp_path):
     chats = tmp_path / "chats.jsonl"
     rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Count to {n}."},

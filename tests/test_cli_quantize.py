@@ -127,6 +127,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # a multirun sweep of quantize processes
 def test_cli_multirun_and_errors(tmp_path, text):
     r = cli("wct.quantize", "-m", "quant=owq-w3", "quant.target_bit=3.0,3.1", *TINY, f"calib.source={text}",
             f"eval.corpora=[{text}]", f"paths.quantized_dir={tmp_path / 'q'}", f"hydra.sweep.dir={tmp_path / 'm'}",

@@ -63,8 +63,13 @@ def test_torch_backend_gives_the_same_bits_with_and_without_the_cache(bits, n_o)
         assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n_o", N_WEAK)
+def interpreted_half(n_o: int) -> list:
+    """fp16/bf16 parameters: under TRITON_INTERPRET (no GPU) the n_o = 1 and 7 cases run with the slow tests."""
+    slow = not torch.cuda.is_available() and n_o in (1, 7)
+    return [pytest.param(n_o, d, marks=pytest.mark.slow) if slow else (n_o, d) for d in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("n_o,dtype", [(n, torch.float32) for n in N_WEAK] + sum(map(interpreted_half, N_WEAK), []))
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_triton_matches_float64(bits, group, n_o, dtype):

@@ -163,6 +163,7 @@ def _write_config(folder, config):
     return folder
 
 
+@pytest.mark.slow  # train processes
 def test_estimate_only_on_the_command_line(tmp_path):
     """``python -m wct.train model.estimate_only=true`` on a folder holding only the 70B config.json: the table,
     exit 0, nothing loaded; a folder without config.json and the flag on another verb: one error line."""
