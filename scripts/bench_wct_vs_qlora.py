@@ -1,15 +1,22 @@
 """WCT vs QLoRA vs LoRA on SmolLM2-135M-Instruct, Alpaca-format instruction tuning on CPU or GPU.
 
-    python scripts/bench_wct_vs_qlora.py                       # 11 rows, 30 steps x 8 seqs x <= 256 tokens
+    python scripts/bench_wct_vs_qlora.py                       # 12 rows, 30 steps x 8 seqs x <= 256 tokens
+    python scripts/bench_wct_vs_qlora.py --rows wct-default,qlora-r8,qlora-r64,lora-r8   # the README's table
+    python scripts/bench_wct_vs_qlora.py --rows wct-default --wct "calib.source=emma calib.n_samples=8"
     python scripts/bench_wct_vs_qlora.py --rows wct-w4-k8,qlora-r8 --steps 100 --global-batch 16 --eval-rows 300
 
 The defaults are sized for a quiet 2-core CPU: about 6-9 min per row (WCT ~130 tok/s, QLoRA ~80 tok/s at micro
 batch 4 x 256 tokens), ~70 min in all; each new OWQ base takes ~3 min more (cached afterwards in ``--bases-dir``).
 
-Data: ``alpaca-libre`` (shared data): the first ``--train-rows`` (2,528) rows train, the last ``--eval-rows`` of
-the final 300 are held out. Every row sees the same sequence length, steps, batch stream and hence tokens.
+Data: ``alpaca-libre`` (shared data): the first ``--train-rows`` (2,528) rows train, the last ``--eval-rows``
+(200) of the final 300 are held out: no row's training or calibration sees them (they are among the rows the
+package embeds, which ``python -m wct.train`` trains on by default; the bench's rows train on the first 2,528
+only). Every row sees the same sequence length, steps, batch stream and hence tokens.
 
-Rows: WCT on OWQ bases of 4 and 3 bits with k = 8 and k = 32 weak columns per layer (``target_rank``; the bases
+Rows: ``wct-default`` is ``python -m wct.train task=alpaca`` with every default (conf/, composed by Hydra, plus
+``--wct`` overrides): its base is quantized by the pipeline itself (``wct.training.base.quantized_base``: the
+task-calibrated base, the tuning budget) with the benchmark's training rows as the task's rows, and it trains
+with the default optimizer and schedule. WCT on OWQ bases of 4 and 3 bits with k = 8 and k = 32 weak columns per layer (``target_rank``; the bases
 are quantized once, calibrated on Emma, and cached in ``--bases-dir``); the same k = 8 bases with the weak columns
 chosen on the training rows' Hessians (``-task``, as ``tuning=weak_task``); WCT on the plain OWQ-4.01 allocation
 (2 columns in q/k/v/o/down, none in gate/up) and on k = 3 task-chosen columns (under a fifth of LoRA r = 8's

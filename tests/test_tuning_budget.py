@@ -221,3 +221,14 @@ def test_quantize_refuses_task_calibration():
         cfg = compose("quantize", overrides=["calib.source=task"])
     with pytest.raises(WCTError, match="calib.source='task' is a training setting"):
         to_app(cfg, QuantizeApp)
+
+
+def test_chat_rows_calibrate_through_the_chat_template(tmp_path, monkeypatch):
+    from wct.training.base import calibration_source
+    from wct.training.datamodule import task_rows
+
+    monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "cache"))
+    app, _ = tiny_app(tmp_path, "task=chat", "task.template=alpaca", "task.data.path=null", "task.data.max_rows=40",
+                      "calib.source=task")
+    text = Path(calibration_source(app, task_rows(app.task))).read_text()
+    assert text.count("### Response:") == 36 and text.count("</s>") == 36  # 40 rows less 4 validation, EOS each

@@ -22,6 +22,7 @@ from wct.io import atomic_file
 from wct.models import cache_dir, load_model, model_tag
 from wct.quant.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
+from wct.quant.stream import source_folder, tokenizer_of
 from wct.training.module import fingerprint, prepare_wct
 
 MIX_GENERIC = "emma"  # calib.source=mix: the generic text mixed with the task's rows (embedded)
@@ -34,14 +35,34 @@ def files_state(name: str) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
+def task_tokenizer(app: TrainApp):
+    """The tokenizer of ``model.name`` without its weights where the folder has one (chat rows render with it)."""
+    try:
+        tok = tokenizer_of(source_folder(app.model.name))
+    except WCTError:  # not a local or converted folder (tiny-llama, a hub id, a .gguf): load the model once
+        tok = None
+    return tok or load_model(app.model.name, dtype=app.model.dtype)[1]
+
+
+def render_rows(app: TrainApp, train: list[dict]) -> str:
+    """The training rows as training renders them: Alpaca prompt + response, or each conversation through the
+    task's chat template (``task.template``), conversations separated by a blank line."""
+    if app.task.format != "chat":
+        return instruct.render_text(train)
+    tok = task_tokenizer(app)
+    template = chat.resolve_template(tok, app.task.template)
+    return "\n\n".join(chat.render(tok, template, r["messages"], False, f"training row {i}")
+                       for i, r in enumerate(train))
+
+
 def task_text(app: TrainApp, rows: list[dict[str, str]]) -> tuple[Path, int]:
     """(file, rows in it): the task's training rows (``rows`` without the validation split) rendered with its
-    template, written once to the cache; the text that calibrates when ``calib.source=task|mix`` (or
-    ``calib.fallback=task`` finds no file) and that chooses the weak columns when ``tuning.select=task``. The
-    validation split never enters it."""
+    template (:func:`render_rows`), written once to the cache; the text that calibrates when
+    ``calib.source=task|mix`` (or ``calib.fallback=task`` finds no file) and that chooses the weak columns when
+    ``tuning.select=task``. The validation split never enters it."""
     t = app.task
     train, _ = instruct.split_rows(rows, t.val_fraction, t.val_size, t.seed)
-    text = (chat if t.format == "chat" else instruct).render_text(train)
+    text = render_rows(app, train)
     out = cache_dir() / "calib" / f"task-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     if not out.is_file():
         with atomic_file(out, "w") as fh:
