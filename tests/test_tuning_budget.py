@@ -199,7 +199,7 @@ def test_resume_refuses_a_changed_tuning_budget(tuned_run, tmp_path, monkeypatch
     (["calib.source=task", "calib.seqlen=100000"], "calib.source=task: the task's training rows are too short"),
     (["calib.source=mix", "calib.seqlen=100000"], "calib.source=mix: the task's training rows are too short"),
     (["task.val_size=22"], "22 rows cannot give a validation split of 22 rows and a non-empty training split"),
-    (["tuning.k=64"], "tuning.k=64 trainable columns per layer do not fit model.layers.0"),
+    (["tuning.k=64"], "tuning.k=64 trainable columns per layer do not fit self_attn.q_proj, which has 64 input columns"),
     (["method=lora", "tuning.k=4"], "tuning.k=4 adds trainable FP16 columns .* method=lora"),
     (["method=qlora", "tuning.k=4"], "tuning.k=4 adds trainable FP16 columns .* method=qlora"),
     (["tuning.k=0"], "tuning.k=0 is invalid"),
