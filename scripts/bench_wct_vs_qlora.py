@@ -1,15 +1,22 @@
 """WCT vs QLoRA vs LoRA on SmolLM2-135M-Instruct, Alpaca-format instruction tuning on CPU or GPU.
 
-    python scripts/bench_wct_vs_qlora.py                       # 11 rows, 30 steps x 8 seqs x <= 256 tokens
+    python scripts/bench_wct_vs_qlora.py                       # 12 rows, 30 steps x 8 seqs x <= 256 tokens
+    python scripts/bench_wct_vs_qlora.py --rows wct-default,qlora-r8,qlora-r64,lora-r8   # the README's table
+    python scripts/bench_wct_vs_qlora.py --rows wct-default --wct "calib.source=emma calib.n_samples=8"
     python scripts/bench_wct_vs_qlora.py --rows wct-w4-k8,qlora-r8 --steps 100 --global-batch 16 --eval-rows 300
 
 The defaults are sized for a quiet 2-core CPU: about 6-9 min per row (WCT ~130 tok/s, QLoRA ~80 tok/s at micro
 batch 4 x 256 tokens), ~70 min in all; each new OWQ base takes ~3 min more (cached afterwards in ``--bases-dir``).
 
-Data: ``alpaca-libre`` (shared data): the first ``--train-rows`` (2,528) rows train, the last ``--eval-rows`` of
-the final 300 are held out. Every row sees the same sequence length, steps, batch stream and hence tokens.
+Data: ``alpaca-libre`` (shared data): the first ``--train-rows`` (2,528) rows train, the last ``--eval-rows``
+(200) of the final 300 are held out: no row's training or calibration sees them (they are among the rows the
+package embeds, which ``python -m wct.train`` trains on by default; the bench's rows train on the first 2,528
+only). Every row sees the same sequence length, steps, batch stream and hence tokens.
 
-Rows: WCT on OWQ bases of 4 and 3 bits with k = 8 and k = 32 weak columns per layer (``target_rank``; the bases
+Rows: ``wct-default`` is ``python -m wct.train task=alpaca`` with every default (conf/, composed by Hydra, plus
+``--wct`` overrides): its base is quantized by the pipeline itself (``wct.training.base.quantized_base``: the
+task-calibrated base, the tuning budget) with the benchmark's training rows as the task's rows, and it trains
+with the default optimizer and schedule. WCT on OWQ bases of 4 and 3 bits with k = 8 and k = 32 weak columns per layer (``target_rank``; the bases
 are quantized once, calibrated on Emma, and cached in ``--bases-dir``); the same k = 8 bases with the weak columns
 chosen on the training rows' Hessians (``-task``, as ``tuning=weak_task``); WCT on the plain OWQ-4.01 allocation
 (2 columns in q/k/v/o/down, none in gate/up) and on k = 3 task-chosen columns (under a fifth of LoRA r = 8's
@@ -37,6 +44,8 @@ import time
 from pathlib import Path
 
 ROWS = {  # name: method, OWQ bits / weak columns (k, or the target_bit allocation) or LoRA rank, learning rate
+    # python -m wct.train's defaults (conf/train.yaml + --wct overrides): base, calibration, tuning budget, optimizer
+    "wct-default": {"method": "wct", "config": "train.yaml"},
     "wct-w4-k8": {"method": "wct", "bits": 4, "k": 8, "lr": 1e-4},
     "wct-w4-k32": {"method": "wct", "bits": 4, "k": 32, "lr": 5e-5},
     "wct-w3-k8": {"method": "wct", "bits": 3, "k": 8, "lr": 1e-4},
@@ -77,6 +86,31 @@ def base_dir(args, spec: dict) -> Path:
         quantize_model(model, calib, bits=bits, target_rank=k, target_bit=target, select=select)
         save_quantized(model, tok, out)
     return out
+
+
+def default_app(args):
+    """The TrainApp of ``python -m wct.train task=alpaca trainer.precision=32-true <--wct overrides>``, composed
+    from conf/ (every default of the real command), with its base cache in ``--bases-dir``."""
+    from hydra import compose, initialize_config_dir
+
+    from wct.config import CONF_DIR, TrainApp, to_app
+
+    overrides = ["task=alpaca", "trainer.precision=32-true", f"cache_dir={args.bases_dir}", *args.wct.split()]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_app(compose(config_name="train", overrides=overrides), TrainApp)
+
+
+def default_base(args, rows: list[dict]) -> tuple[Path, object]:
+    """``(base folder, app)`` of the default row: quantized by the pipeline (:func:`wct.training.base.
+    quantized_base`) with the task's rows = the benchmark's training rows, so the held-out rows reach neither the
+    calibration nor the training; the quantization time is printed by the pipeline and measured here."""
+    from wct.training.base import quantized_base
+
+    app = default_app(args)
+    start = time.perf_counter()
+    folder = quantized_base(app, (rows, f"alpaca-libre, first {len(rows)} rows"))
+    print(f"wct-default base ready in {time.perf_counter() - start:.1f} s: {folder}", flush=True)
+    return folder, app
 
 
 def fitting(tok, rows: list[dict], seq_len: int) -> list[dict]:
@@ -139,7 +173,21 @@ def run_row(name: str, spec: dict, args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     method = spec["method"]
-    if method == "wct":
+    rows = read_file(DATA / "alpaca-libre" / "alpaca_libre.json")
+    optim = OptimConfig(lr=spec.get("lr", 1.0), grad_clip=0.3)
+    extra = {}
+    if "config" in spec:  # the default row: base, tuning set and optimizer as python -m wct.train has them
+        start = time.perf_counter()
+        folder, app = default_base(args, rows[: args.train_rows])
+        extra["base_seconds"] = time.perf_counter() - start
+        model, tok = load_quantized(folder, dtype=torch.float32)
+        prepare_wct(model, app.tuning)
+        optim = app.optim
+        qc = model.config.quantization_config
+        extra |= {"lr": optim.lr, "scheduler": optim.scheduler, "wct": args.wct, "base": folder.name,
+                  "paper_bits": qc["paper_bits"], "stored_bits": qc["stored_bits"],
+                  "calibration": qc.get("calibration", {}).get("source")}
+    elif method == "wct":
         folder = base_dir(args, spec)
         model, tok = load_quantized(folder, dtype=torch.float32)
         prepare_wct(model, TuningConfig())
@@ -150,12 +198,10 @@ def run_row(name: str, spec: dict, args) -> dict:
         model = prepare_lora_model(model, method, **lora)
     model.config.use_cache = False
     model.train()  # as wct.train does: loaded models are in eval mode (LoRA dropout would be off)
-    rows = read_file(DATA / "alpaca-libre" / "alpaca_libre.json")
     task = TaskConfig(max_length=args.seq_len, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
     dm = InstructDataModule(task, tok, max_steps=args.steps)
     dm.train_set = fitting(tok, rows[: args.train_rows], args.seq_len)
     dm.val_set = fitting(tok, rows[len(rows) - 300 :][-args.eval_rows :], args.seq_len)
-    optim = OptimConfig(lr=spec["lr"], grad_clip=0.3)
     module = TuneModule(model, optim, args.steps, {"fingerprint": "bench", "base": str(folder or "smollm2-135m")})
     trainer = L.Trainer(
         accelerator="auto", devices=1, precision="32-true", max_steps=args.steps, logger=False,
@@ -185,7 +231,7 @@ def run_row(name: str, spec: dict, args) -> dict:
             config = {"model": {"name": "smollm2-135m", "dtype": "float32"}, "method": {"name": method, **lora}}
             meta = export_adapter(Trained(model, tok, method, config, "smollm2-135m", None, trained), Path(tmp) / "x")
     return {
-        "row": name, **spec,
+        "row": name, **spec, **extra,
         "trainable_params": sum(t.numel() for t in trained.values()),
         "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.delta_mb,
         "memory_measure": "cuda max_memory_allocated" if cuda else "RSS increase during fit",
@@ -206,7 +252,7 @@ def _worker(name: str, spec: dict, args, queue) -> None:
     try:
         queue.put(run_row(name, spec, args))
     except Exception as e:  # a failed row is reported in the table, the others still run
-        queue.put({"row": name, **spec, "error": f"{type(e).__name__}: {e}"})
+        queue.put({"row": name, "lr": 0.0, **spec, "error": f"{type(e).__name__}: {e}"})
 
 
 def table(results: list[dict]) -> str:
@@ -232,9 +278,11 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward")
     p.add_argument("--train-rows", type=int, default=2528, help="first rows of alpaca-libre used for training")
-    p.add_argument("--eval-rows", type=int, default=100, help="held-out rows (taken from the last 300)")
+    p.add_argument("--eval-rows", type=int, default=200, help="held-out rows (taken from the last 300)")
     p.add_argument("--calib-samples", type=int, default=32, help="512-token Emma windows to quantize a new base")
     p.add_argument("--bases-dir", default=str(Path(tempfile.gettempdir()) / "wct_bench" / "bases"))
+    p.add_argument("--wct", default="", help="Hydra overrides of the wct-default row, space-separated, e.g. "
+                   "'calib.source=emma calib.n_samples=8 tuning.k=4'")
     p.add_argument("--lr", type=float, default=None, help="learning rate for every chosen row (default: each row's)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default="bench_wct_vs_qlora.json")
@@ -250,6 +298,8 @@ def main() -> None:
     for name in names:
         queue = ctx.Queue()
         spec = ROWS[name] | ({"lr": args.lr} if args.lr else {})
+        if "config" in spec and args.lr:
+            args.wct += f" optim.lr={args.lr}"
         proc = ctx.Process(target=_worker, args=(name, spec, args, queue))
         proc.start()
         results.append(queue.get() | {"loadavg": os.getloadavg()})

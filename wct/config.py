@@ -37,6 +37,7 @@ SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
 METHODS = ("wct", "lora", "qlora")
 TEMPLATES = ("auto", "alpaca", "chat", "none")
+TASK_SOURCES = ("task", "mix")  # calib.source values that render the task's training rows (wct.train only)
 
 
 def require(ok: bool, key: str, value: Any, allowed: str, problem: str = "is invalid") -> None:
@@ -79,8 +80,10 @@ class ModelConfig:
 
 @dataclass
 class CalibConfig:
-    """Calibration windows (docs/algorithm.md §1.2): ``source`` is wikitext2 / ptb / c4 or a local text
-    file or folder."""
+    """Calibration windows (docs/algorithm.md §1.2): ``source`` is wikitext2 / ptb / c4, an embedded text (emma)
+    or a local text file or folder; in ``wct.train`` also ``task`` (the task's training rows rendered with its
+    template, never its validation split) or ``mix`` (half the windows from the task's rows, half from the
+    embedded generic text, *Emma*)."""
 
     source: str = "c4"
     n_samples: int = 128
@@ -206,16 +209,24 @@ class TuningConfig:
 
     ``select``: which inputs' Hessians choose the weak columns when the base is quantized on the fly: ``calib``
     (OWQ: the calibration text) or ``task`` (the task's training rows, rendered with its template; GPTQ still
-    compensates on the calibration Hessian)."""
+    compensates on the calibration Hessian).
+
+    ``k``: the tuning budget, independent of the quantization label: every linear of every block (gate/up
+    included) also trains its ``k`` columns of highest sensitivity on the selection Hessians (the task's rows with
+    ``select=task`` or ``calib.source=task``), kept as FP16 columns that start from their dequantized values
+    (docs/algorithm.md §3.5); None: only the quantization's weak columns train."""
 
     name: str = "weak"
     norms: bool = False
     lm_head: bool = False
     master_dtype: str = "float32"
     select: str = "calib"
+    k: Optional[int] = None
 
     def __post_init__(self) -> None:
         one_of("tuning.master_dtype", self.master_dtype, DTYPES)
+        if self.k is not None:
+            at_least("tuning.k", self.k, 1)
         require(self.select in ("calib", "task"), "tuning.select", self.select,
                 "use calib (the calibration text's Hessians choose the weak columns) or task (the task's rows "
                 "choose them)", "is unknown")
@@ -321,6 +332,9 @@ class QuantizeApp:
     def __post_init__(self) -> None:
         self.model.train_only()
         self.progress = self.progress and not self.quiet
+        require(self.calib.source not in TASK_SOURCES, "calib.source", self.calib.source,
+                "it needs a task's rows, which only python -m wct.train has; pass a text (emma, a file) here",
+                "is a training setting")
 
 
 @dataclass
@@ -445,6 +459,11 @@ class TrainApp:
         self.progress = self.progress and not self.quiet
         require(self.model.dtype != "auto", "model.dtype", self.model.dtype, "training keeps the base in one dtype "
                 "on every device; use float32 or bfloat16", "is for quantize, evaluate and generate")
+        if self.tuning.k is not None and (self.method.name != "wct" or self.model.quantized):
+            raise WCTError(f"tuning.k={self.tuning.k} adds trainable FP16 columns while the base is quantized on the "
+                           f"fly, so it needs method=wct with no model.quantized (got method={self.method.name}"
+                           f"{', model.quantized=' + str(self.model.quantized) if self.model.quantized else ''}); "
+                           "drop tuning.k (LoRA: set method.r), or drop model.quantized")
         if self.tuning.select == "task" and (self.method.name != "wct" or self.model.quantized):
             raise WCTError("tuning.select=task chooses the weak columns while the base is quantized on the fly, so it "
                            "needs method=wct with model.name and no model.quantized (a packed base has its columns "

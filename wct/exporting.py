@@ -59,6 +59,16 @@ def calibration_text(calibration: dict | None) -> str:
             f"BOS {c.get('bos', 'never')}")
 
 
+def bits_text(meta: dict) -> str:
+    """The card's bits: the codes' width and, for an owq-pack export, the true bits per weight counting every FP16
+    column (the recipe's weak ones and the ``tuning.k`` ones alike; docs/owq-pack.md §2.1)."""
+    if "paper_bits" not in meta:
+        return str(meta.get("bits", "full precision"))
+    extra = f"; {meta['tuning_k']} of them per layer added for tuning (tuning.k)" if meta.get("tuning_k") else ""
+    return (f"{meta['bits']}-bit codes; {meta['paper_bits']:.4f} bits per weight with the FP16 columns (paper "
+            f"count), {meta['stored_bits']:.4f} stored{extra}")
+
+
 def model_card(meta: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in meta["metrics"].items()) or "| (none recorded) | |"
     usage = (
@@ -81,7 +91,7 @@ Fine-tuned with **{meta['method']}** (wct) on the base `{meta['base']}`.
 | --- | --- |
 | method | {meta['method']} |
 | base | {meta['base']} |
-| bits | {meta.get('bits', 'full precision')} |
+| bits | {bits_text(meta)} |
 | weak columns per layer (by type) | {meta.get('weak_by_type', 'n/a')} |
 | quantization calibration | {calibration_text(meta.get('calibration'))} |
 | training data | {meta.get('training_data', 'n/a')} |
@@ -144,6 +154,8 @@ def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
     layers = owq_layers(model)
     meta = export_meta(trained, out, template) | {
         "bits": model.config.quantization_config.get("bits"),
+        **{k: model.config.quantization_config[k] for k in ("paper_bits", "stored_bits", "tuning_k")
+           if k in model.config.quantization_config},  # the true bits, every FP16 column counted
         "calibration": model.config.quantization_config.get("calibration"),  # the base's (source, windows, bos)
         "trained_parameters": sorted(trained.extra),
         "weak_dtype": str(next(iter(layers.values())).weak_weight.dtype).removeprefix("torch."),

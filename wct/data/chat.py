@@ -93,12 +93,6 @@ def check_conversations(rows: list[Any], source: str, fields: Mapping[str, str] 
     return [{"messages": conversation(r, i, source, fields, roles)} for i, r in enumerate(rows)]
 
 
-def render_text(rows: list[Mapping[str, list[dict[str, str]]]]) -> str:
-    """The conversations' contents as one plain text (turns joined by newlines, conversations by blank lines): the
-    task's text for calibration or column selection."""
-    return "\n\n".join("\n".join(m["content"] for m in r["messages"]) for r in rows)
-
-
 # ------------------------------------------------------------------ templates
 
 

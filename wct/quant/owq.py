@@ -50,14 +50,16 @@ class QuantReport:
     seconds: float
     loss: dict[str, float] = field(default_factory=dict)  # GPTQ's Σ (w - q)²/U_cc²/2 per layer (0 for RTN)
     block_seconds: list[float] = field(default_factory=list)  # streaming: read + quantize + write, per block
+    tune_k: int = 0  # trainable columns per linear beyond the recipe's weak ones (docs/algorithm.md §3.5)
 
     def summary(self) -> str:
         roles = ", ".join(f"{r}={n}" for r, n in self.weak_by_role.items())
-        if self.cfg.budget == "global":  # counts differ per block: each type's range over the blocks
+        if self.cfg.budget == "global" or self.tune_k:  # counts differ per block: each type's range over the blocks
             ranges = {}
             for name, n in self.n_weak.items():
                 ranges.setdefault(layer_role(name), []).append(n)
-            roles = ", ".join(f"{r}={min(v)}-{max(v)}" for r, v in ranges.items()) + " (global budget)"
+            why = "global budget" if self.cfg.budget == "global" else f"with tuning.k={self.tune_k}"
+            roles = ", ".join(f"{r}={min(v)}-{max(v)}" for r, v in ranges.items()) + f" ({why})"
         return (
             f"{self.cfg.name}: {len(self.n_weak)} linears, weak columns per layer {roles}; "
             f"{self.paper_bits:.3f} bits (paper label), {self.stored_bits:.3f} bits stored; {self.seconds:.1f} s"
@@ -259,24 +261,30 @@ def _quantize_layer(
     cfg: QuantConfig,
     storage: torch.dtype,
     chooser: GPTQ | None = None,
+    tune_k: int = 0,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Packed owq-pack v1 tensors of one layer and its GPTQ loss (docs/algorithm.md §1.6-§1.8; RTN without
     ``gptq``).
 
     ``chooser``: a second Hessian (of other inputs, e.g. the task's) whose sensitivity picks the weak columns;
-    GPTQ's compensation and act-order still use ``gptq``'s."""
+    GPTQ's compensation and act-order still use ``gptq``'s. ``tune_k``: the tuning budget (docs/algorithm.md
+    §3.5): the ``tune_k`` columns of highest sensitivity on ``chooser`` (else on ``gptq``) are quantized and
+    compensated like any other, then stored as FP16 weak columns holding their dequantized values (codes at the
+    zero-point), so the base computes the same function and those columns train."""
     w = _weight(layer).detach()
     weak = torch.zeros(0, dtype=torch.int32, device=w.device)
     loss = 0.0
     if gptq is None:
         q, scales, zeros = rtn(w.float(), cfg.bits, cfg.sym, cfg.tuning, cfg.grid, cfg.group_size, storage)
     else:
-        sens = None
-        if n_weak:
+        sens = choice = None
+        if n_weak or tune_k:
             sens = gptq.sensitivity(cfg.bits, cfg.sym, cfg.tuning, cfg.sens_grid, cfg.frob_norm)
             choice = sens if chooser is None else chooser.sensitivity(
                 cfg.bits, cfg.sym, cfg.tuning, cfg.sens_grid, cfg.frob_norm)
+        if n_weak:
             weak = GPTQ.weak_columns(choice, n_weak)
+        tuned = GPTQ.weak_columns(choice, tune_k) if tune_k else None  # before the solve changes W in place
         q, scales, zeros = gptq.solve(
             weak,
             cfg.bits,
@@ -288,10 +296,12 @@ def _quantize_layer(
             percdamp=cfg.percdamp,
             blocksize=cfg.blocksize,
             act_order=cfg.act_order,
-            order_key=sens,  # with weak columns, act-order goes by sensitivity (docs/algorithm.md §1.8)
+            order_key=sens if n_weak else None,  # with weak columns, act-order goes by sensitivity (§1.8)
             scale_dtype=storage,
         )
         loss = gptq.loss
+        if tuned is not None:  # q holds grid values there: pack_linear keeps them as the FP16 starting values
+            weak = torch.unique(torch.cat([weak, tuned.to(weak.device)])).to(torch.int32)
     bias = layer.bias.detach() if layer.bias is not None else None
     return pack_linear(q, scales, zeros, weak, cfg.bits, bias, storage, storage), loss
 
@@ -331,6 +341,20 @@ def _check_inputs(
             )
 
 
+def check_tuning_budget(tune_k: int, widths: dict[str, int], cfg: QuantConfig) -> None:
+    """WCTError unless ``tune_k`` trainable columns fit every layer (``widths``: name -> in_features) and the
+    recipe keeps weak columns (method owq)."""
+    if not tune_k:
+        return
+    if cfg.method != "owq":
+        raise WCTError(f"tuning.k={tune_k} stores trainable FP16 columns, which quant.method={cfg.method} does not "
+                       "keep; use an owq recipe (quant=owq-w4-t4.01) or drop tuning.k")
+    name, width = min(widths.items(), key=lambda kv: kv[1])
+    if tune_k >= width:
+        raise WCTError(f"tuning.k={tune_k} trainable columns per layer do not fit {name}, which has {width} input "
+                       f"columns; use tuning.k < {width}")
+
+
 @dataclass
 class _Setup:
     """What every block's quantization shares: the blocks, the names of block 0's linears (not the layers: a
@@ -367,11 +391,13 @@ def _recipe(cfg: QuantConfig | None, recipe: dict[str, Any]) -> QuantConfig:
     return cfg
 
 
-def _setup(model: nn.Module, calib: torch.Tensor, select: torch.Tensor | None, cfg: QuantConfig) -> _Setup:
+def _setup(model: nn.Module, calib: torch.Tensor, select: torch.Tensor | None, cfg: QuantConfig,
+           tune_k: int = 0) -> _Setup:
     """Checks and per-layer counts from block 0 (its weights may still be on the meta device)."""
     prefix, blocks = find_blocks(model)
     first = find_linears(blocks[0])
     _check_inputs(model, calib, select, cfg, first)
+    check_tuning_budget(tune_k, {n: _weight(m).shape[1] for n, m in first.items()}, cfg)
     ratios = budget_ratios(first)
     layers = {n: (_weight(m).shape[1], layer_role(n), ratios[n]) for n, m in first.items()}
     counts = weak_counts(cfg, layers) if cfg.method == "owq" else dict.fromkeys(first, 0)
@@ -393,7 +419,7 @@ def _catch(model: nn.Module, setup: _Setup, calib: torch.Tensor, select: torch.T
 
 
 def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, device: torch.device,
-                    n_weak: dict[str, int], losses: dict[str, float]) -> None:
+                    n_weak: dict[str, int], losses: dict[str, float], tune_k: int = 0) -> None:
     """Quantize block ``i`` on ``device`` (its linears become OWQLinear), record its layers in ``n_weak`` /
     ``losses``, advance ``stream`` through the quantized block, and move the block back where it was."""
     block, prefix, per_layer = setup.blocks[i], setup.prefix, setup.per_layer
@@ -407,15 +433,16 @@ def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, de
         if cfg.method != "rtn":
             gptqs = _hessians(block, {n: linears[n] for n in group}, stream.inps, stream.kwargs[i])
         if stream.sel_inps is not None:
-            choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"]},
+            choosers = _hessians(block, {n: linears[n] for n in group if per_layer[f"{prefix}.{i}.{n}"] or tune_k},
                                  stream.sel_inps, stream.kwargs[i])
         for n in group:  # each layer and its Hessians are dropped once it is solved (docs/scale.md)
             layer = linears.pop(n)
             packed, losses[f"{prefix}.{i}.{n}"] = _quantize_layer(
-                layer, gptqs.pop(n, None), per_layer[f"{prefix}.{i}.{n}"], cfg, setup.storage, choosers.pop(n, None))
+                layer, gptqs.pop(n, None), per_layer[f"{prefix}.{i}.{n}"], cfg, setup.storage, choosers.pop(n, None),
+                tune_k)
             k = _weight(layer).shape[1]
             block.set_submodule(n, OWQLinear.from_packed(packed, cfg.bits, k))
-            n_weak[f"{prefix}.{i}.{n}"] = per_layer[f"{prefix}.{i}.{n}"]
+            n_weak[f"{prefix}.{i}.{n}"] = packed["weak_idx"].numel()
         del gptqs, choosers
     if stream.inps is not None and i + 1 < len(setup.blocks):
         with kernels.no_dense_cache():  # the quantized block feeds the next one, run once: nothing to cache
@@ -426,7 +453,7 @@ def _quantize_block(i: int, setup: _Setup, stream: _Stream, cfg: QuantConfig, de
 
 
 def _finish(model: nn.Module, setup: _Setup, cfg: QuantConfig, n_weak: dict[str, int], losses: dict[str, float],
-            start: float, selection: str, calibration: dict[str, Any] | None = None) -> QuantReport:
+            start: float, selection: str, calibration: dict[str, Any] | None = None, tune_k: int = 0) -> QuantReport:
     """The report, and ``model.config.quantization_config`` (a plain dict) for checkpointing. ``selection``: the
     ``weak_selection`` entry (``calib`` or the selection text's label); ``calibration``: the ``calibration``
     entry (how the calibration windows were made: source, n_samples, seqlen, seed, bos), when given."""
@@ -440,6 +467,8 @@ def _finish(model: nn.Module, setup: _Setup, cfg: QuantConfig, n_weak: dict[str,
     }
     if calibration is not None:
         recipe["calibration"] = dict(calibration)
+    if tune_k:  # docs/algorithm.md §3.5: the trainable columns beyond the recipe's weak ones
+        recipe["tuning_k"] = tune_k
     meta = describe_quantization(model, recipe)
     model.config.quantization_config = meta
     return QuantReport(
@@ -451,6 +480,7 @@ def _finish(model: nn.Module, setup: _Setup, cfg: QuantConfig, n_weak: dict[str,
         low_bit_fraction=meta["low_bit_fraction"],
         seconds=time.time() - start,
         loss=losses,
+        tune_k=tune_k,
     )
 
 
@@ -464,6 +494,7 @@ def quantize_model(
     select: torch.Tensor | None = None,
     selection_label: str = "select",
     calibration: dict[str, Any] | None = None,
+    tune_k: int | None = None,
     **recipe: Any,
 ) -> QuantReport:
     """Quantize every linear of every decoder block of ``model`` in place (docs/algorithm.md §1.1).
@@ -477,22 +508,25 @@ def quantize_model(
     propagated through the already-quantized blocks; GPTQ's error compensation still runs on calib's Hessian.
     ``selection_label`` names that text in ``quantization_config["weak_selection"]``. ``calibration``: how
     ``calib`` was made (e.g. ``asdict(CalibConfig)`` with ``bos`` resolved), kept as
-    ``quantization_config["calibration"]``.
+    ``quantization_config["calibration"]``. ``tune_k``: the tuning budget, trainable FP16 columns per linear
+    beyond the recipe's weak ones, chosen on ``select``'s Hessians (else calib's) (:func:`_quantize_layer`);
+    recorded as ``quantization_config["tuning_k"]``, and the bits reported count them.
 
     :func:`wct.quant.stream.quantize_streaming` does the same block by block from safetensors shards.
     """
     start = time.time()
     cfg = _recipe(cfg, recipe)
     device = torch.device(device or "cpu")
-    setup = _setup(model, calib, select, cfg)
+    tune_k = tune_k or 0
+    setup = _setup(model, calib, select, cfg, tune_k)
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
     model.eval()
     model.config.use_cache = False
     stream = _catch(model, setup, calib, select, cfg, device)
     n_weak, losses = {}, {}
     for i in tqdm(range(len(setup.blocks)), desc=f"quantize {cfg.name}", unit="block", disable=not progress):
-        _quantize_block(i, setup, stream, cfg, device, n_weak, losses)
+        _quantize_block(i, setup, stream, cfg, device, n_weak, losses, tune_k)
     model.train(was_training)
     model.config.use_cache = use_cache
     return _finish(model, setup, cfg, n_weak, losses, start, "calib" if select is None else selection_label,
-                   calibration)
+                   calibration, tune_k)

@@ -129,9 +129,11 @@ def meta_model(config: dict) -> nn.Module:
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def weak_columns(model: nn.Module, config: dict, quant: QuantConfig) -> tuple[int, int, dict[str, int]]:
+def weak_columns(model: nn.Module, config: dict, quant: QuantConfig,
+                 tune_k: int = 0) -> tuple[int, int, dict[str, int]]:
     """``(bits, group_size, {qualified linear name: weak columns})`` of the OWQ base of ``model``: those an
-    owq-pack ``config.json`` records, else those ``quant`` would choose (docs/algorithm.md §1.5)."""
+    owq-pack ``config.json`` records, else those ``quant`` would choose (docs/algorithm.md §1.5) plus the
+    ``tune_k`` trainable ones (§3.5; at most, as they may overlap)."""
     from wct.quant.owq import weak_counts
 
     prefix, blocks = find_blocks(model)
@@ -145,6 +147,7 @@ def weak_columns(model: nn.Module, config: dict, quant: QuantConfig) -> tuple[in
         counts = weak_counts(quant, {n: (m.in_features, layer_role(n), ratios[n]) for n, m in first.items()})
     else:
         counts = dict.fromkeys(first, 0)
+    counts = {n: min(c + tune_k, first[n].in_features - 1) if tune_k else c for n, c in counts.items()}
     return quant.bits, quant.group_size, {f"{prefix}.{i}.{n}": counts[n] for i in range(len(blocks)) for n in first}
 
 
@@ -192,7 +195,7 @@ def _activations(model: nn.Module, tokens: int, attn: int, size: int) -> tuple[i
 
 def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision: str, micro: int, seq: int,
                  optim: str, device: str = "cpu", master: torch.dtype = torch.float32,
-                 cache_budget: int = 0, torch_kernel: bool = True, ranks: int = 1) -> TrainMemory:
+                 cache_budget: int = 0, torch_kernel: bool = True, ranks: int = 1, tune_k: int = 0) -> TrainMemory:
     """The itemised peak of one WCT step for the model ``config`` (a ``config.json`` dict; an owq-pack's records
     its weak columns, otherwise ``quant`` chooses them) — from the shapes alone, on the meta device.
 
@@ -207,6 +210,8 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
     linear), activations (:func:`_activations`)
     and the logits (fp32 copy, its log-softmax and gradient).
 
+    ``tune_k``: ``tuning.k`` of an on-the-fly base (its upper bound of trainable columns per linear, §3.5).
+
     ``ranks`` > 1: ``trainer=fsdp`` over that many devices (:mod:`wct.training.sharding`), the rows one device's.
     The packed weights, weak columns, gradients and optimizer state are sharded (1/ranks each), plus two decoder
     blocks' packed weights and weak columns all-gathered at a time (the block running and the one FSDP2
@@ -214,7 +219,7 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
     count whole (the root, which FSDP2 keeps gathered from forward to backward); no dense-weight cache
     (``TuneModule.configure_model`` turns it off); activations and logits are per device already."""
     model = meta_model(config)
-    bits, group, n_weak = weak_columns(model, config, quant)
+    bits, group, n_weak = weak_columns(model, config, quant, tune_k)
     prefix, blocks = find_blocks(model)
     size = torch.empty(0, dtype=dtype).element_size()
     ws = torch.empty(0, dtype=master).element_size()
@@ -277,4 +282,4 @@ def estimate_run(app: TrainApp, config: dict | None = None) -> TrainMemory:
     precision = resolve_precision(t.precision, gpu)[0]
     return train_memory(config, app.quant, as_dtype(app.model.dtype), precision, app.task.micro_batch_size,
                         app.task.max_length, app.optim.name, device, as_dtype(app.tuning.master_dtype), budget,
-                        torch_kernel, ranks)
+                        torch_kernel, ranks, app.tuning.k or 0)
