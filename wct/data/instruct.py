@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -118,8 +119,10 @@ def check_rows(rows: list[Any], source: str, fields: Mapping[str, str] | None = 
 
 
 def _as_text(value: Any) -> Any:
-    """Numbers become their decimal text (an answer ``42`` trains as "42"); anything else is left as it is."""
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    """Numbers become their decimal text (an answer ``42`` trains as "42"); anything else, NaN and infinities
+    included (a parquet float), is left as it is and refused as not text."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return str(value) if number and math.isfinite(value) else value
 
 
 def read_file(path: Path) -> list[Any]:
@@ -138,17 +141,36 @@ def read_file(path: Path) -> list[Any]:
     text = decode_utf8(gzip.decompress(path.read_bytes()), path) if packed else read_text(path)
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
-            return json.loads(text)
+            rows = json.loads(text, parse_constant=NotJSON)
         except json.JSONDecodeError as e:
             raise WCTError(f"{path} is not valid JSON ({e}); fix the file") from None
+        for i, row in enumerate(rows if isinstance(rows, list) else []):
+            refuse_constants(row, f"{path}: row {i}")
+        return rows
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, parse_constant=NotJSON))
             except json.JSONDecodeError as e:
                 raise WCTError(f"{path}, line {n}: not valid JSON ({e}); one JSON object per line is expected") from None
+            refuse_constants(rows[-1], f"{path}, line {n} (row {len(rows) - 1})")
     return rows
+
+
+class NotJSON(str):
+    """The literal ``NaN``, ``Infinity`` or ``-Infinity`` where Python's json module would read a float: JavaScript,
+    not JSON (RFC 8259 has no such numbers). Read as this marker so the row holding it can be named."""
+
+
+def refuse_constants(value: Any, where: str, field: str = "") -> None:
+    """WCTError naming ``where`` and the field when ``value`` (a parsed row) holds a :class:`NotJSON` literal."""
+    if isinstance(value, NotJSON):
+        raise WCTError(f"{where}: {f'field {field} holds' if field else 'holds'} {value}, which is not JSON (JSON "
+                       "has no NaN or Infinity numbers); write it as a string (\"NaN\") or null, or drop that row")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        refuse_constants(v, where, f"{field}.{k}" if field else str(k))
 
 
 def read_parquet(path: Path) -> list[Any]:
