@@ -27,7 +27,6 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -152,7 +151,7 @@ def model_card(meta: dict) -> str:
     loss = f"{figure(m.get('val/loss_before'))} → {figure(m.get('val/loss'))}; {figure(m.get('val/loss_best'))}"
     diff = meta["max_abs_diff"]
     return f"""---
-{yaml.safe_dump(front_matter(meta), sort_keys=False).strip()}
+{OmegaConf.to_yaml(OmegaConf.create(front_matter(meta))).strip()}
 ---
 
 # {meta['name']}
