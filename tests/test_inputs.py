@@ -215,7 +215,8 @@ def test_too_long_error_and_every_row_dropped_are_one_error_line(tmp_path, capsy
                                             "task.too_long=error", "quant.target_bit=null", "quant.target_rank=4",
                                             f"calib.source={FIXTURE}", "calib.n_samples=2", "calib.seqlen=64",
                                             f"cache_dir={tmp_path / 'cache'}"))
-    assert line.startswith(f"error: row 3: the prompt alone has 433 tokens, leaving no room for the response within "
+    n = len(format_prompt(rows()[3]["instruction"]).encode())  # byte-level tokenizer, no BOS
+    assert line.startswith(f"error: row 3: the prompt alone has {n} tokens, leaving no room for the response within "
                            f"task.max_length={MAX_LENGTH}; raise task.max_length")
     long = write_jsonl(tmp_path / "long.jsonl", [rows()[i] for i in LONG])
     line = train_error(capsys, train_config(tmp_path, f"task.data.path={long}", f"task.max_length={MAX_LENGTH}",

@@ -59,7 +59,7 @@ def calibration_text(calibration: dict | None) -> str:
     if not calibration:
         return "n/a"
     c = calibration
-    return (f"{c.get('n_samples')} x {c.get('seqlen')} tokens of {c.get('source')} (seed {c.get('seed')}), "
+    return (f"{c.get('n_samples')} x {c.get('seqlen')} tokens of {portable(c.get('source'))} (seed {c.get('seed')}), "
             f"BOS {c.get('bos', 'never')}")
 
 
