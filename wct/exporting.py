@@ -37,6 +37,7 @@ from wct.loading import EXPORT_META
 from wct.models import ORIGINS
 from wct.nn.modes import eval_mode
 from wct.quant.checkpoint import load_quantized, owq_layers, weak_by_type, write_quantized
+from wct.quant.config import recipe_name
 from wct.shards import payload_bytes, weights_bytes
 from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
 
@@ -65,14 +66,14 @@ def calibration_text(calibration: dict | None) -> str:
 
 def figure(value) -> str:
     """A number as the card shows it: integers with thousands separators, other numbers to 4 significant digits
-    (a loss of 2.3456789 is 2.346); anything else as it is; None as n/a."""
+    (a loss of 2.3456789 is 2.346; 15,780.4 tokens/s is 15,780); anything else as it is; None as n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int) or value.is_integer() and abs(value) < 1e15:
         return f"{int(value):,}"
-    return f"{value:.4g}"
+    return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"
 
 
 def portable(name: str | None) -> str | None:
@@ -93,9 +94,11 @@ def base_identity(trained: Trained) -> dict:
     if name not in ORIGINS and name.count("/") == 1 and not name.startswith((".", "/", "~")) \
             and not Path(name).exists():
         hub = name  # a hub id
-    quant = trained.config.get("quant") or {}
+    q = trained.config.get("quant") or {}
+    recipe = q.get("name") or (recipe_name(q["method"], q["bits"], q.get("target_bit"), q.get("target_rank"),
+                                           q.get("group_size", -1), q.get("budget", "layer")) if "method" in q else None)
     return {"model": portable(name), "hub": hub, "license": license or "other",
-            "recipe": quant.get("name") if trained.method == "wct" else None, "fingerprint": trained.fingerprint}
+            "recipe": recipe if trained.method == "wct" else None, "fingerprint": trained.fingerprint}
 
 
 def datasets(config: dict) -> list[str]:
