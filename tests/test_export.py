@@ -182,7 +182,7 @@ def test_cli_export_of_a_training_checkpoint(wct_run, base_dir, tmp_path, capsys
     card = (tmp_path / "exp" / "README.md").read_text()  # the model card states the run's steps and loss
     assert f"| training steps | {ckpt['global_step']} |" in card
     best = trained.metrics["val/loss_best"]  # the run's summary, else the checkpoint's best_val
-    assert abs(best - ckpt["wct"]["best_val"]) < 1e-5 and f"; {best} |" in card
+    assert abs(best - ckpt["wct"]["best_val"]) < 1e-5 and f"; {best:.4g} |" in card
 
 
 def test_cli_export_of_a_run_that_trained_norms_and_head(base_dir, tmp_path):

@@ -168,6 +168,9 @@ class TaskConfig:
 
     ``format``: ``alpaca`` (instruction rows, Alpaca template) or ``chat`` (conversations, loss on assistant
     turns; ``template``: ``model``, ``alpaca`` or a Jinja file; ``truncation``: ``drop_turns`` or ``error``).
+    ``too_long``: a row whose prompt alone fills ``max_length`` (chat: whose first assistant turn alone exceeds
+    it) is dropped and counted (``drop``), has its prompt cut from the left (``truncate``, Alpaca only), or stops
+    the run (``error``); docs/data.md.
     ``group_by_length``: micro-batches of rows of similar length (within chunks of ``group_size`` micro-batches
     of the seeded order); ``packing``: rows concatenated into ``max_length`` sequences, attention kept inside
     each row."""
@@ -177,6 +180,7 @@ class TaskConfig:
     format: str = "alpaca"
     template: str = "alpaca"
     truncation: str = "drop_turns"
+    too_long: str = "drop"
     max_length: int = 256
     val_fraction: float = 0.05
     val_size: Optional[int] = None  # overrides val_fraction
@@ -191,6 +195,9 @@ class TaskConfig:
     def __post_init__(self) -> None:
         one_of("task.format", self.format, ("alpaca", "chat"))
         one_of("task.truncation", self.truncation, ("drop_turns", "error"))
+        one_of("task.too_long", self.too_long, ("drop", "truncate", "error"))
+        require(self.format == "alpaca" or self.too_long != "truncate", "task.too_long", self.too_long,
+                "chat conversations lose whole turns from the end (task.truncation=drop_turns); use drop or error")
         if self.format == "alpaca":
             require(self.template == "alpaca", "task.template", self.template,
                     "task.format=alpaca renders with the Alpaca template; use task=chat for other templates")

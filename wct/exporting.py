@@ -15,7 +15,10 @@ base rounds the update into 4 bits and changes the model.
 
 Every export also holds the tokenizer (with the chat template the run trained with: ``task=chat``'s, else Alpaca), the
 generation config, the resolved training config (``training_config.yaml``), ``wct_export.json`` (method, base,
-template, checks) and a model card ``README.md``.
+template, checks) and a model card ``README.md``: YAML front matter as model hubs read it (``base_model``,
+``library_name``, ``license``, ``tags``, ``datasets``, ``pipeline_tag``), the base named portably (built-in name or
+hub id, recipe, fingerprint; never a path of this machine), figures to 4 significant digits, the rows trained on
+and dropped (``task.too_long``).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from wct.data.chat import with_chat_template
 from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.loading import EXPORT_META
+from wct.models import ORIGINS
 from wct.nn.modes import eval_mode
 from wct.quant.checkpoint import load_quantized, owq_layers, weak_by_type, write_quantized
+from wct.quant.config import recipe_name
 from wct.shards import payload_bytes, weights_bytes
 from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
 
@@ -55,7 +60,7 @@ def calibration_text(calibration: dict | None) -> str:
     if not calibration:
         return "n/a"
     c = calibration
-    return (f"{c.get('n_samples')} x {c.get('seqlen')} tokens of {c.get('source')} (seed {c.get('seed')}), "
+    return (f"{c.get('n_samples')} x {c.get('seqlen')} tokens of {portable(c.get('source'))} (seed {c.get('seed')}), "
             f"BOS {c.get('bos', 'never')}")
 
 
@@ -69,38 +74,121 @@ def bits_text(meta: dict) -> str:
             f"count), {meta['stored_bits']:.4f} stored{extra}")
 
 
+def figure(value) -> str:
+    """A number as the card shows it: integers with thousands separators, other numbers to 4 significant digits
+    (a loss of 2.3456789 is 2.346; 15,780.4 tokens/s is 15,780); anything else as it is; None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or value.is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
+    return f"{value:,.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"
+
+
+def portable(name: str | None) -> str | None:
+    """``name`` without the machine's folders: a path becomes its last component (a file or folder name), a
+    built-in name or hub id stays."""
+    if not name:
+        return name
+    return Path(name).name if Path(name).is_absolute() or name.startswith(("~", ".")) else name
+
+
+def base_identity(trained: Trained) -> dict:
+    """The base named portably, for the card (no local paths): ``model`` (built-in name, hub id or folder name),
+    ``hub`` (its hub repository, when known), ``license`` (the base's, when known; else ``other``), ``recipe``
+    (the quantization recipe a WCT base was made with) and ``fingerprint`` (of the base's tensors)."""
+    model = trained.config.get("model") or {}
+    name = str(model.get("quantized") or model.get("name") or trained.base)
+    hub, license = ORIGINS.get(name, (None, None))
+    if name not in ORIGINS and name.count("/") == 1 and not name.startswith((".", "/", "~")) \
+            and not Path(name).exists():
+        hub = name  # a hub id
+    q = trained.config.get("quant") or {}
+    recipe = q.get("name") or (recipe_name(q["method"], q["bits"], q.get("target_bit"), q.get("target_rank"),
+                                           q.get("group_size", -1), q.get("budget", "layer")) if "method" in q else None)
+    return {"model": portable(name), "hub": hub, "license": license or "other",
+            "recipe": recipe if trained.method == "wct" else None, "fingerprint": trained.fingerprint}
+
+
+def datasets(config: dict) -> list[str]:
+    """The training data named portably: a hub id or embedded set as ``task.data.source`` names it, a local file
+    by its name."""
+    data = (config.get("task") or {}).get("data") or {}
+    name = data.get("path") or data.get("source")
+    return [portable(str(name))] if name else []
+
+
+def rows_text(rows: dict | None) -> str:
+    """One line for the card: the rows trained on and what ``task.too_long`` left out or cut."""
+    if not rows:
+        return "n/a"
+    text = (f"{rows['rows'] - rows['rows_dropped']:,} of {rows['rows']:,} used; {rows['rows_dropped']:,} dropped as "
+            f"too long (task.too_long={rows['too_long']})")
+    if rows.get("rows_prompt_truncated"):
+        text += f", {rows['rows_prompt_truncated']:,} with their prompt cut from the left"
+    if "rows_response_cut" in rows:
+        text += f", {rows['rows_response_cut']:,} responses cut at task.max_length"
+    return text
+
+
+def front_matter(meta: dict) -> dict:
+    """The YAML metadata model hubs read from a card (the Hugging Face model card conventions)."""
+    base, method = meta["base_model"], meta["method"]
+    tags = ["wct", *(["owq", "quantized", f"{meta.get('bits')}-bit"] if method == "wct" else
+                     ["peft", method, *(["quantized", "4-bit", "nf4"] if method == "qlora" else [])])]
+    return {"base_model": base["hub"] or base["model"], "library_name": "wct" if method == "wct" else "peft",
+            "license": base["license"], "tags": tags, "datasets": meta.get("datasets") or [],
+            "pipeline_tag": "text-generation"}
+
+
 def model_card(meta: dict) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in meta["metrics"].items()) or "| (none recorded) | |"
+    """The export's ``README.md``: YAML front matter (:func:`front_matter`), then the run's facts, rounded
+    (:func:`figure`), with no path of the machine that trained it."""
+    rows = "\n".join(f"| {k} | {figure(v)} |" for k, v in meta["metrics"].items()) or "| (none recorded) | |"
+    folder, base, m = meta["name"], meta["base_model"], meta["metrics"]
     usage = (
         f"import wct  # pip install wct; registers the owq quantizer with transformers\n"
-        f"model, tok = wct.load_quantized('{meta['path']}')\n"
+        f"model, tok = wct.load_quantized('{folder}')  # this folder\n"
         f"# or, the same model bit for bit, through transformers (after `import wct`):\n"
         f"import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"model = AutoModelForCausalLM.from_pretrained('{meta['path']}', dtype=torch.float32)\n"
-        f"tok = AutoTokenizer.from_pretrained('{meta['path']}')\n"
+        f"model = AutoModelForCausalLM.from_pretrained('{folder}', dtype=torch.float32)\n"
+        f"tok = AutoTokenizer.from_pretrained('{folder}')\n"
         f"# without `import wct`, transformers refuses this folder (model type wct_owq)"
         if meta["method"] == "wct"
-        else f"from wct.loading import load_adapter_export  # base {meta['base']} + this adapter\n"
-        f"model, tok = load_adapter_export('{meta['path']}')"
+        else f"from wct.loading import load_adapter_export  # base {base['hub'] or base['model']} + this adapter\n"
+        f"model, tok = load_adapter_export('{folder}')"
     )
-    return f"""# {meta['name']}
+    named = base["model"] + (f" ({base['hub']})" if base["hub"] and base["hub"] != base["model"] else "")
+    recipe = f", quantized with the recipe {base['recipe']}" if base["recipe"] else ""
+    loss = f"{figure(m.get('val/loss_before'))} → {figure(m.get('val/loss'))}; {figure(m.get('val/loss_best'))}"
+    diff = meta["max_abs_diff"]
+    return f"""---
+{OmegaConf.to_yaml(OmegaConf.create(front_matter(meta))).strip()}
+---
 
-Fine-tuned with **{meta['method']}** (wct) on the base `{meta['base']}`.
+# {meta['name']}
+
+Fine-tuned with **{meta['method']}** (wct) on the base `{named}`{recipe}.
 
 | item | value |
 | --- | --- |
 | method | {meta['method']} |
-| base | {meta['base']} |
+| base | {named} |
+| base recipe | {base['recipe'] or 'n/a'} |
+| base fingerprint | {base['fingerprint'][:16] or 'n/a'} |
+| license (of the base) | {base['license']} |
 | bits | {bits_text(meta)} |
 | weak columns per layer (by type) | {meta.get('weak_by_type', 'n/a')} |
 | quantization calibration | {calibration_text(meta.get('calibration'))} |
-| training data | {meta.get('training_data', 'n/a')} |
-| training steps | {meta['metrics'].get('steps', 'n/a')} |
-| held-out loss (val/loss: before training → at this checkpoint; best) | {meta['metrics'].get('val/loss_before', 'n/a')} → {meta['metrics'].get('val/loss', 'n/a')}; {meta['metrics'].get('val/loss_best', 'n/a')} |
+| training data | {meta.get('training_data') or 'n/a'} |
+| training rows | {rows_text(meta.get('data_rows'))} |
+| training steps | {figure(m.get('steps'))} |
+| held-out loss (val/loss: before training → at this checkpoint; best) | {loss} |
 | trainable parameters | {meta['trainable_params']:,} |
 | chat template | {meta['template']} |
-| export check: max abs logit diff vs in-training model (stored dtype) | {meta['max_abs_diff']} |
-| max abs logit diff vs fp32 master weights (storage rounding) | {meta.get('max_abs_diff_fp32_master', 'n/a')} |
+| export check: max abs logit diff vs in-training model (stored dtype) | {figure(diff)}{' (bitwise equal)' if diff == 0 else ''} |
+| max abs logit diff vs fp32 master weights (storage rounding) | {figure(meta.get('max_abs_diff_fp32_master'))} |
 
 ## Training metrics
 
@@ -114,20 +202,24 @@ Fine-tuned with **{meta['method']}** (wct) on the base `{meta['base']}`.
 {usage}
 ```
 
-Or: `python -m wct.generate model.name={meta['path']} prompt="..."`. Training config: `training_config.yaml`.
+Or: `python -m wct.generate model.name={folder} prompt="..."`. Training config: `training_config.yaml`.
 """
 
 
 def export_meta(trained: Trained, out: Path, template: str) -> dict:
-    """The ``wct_export.json`` fields every export has; each method adds its own."""
+    """The ``wct_export.json`` fields every export has; each method adds its own. ``base`` and ``path`` are this
+    machine's; ``base_model`` (:func:`base_identity`), ``training_data`` and ``datasets`` are portable (the card's)."""
     return {
         "name": out.name,
         "path": str(out.resolve()),
         "method": trained.method,
         "base": trained.base,
+        "base_model": base_identity(trained),
         "trainable_params": sum(t.numel() for t in [*trained.trained.values(), *trained.extra.values()]),
         "template": template,
-        "training_data": trained.config.get("data_origin") or (trained.config.get("task") or {}).get("name"),
+        "training_data": portable(trained.config.get("data_origin") or (trained.config.get("task") or {}).get("name")),
+        "datasets": datasets(trained.config),
+        "data_rows": trained.config.get("data_rows"),
         "metrics": trained.metrics,
     }
 
@@ -162,7 +254,7 @@ def export_wct(trained: Trained, out: Path, overwrite: bool = False) -> dict:
         "weak_by_type": weak_by_type({n: m.n_weak for n, m in layers.items()}),
         "max_abs_diff_fp32_master": (reference - fp32_master).abs().max().item(),
     }
-    with atomic_dir(out, "export", overwrite) as tmp:
+    with atomic_dir(out, "export", overwrite, needs=weights_bytes(trained.base_dir)) as tmp:
         write_quantized(model, tokenizer, tmp)
         reloaded, _ = load_quantized(tmp, dtype=next(model.parameters()).dtype)
         diff = (logits(reloaded, ids) - reference).abs().max().item()

@@ -10,6 +10,10 @@ write (docs/guarantees.md).
   the same target.
 * :func:`atomic_file` writes a temporary sibling file and ``os.replace``-s it over the target.
 * Both follow the process umask (``mkdtemp`` / ``mkstemp`` alone would leave 0700 / 0600).
+* A write refused for lack of room (disk full ``ENOSPC``, file-size limit ``EFBIG`` from ``ulimit -f``, disk quota
+  ``EDQUOT``; also when a library wraps it, :func:`wct.errors.no_room`) removes the temporary and raises one
+  :class:`~wct.errors.WCTError` naming the output, the bytes written before the refusal and the limit or the free
+  space (:func:`no_room_error`). Python ignores ``SIGXFSZ``, so ``ulimit -f`` reaches wct as ``EFBIG``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -28,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from wct.errors import WCTError
+from wct.errors import WCTError, no_room
 
 MARKER = ".wct-output"  # JSON {"kind": ...} in every folder atomic_dir writes
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -37,6 +42,35 @@ _RENAME_EXCHANGE = 2
 
 class OutputExistsError(WCTError, FileExistsError):
     """The output path exists and may not be replaced (a user's file, another kind of output, or no overwrite)."""
+
+
+def _sizes(path: Path) -> dict[Path, int]:
+    """Size of every file at or under ``path`` (a file or a folder)."""
+    if path.is_file():
+        return {path: path.stat().st_size}
+    return {f: f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()}
+
+
+def no_room_error(final: Path, tmp: Path, code: int, what: str, needs: int | None = None) -> WCTError:
+    """The one-line error for a write of ``final`` (``what``: how the message names it) refused with errno ``code``
+    (:data:`wct.errors.NO_ROOM`), ``tmp`` its partly written temporary (read before it is removed): the bytes
+    written, the file that hit the file-size limit or the free space left, and ``needs`` (the output's size) when
+    the caller knows it."""
+    sizes = _sizes(tmp) if os.path.lexists(tmp) else {}
+    written = sum(sizes.values())
+    need = f"; the output needs at least {needs:,} bytes" if needs else ""
+    done = f"nothing was written under {final} and the temporary {tmp.name} is removed"
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        biggest = max(sizes, key=sizes.get, default=tmp)
+        shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit:,} bytes"
+        return WCTError(f"{what}: the file-size limit (ulimit -f: {shown}) stopped the write of {biggest.name} at "
+                        f"{sizes.get(biggest, 0):,} bytes ({written:,} bytes of the output written{need}); {done}. "
+                        "Raise the limit (ulimit -f unlimited) and run again")
+    free = shutil.disk_usage(final.parent).free
+    cause = "the disk quota is exhausted" if code == errno.EDQUOT else "the disk is full"
+    return WCTError(f"{what}: {cause} ({free:,} bytes free in {final.parent}) after {written:,} bytes of the output "
+                    f"were written{need}; {done}. Free disk space or choose another output path")
 
 
 def umask() -> int:
@@ -182,9 +216,11 @@ def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False, ke
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, kind: str, overwrite: bool = False, key: str = "out") -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: str, overwrite: bool = False, key: str = "out",
+               needs: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; when the block succeeds it becomes ``path`` (module docstring),
-    marked as a wct ``kind`` output; when it fails it is removed. ``key`` names the setting in error messages."""
+    marked as a wct ``kind`` output; when it fails it is removed. ``key`` names the setting in error messages,
+    ``needs`` (bytes, when known) the output's size in the one for a full disk."""
     final = Path(path)
     make_parent(final, key)
     remove_stale_temps(final)
@@ -196,8 +232,12 @@ def atomic_dir(path: str | os.PathLike, kind: str, overwrite: bool = False, key:
         (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
         check_target(final, kind, overwrite, key)  # again: another process may have written it meanwhile
         _replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        code = None if isinstance(e, WCTError) else no_room(e)
+        error = no_room_error(final, tmp, code, f"{key}={final}", needs) if code else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if error:
+            raise error from None
         raise
 
 
@@ -214,9 +254,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as fh:
             yield fh
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        code = None if isinstance(e, WCTError) else no_room(e)
+        error = no_room_error(final, Path(tmp), code, f"writing {final}") if code else None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if error:
+            raise error from None
         raise
 
 

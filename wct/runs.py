@@ -24,7 +24,7 @@ class Trained:
     ``model``: the in-training model (WCT: base with the fp32 master weak columns; LoRA: the peft model).
     ``trained``: the trained tensors by module-qualified name (WCT: the weak columns by layer name).
     ``extra``: WCT only, other trained parameters by parameter name (``tuning.norms`` / ``tuning.lm_head``).
-    ``config``: the resolved training config.
+    ``config``: the resolved training config. ``fingerprint``: the base's (wct.training.module.fingerprint).
     """
 
     model: nn.Module
@@ -36,6 +36,7 @@ class Trained:
     trained: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    fingerprint: str = ""
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:
@@ -101,7 +102,7 @@ def load_trained(ckpt_path: str | Path) -> Trained:
         metrics |= {k: v for k, v in summary.get("metrics", {}).items() if k.startswith(("val/", "perf/"))}
     base_dir = Path(meta["base_dir"]) if method == "wct" else None
     return Trained(model, tok, method, config, str(meta.get("base_dir") or meta["base"]), base_dir, trained, metrics,
-                   extra)
+                   extra, found)
 
 
 def set_weak_columns(model: nn.Module, weak: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:

@@ -26,11 +26,11 @@ the run (``task.truncation=error``). :func:`encode_conversations` reports how ma
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from wct.data.instruct import IGNORE_INDEX, PROMPT_NO_INPUT
+from wct.data.instruct import IGNORE_INDEX, PROMPT_NO_INPUT, SHOWN_ROWS, share
 from wct.errors import WCTError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -227,17 +227,32 @@ def encode_conversation(tokenizer, template: str, messages: list[dict[str, str]]
 
 @dataclass
 class ChatReport:
-    """What :func:`encode_conversations` cut: conversations shortened, turns dropped, conversations dropped."""
+    """What :func:`encode_conversations` cut: conversations shortened, turns dropped, conversations dropped (their
+    row numbers, from 0) of ``rows``."""
 
     shortened: int = 0
     turns_dropped: int = 0
-    rows_dropped: int = 0
+    dropped: list[int] = field(default_factory=list)
+    rows: int = 0
+    too_long: str = "drop"
+
+    @property
+    def rows_dropped(self) -> int:
+        return len(self.dropped)
 
     def __str__(self) -> str:
         if not (self.shortened or self.rows_dropped):
             return "truncation: every conversation fits task.max_length"
+        named = ", ".join(map(str, self.dropped[:SHOWN_ROWS])) + (", ..." if self.rows_dropped > SHOWN_ROWS else "")
+        rows = f" (rows {named}; {share(self.rows_dropped, self.rows)} of {self.rows:,})" if self.dropped else ""
         return (f"truncation: {self.shortened} conversation(s) lost {self.turns_dropped} turn(s) from the end and "
-                f"{self.rows_dropped} were dropped (their first assistant turn alone exceeds task.max_length)")
+                f"{self.rows_dropped} were dropped{rows} (their first assistant turn alone exceeds task.max_length)")
+
+    @property
+    def record(self) -> dict[str, int | str]:
+        """The counts as the run's ``results.json`` and the export's model card hold them."""
+        return {"rows": self.rows, "too_long": self.too_long, "rows_dropped": self.rows_dropped,
+                "rows_shortened": self.shortened, "turns_dropped": self.turns_dropped}
 
 
 def fit_conversation(tokenizer, template: str, messages: list[dict[str, str]], max_length: int, truncation: str,
@@ -259,17 +274,24 @@ def fit_conversation(tokenizer, template: str, messages: list[dict[str, str]], m
 
 
 def encode_conversations(tokenizer, template: str, rows: list[Mapping[str, list[dict[str, str]]]],
-                         max_length: int, truncation: str = "drop_turns", source: str = "data"
+                         max_length: int, truncation: str = "drop_turns", source: str = "data", too_long: str = "drop"
                          ) -> tuple[list[dict[str, list[int]]], ChatReport]:
-    """Every row (``{"messages": turns}``) encoded within ``max_length``; the report counts what was cut."""
+    """Every row (``{"messages": turns}``) encoded within ``max_length``; the report counts what was cut. A
+    conversation that does not fit even with turns dropped is left out (``too_long=drop``) or an error (``error``)."""
     if truncation not in TRUNCATION:
         raise WCTError(f"task.truncation={truncation!r} is unknown; use {' or '.join(TRUNCATION)}")
-    report, out = ChatReport(), []
+    if too_long not in ("drop", "error"):
+        raise WCTError(f"task.too_long={too_long!r} is not one for chat data; use drop or error (conversations lose "
+                       "whole turns from the end, task.truncation=drop_turns)")
+    report, out = ChatReport(rows=len(rows), too_long=too_long), []
     for i, row in enumerate(rows):
         example, dropped = fit_conversation(tokenizer, template, row["messages"], max_length, truncation,
                                             f"{source}: row {i}")
         if example is None:
-            report.rows_dropped += 1
+            if too_long == "error":
+                raise WCTError(f"{source}: row {i}: its first assistant turn alone exceeds task.max_length="
+                               f"{max_length}; raise task.max_length, drop the row, or set task.too_long=drop")
+            report.dropped.append(i)
             continue
         out.append(example)
         report.shortened += dropped > 0

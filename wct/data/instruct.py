@@ -5,8 +5,12 @@ byte-exact as in stanford_alpaca's ``train.py``; both end with ``### Response:``
 The target is ``output`` + EOS, the labels are -100 on every prompt token (loss on the response and EOS only).
 
 Prompt and response are tokenized separately and concatenated, so the mask boundary is exact whatever the
-tokenizer merges. Sequences longer than ``max_length`` lose the end of their response (EOS included); a prompt
-that alone leaves no room for one response token is an error naming the row.
+tokenizer merges. Sequences longer than ``max_length`` lose the end of their response (EOS included). A row whose
+prompt alone leaves no room for one response token follows ``task.too_long`` (:data:`TOO_LONG`): ``drop`` (the
+default, as trl and axolotl drop over-long rows) leaves it out and counts it, ``truncate`` keeps the prompt's end
+(its leading special tokens, e.g. BOS, kept) and the response's start, the response getting up to half of
+``max_length`` (trl's ``keep_end`` for prompts, ``keep_start`` for completions), ``error`` stops with the row
+named. :class:`LengthReport` counts what each mode did.
 
 Sources: a local ``.json`` (a list of rows, or JSON lines), ``.jsonl`` or ``.parquet`` file, the real
 ``alpaca-libre`` rows embedded in the package (the default task's data, :mod:`wct.data.embedded`), or a dataset on
@@ -19,7 +23,9 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -59,19 +65,42 @@ def render_text(rows: Iterable[Mapping[str, str]]) -> str:
     return "\n\n".join(format_prompt(r["instruction"], r.get("input", "")) + r["output"] for r in rows)
 
 
-def encode(tokenizer, row: Mapping[str, str], max_length: int, index: int | str = "?") -> dict[str, list[int]]:
-    """``{"input_ids", "labels"}`` of one row: prompt tokens labelled -100, then ``output`` + EOS (truncated)."""
+def encode(tokenizer, row: Mapping[str, str], max_length: int, index: int | str = "?", too_long: str = "error"
+           ) -> dict[str, list[int]] | None:
+    """``{"input_ids", "labels"}`` of one row: prompt tokens labelled -100, then ``output`` + EOS (truncated); for a
+    prompt that alone fills ``max_length``, per ``too_long`` (module docstring): None (``drop``), the prompt cut
+    from the left (``truncate``), or a WCTError naming the row (``error``)."""
+    return encode_row(tokenizer, row, max_length, index, too_long)[0]
+
+
+def encode_row(tokenizer, row: Mapping[str, str], max_length: int, index: int | str = "?", too_long: str = "error"
+               ) -> tuple[dict[str, list[int]] | None, bool, bool]:
+    """``(example, prompt cut, response cut)``: :func:`encode`'s example and whether the prompt lost its start
+    (``too_long=truncate``) or the response its end (EOS included)."""
     if tokenizer.eos_token_id is None:
         raise WCTError("the tokenizer has no EOS token; instruction tuning needs one to end each response")
     prompt = tokenizer(format_prompt(row["instruction"], row.get("input", "")), add_special_tokens=True).input_ids
     room = max_length - len(prompt)
-    if room < 1:
-        raise WCTError(
-            f"row {index}: the prompt alone has {len(prompt)} tokens, leaving no room for the response within "
-            f"task.max_length={max_length}; raise task.max_length or shorten/remove that row"
-        )
-    response = (_head_tokens(tokenizer, row["output"], room) + [tokenizer.eos_token_id])[:room]
-    return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+    prompt_cut = room < 1
+    if prompt_cut:
+        if too_long == "drop":
+            return None, False, False
+        if too_long != "truncate":
+            raise WCTError(
+                f"row {index}: the prompt alone has {len(prompt)} tokens, leaving no room for the response within "
+                f"task.max_length={max_length}; raise task.max_length, shorten/remove that row, or set "
+                "task.too_long=drop (leave such rows out) or truncate (cut their prompt from the left)"
+            )
+        head = _head_tokens(tokenizer, row["output"], max_length // 2)
+        room = min(max_length // 2, len(head) + 1)  # the response's start, EOS included, within half the window
+        lead = next((k for k, t in enumerate(prompt) if t not in tokenizer.all_special_ids), len(prompt))
+        lead = min(lead, max_length - room - 1)  # leading special tokens (BOS) stay, and at least one token more
+        prompt = prompt[:lead] + prompt[len(prompt) - (max_length - room - lead):]
+    else:
+        head = _head_tokens(tokenizer, row["output"], room)
+    response = (head + [tokenizer.eos_token_id])[:room]
+    return ({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}, prompt_cut,
+            len(head) >= room)
 
 
 def _head_tokens(tokenizer, text: str, n: int) -> list[int]:
@@ -118,8 +147,10 @@ def check_rows(rows: list[Any], source: str, fields: Mapping[str, str] | None = 
 
 
 def _as_text(value: Any) -> Any:
-    """Numbers become their decimal text (an answer ``42`` trains as "42"); anything else is left as it is."""
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    """Numbers become their decimal text (an answer ``42`` trains as "42"); anything else, NaN and infinities
+    included (a parquet float), is left as it is and refused as not text."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return str(value) if number and math.isfinite(value) else value
 
 
 def read_file(path: Path) -> list[Any]:
@@ -138,17 +169,36 @@ def read_file(path: Path) -> list[Any]:
     text = decode_utf8(gzip.decompress(path.read_bytes()), path) if packed else read_text(path)
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
-            return json.loads(text)
+            rows = json.loads(text, parse_constant=NotJSON)
         except json.JSONDecodeError as e:
             raise WCTError(f"{path} is not valid JSON ({e}); fix the file") from None
+        for i, row in enumerate(rows if isinstance(rows, list) else []):
+            refuse_constants(row, f"{path}: row {i}")
+        return rows
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, parse_constant=NotJSON))
             except json.JSONDecodeError as e:
                 raise WCTError(f"{path}, line {n}: not valid JSON ({e}); one JSON object per line is expected") from None
+            refuse_constants(rows[-1], f"{path}, line {n} (row {len(rows) - 1})")
     return rows
+
+
+class NotJSON(str):
+    """The literal ``NaN``, ``Infinity`` or ``-Infinity`` where Python's json module would read a float: JavaScript,
+    not JSON (RFC 8259 has no such numbers). Read as this marker so the row holding it can be named."""
+
+
+def refuse_constants(value: Any, where: str, field: str = "") -> None:
+    """WCTError naming ``where`` and the field when ``value`` (a parsed row) holds a :class:`NotJSON` literal."""
+    if isinstance(value, NotJSON):
+        raise WCTError(f"{where}: {f'field {field} holds' if field else 'holds'} {value}, which is not JSON (JSON "
+                       "has no NaN or Infinity numbers); write it as a string (\"NaN\") or null, or drop that row")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        refuse_constants(v, where, f"{field}.{k}" if field else str(k))
 
 
 def read_parquet(path: Path) -> list[Any]:
@@ -293,6 +343,66 @@ def builtin_rows(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
     return [_builtin_row(i % 8, rng) for i in range(n)]
 
 
-def encode_rows(tokenizer, rows: Iterable[Mapping[str, str]], max_length: int) -> list[dict[str, list[int]]]:
-    """:func:`encode` every row (errors name the row's position)."""
-    return [encode(tokenizer, r, max_length, i) for i, r in enumerate(rows)]
+TOO_LONG = ("drop", "truncate", "error")  # task.too_long: a row whose prompt alone fills task.max_length
+SHOWN_ROWS = 5  # row numbers named in the summary line
+
+
+def share(part: int, whole: int) -> str:
+    """``part / whole`` as a percentage with two significant digits (``0.036%``, ``3.6%``, ``36%``, ``100%``)."""
+    pct = 100 * part / whole
+    return f"{pct:.2g}%" if pct < 10 else f"{pct:.0f}%"
+
+
+@dataclass
+class LengthReport:
+    """What ``task.too_long`` did to the rows of one encoding: their number, the rows dropped or whose prompt was
+    cut (row numbers of the source, from 0), and the rows whose response lost its end (in every mode)."""
+
+    rows: int = 0
+    too_long: str = "drop"
+    max_length: int = 0
+    dropped: list[int] = field(default_factory=list)
+    truncated: list[int] = field(default_factory=list)
+    response_cut: int = 0
+
+    def __str__(self) -> str:
+        """One summary line: the count, the share and the first rows named."""
+        rows = self.dropped or self.truncated
+        line = f"too long: no prompt reaches task.max_length={self.max_length}"
+        if rows:
+            named = ", ".join(map(str, rows[:SHOWN_ROWS])) + (", ..." if len(rows) > SHOWN_ROWS else "")
+            what = ("were dropped" if self.dropped else "had their prompt cut from the left to fit")
+            line = (f"too long: {len(rows):,} of {self.rows:,} rows ({share(len(rows), self.rows)}) {what} "
+                    f"(task.too_long={self.too_long}): their prompt alone has task.max_length={self.max_length} "
+                    f"tokens or more (rows {named}); raise task.max_length to keep them whole")
+        return line + f"; {self.response_cut:,} responses lost their end to it"
+
+    @property
+    def record(self) -> dict[str, int | str]:
+        """The counts as the run's ``results.json`` and the export's model card hold them."""
+        return {"rows": self.rows, "too_long": self.too_long, "rows_dropped": len(self.dropped),
+                "rows_prompt_truncated": len(self.truncated), "rows_response_cut": self.response_cut}
+
+
+def encode_rows(tokenizer, rows: Iterable[Mapping[str, str]], max_length: int, too_long: str = "error"
+                ) -> tuple[list[dict[str, list[int]]], LengthReport]:
+    """:func:`encode` every row (errors name the row's position) and the :class:`LengthReport`; a WCTError when
+    every row is dropped."""
+    if too_long not in TOO_LONG:
+        raise WCTError(f"task.too_long={too_long!r} is unknown; use {', '.join(TOO_LONG)}")
+    out, report = [], LengthReport(too_long=too_long, max_length=max_length)
+    for i, row in enumerate(rows):
+        report.rows += 1
+        example, prompt_cut, response_cut = encode_row(tokenizer, row, max_length, i, too_long)
+        if example is None:
+            report.dropped.append(i)
+            continue
+        if prompt_cut:
+            report.truncated.append(i)
+        report.response_cut += response_cut
+        out.append(example)
+    if not out:
+        raise WCTError(f"every one of the {report.rows:,} rows has a prompt of task.max_length={max_length} tokens "
+                       "or more, so task.too_long=drop left none; raise task.max_length, or set task.too_long="
+                       "truncate to cut their prompts from the left")
+    return out, report

@@ -61,6 +61,7 @@ class InstructDataModule(L.LightningDataModule):
         self.max_steps, self.max_epochs = max_steps, max_epochs
         self.origin = ""
         self.chat_template: str | None = None
+        self.lengths: dict[str, int | str] = {}  # what task.too_long did: rows, rows_dropped, ...
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         if tokenizer.pad_token_id is None:  # pad positions are masked (attention 0, label -100): EOS is safe
@@ -76,18 +77,21 @@ class InstructDataModule(L.LightningDataModule):
             self.chat_template = resolve_template(self.tokenizer, t.template)
             self.tokenizer.chat_template = self.chat_template  # the sample generations render with it
             encoded, report = encode_conversations(self.tokenizer, self.chat_template, rows, t.max_length,
-                                                   t.truncation, self.origin)
-            print(report)
-        else:
-            encoded = encode_rows(self.tokenizer, rows, t.max_length)  # errors name the row of the source
+                                                   t.truncation, self.origin, t.too_long)
+        else:  # errors name the row of the source
+            encoded, report = encode_rows(self.tokenizer, rows, t.max_length, t.too_long)
+        print(report)
+        self.lengths = report.record
         self.train_set, self.val_set = split_rows(encoded, t.val_fraction, t.val_size, t.seed)
         print(f"data: {self.origin}: {len(self.train_set)} training / {len(self.val_set)} validation rows")
         print(show_example(self.tokenizer, self.train_set[0]))
 
     @property
-    def record(self) -> dict[str, str]:
-        """What the run's config records about the data: its origin and, for chat, the template trained with."""
-        return {"data_origin": self.origin} | ({"chat_template": self.chat_template} if self.chat_template else {})
+    def record(self) -> dict:
+        """What the run's config records about the data: its origin, the rows kept and dropped (``data_rows``) and,
+        for chat, the template trained with."""
+        return ({"data_origin": self.origin, "data_rows": self.lengths}
+                | ({"chat_template": self.chat_template} if self.chat_template else {}))
 
     def setup(self, stage: str | None = None) -> None:
         self.load()

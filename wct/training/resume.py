@@ -28,7 +28,7 @@ APPLIED = ("optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.
 # folder may move (its identity is its fingerprint, checked when Lightning restores the checkpoint)
 FREE = ("paths.", "logger.", "callbacks.", "run_name", "ckpt_path", "cache_dir", "progress", "optimized_metric",
         "model.quantized",
-        "data_origin", "task.sample_prompts", "trainer.enable_progress_bar",
+        "data_origin", "data_rows.", "task.sample_prompts", "trainer.enable_progress_bar",
         "trainer.log_every_n_steps", "trainer.val_check_interval", "trainer.limit_val_batches",
         "trainer.validate_first", "trainer.kernel", "trainer.gradient_checkpointing", "trainer.deterministic")
 _ABSENT = "<absent>"

@@ -122,8 +122,8 @@ def fit(app: TrainApp, config: dict) -> tuple[float, TuneModule]:
         raise WCTError(f"optimized_metric={app.optimized_metric} was not logged; logged metrics: "
                        f"{', '.join(sorted(metrics))}")
     results = {"run_name": app.run_name, "val_loss_before": before, "metrics": metrics, "steps": trainer.global_step,
-               "trainable_params": trainable, "data_origin": dm.origin, "padding_fraction": padding,
-               "seconds": time.time() - start,
+               "trainable_params": trainable, "data_origin": dm.origin, "data_rows": dm.lengths,
+               "padding_fraction": padding, "seconds": time.time() - start,
                "checkpoint": str(run_dir / "checkpoints" / "last.ckpt")}
     if trainer.global_rank == 0:
         with atomic_file(run_dir / "results.json", "w") as f:
