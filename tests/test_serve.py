@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from wct.generation import generate, render  # noqa: E402
+from wct.kernels.dispatch import resolve_backend  # noqa: E402
 from wct.quant.checkpoint import load_quantized  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,8 @@ def complete(server: Server, model: str, prompt: str, **kw):
 def test_startup_lists_the_deltas_and_refuses_one_of_another_base(served):
     server, _, _, _ = served
     out = "".join(server.output)
-    assert "deltas: 2 from" in out and "backend torch" in out and "MiB resident" in out
+    backend = resolve_backend("auto", torch.device("cpu"), 1)  # the CPU default (wct.kernels.dispatch)
+    assert "deltas: 2 from" in out and f"backend {backend}" in out and "MiB resident" in out
     assert "refused foreign.safetensors" in out and "exported for another base" in out
     assert [m.id for m in server.client.models.list()] == ["base", "alpha", "beta"]
 
