@@ -130,8 +130,9 @@ def test_two_ranks_hold_half_the_packed_weights_and_train_alike(base, tmp_path):
     assert one["losses"][-1] < one["losses"][0] - 0.05  # the curve moves: the comparison below means something
     for r in two:
         assert r["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
-        # AdamW moved the columns by up to lr x steps = 0.04; a near-zero gradient's rounding shows as 1e-5 at most
-        assert torch.allclose(torch.tensor(r["weak"]), torch.tensor(one["weak"]), rtol=1e-4, atol=1e-5)
+        # AdamW moved the columns by up to lr x steps = 0.04; a near-zero gradient's rounding shows as ~1e-5 (1.4e-5
+        # measured with one OpenMP thread per process, as under make test-slow's xdist workers)
+        assert torch.allclose(torch.tensor(r["weak"]), torch.tensor(one["weak"]), rtol=1e-4, atol=2e-5)
 
 
 if __name__ == "__main__":
