@@ -9,9 +9,9 @@ The defaults are sized for a quiet 2-core CPU: about 6-9 min per row (WCT ~130 t
 batch 4 x 256 tokens), ~70 min in all; each new OWQ base takes ~3 min more (cached afterwards in ``--bases-dir``).
 
 Data: ``alpaca-libre`` (shared data): the first ``--train-rows`` (2,528) rows train, the last ``--eval-rows``
-(200) of the final 300 are held out: no row's training or calibration sees them (they are among the rows the
-package embeds, which ``python -m wct.train`` trains on by default; the bench's rows train on the first 2,528
-only). Every row sees the same sequence length, steps, batch stream and hence tokens.
+(200) of the final 300 are held out: no row's training or calibration sees them, and they are in no file of the
+repository (the package embeds the first 2,528 rows only, wct/data/embedded). Every row sees the same sequence
+length, steps, batch stream and hence tokens.
 
 Rows: ``wct-default`` is ``python -m wct.train task=alpaca`` with every default (conf/, composed by Hydra, plus
 ``--wct`` overrides): its base is quantized by the pipeline itself (``wct.training.base.quantized_base``: the
