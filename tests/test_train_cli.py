@@ -24,7 +24,7 @@ def test_default_task_offline(tmp_path):
     out = p.stdout + p.stderr
     assert "not reachable offline" not in out and "calibrating on the task" not in out  # real data, no fallback
     assert "data: alpaca-libre (embedded: wct/data/embedded/alpaca_libre.jsonl.gz" in out
-    assert "2790 training / 4 validation rows" in out and "padding: " in out
+    assert "2490 training / 4 validation rows" in out and "padding: " in out
     assert "trainable params: 4,096 || all params:" in out and "memory estimate" in out
     assert "[[Below is an instruction that describes a task" in out and "### Response:]]" in out
     for noise in NOISE:  # third-party tips, deprecations and warnings that do not apply (wct/console.py)
@@ -57,7 +57,7 @@ def test_missing_calibration_text_falls_back_to_the_task_rows(tmp_path, monkeypa
     monkeypatch.setenv("WCT_CACHE_DIR", str(tmp_path / "wct-cache"))
     p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent' / 'emma.txt'}", "calib.seqlen=32")
     assert p.stdout.count("calibrating on the task's own rows (alpaca-libre (embedded") == 1
-    assert "2790 rows) instead" in p.stdout
+    assert "2490 rows) instead" in p.stdout
     (text,) = (tmp_path / "wct-cache" / "calib").glob("task-*.txt")
     assert text.read_text().startswith("Below is an instruction that describes a task")
     p = train("task=alpaca", *tiny(tmp_path), f"calib.source={tmp_path / 'absent.txt'}", "calib.fallback=error",
