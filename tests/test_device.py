@@ -81,6 +81,25 @@ def test_auto_precision_follows_the_hardware(monkeypatch, gpu, gpu_bf16, cpu_bf1
     assert precision == expected and why in reason and reason.startswith("auto:")
 
 
+@pytest.mark.parametrize("cpu_bf16", [(False, False), (True, False)])
+def test_a_gpu_run_planned_on_a_machine_without_cuda_assumes_bf16(monkeypatch, cpu_bf16):
+    # model.estimate_only of trainer=gpu on a CPU machine: no CUDA device to ask, so the GPU rule's bf16
+    fake_gpus(monkeypatch, 0, bf16=False)
+    fake_cpu(monkeypatch, *cpu_bf16)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_precision("auto", gpu=True) == ("bf16-mixed", "auto: the GPU computes bf16 natively")
+
+
+@pytest.mark.parametrize(("gpu", "gpu_bf16", "cpu_bf16"), [
+    (g, gb, cb) for g in (False, True) for gb in (False, True) for cb in [(False, False), (True, False), (False, True)]])
+def test_auto_precision_and_auto_dtype_are_one_rule(monkeypatch, gpu, gpu_bf16, cpu_bf16):
+    fake_gpus(monkeypatch, 1, gpu_bf16)
+    fake_cpu(monkeypatch, *cpu_bf16)
+    dtype = resolve_dtype("auto", torch.device("cuda" if gpu else "cpu"))
+    precision = resolve_precision("auto", gpu)[0]
+    assert {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": torch.float32}[precision] == dtype
+
+
 @pytest.mark.parametrize("spec", ["bf16-mixed", "bf16-true"])
 def test_explicit_bf16_on_an_emulating_cpu_is_obeyed_with_one_measured_warning(monkeypatch, caplog, spec):
     fake_gpus(monkeypatch, 0)

@@ -70,9 +70,11 @@ def cpu_native_bf16() -> bool:
 
 def auto_dtype(device: torch.device) -> torch.dtype:
     """The ``auto`` compute dtype on ``device``: bf16 where it is native (GPU with bf16, CPU with AVX512-BF16/AMX),
-    fp16 on a GPU without bf16, fp32 on other CPUs."""
+    fp16 on a GPU without bf16, fp32 on other CPUs. A CUDA device torch does not see (``model.estimate_only`` of a
+    GPU run on a CPU machine) counts as one with bf16, as every GPU since Ampere."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if cpu_native_bf16() else torch.float32
 
 
@@ -99,26 +101,29 @@ def bf16_slowdown(n: int = 768, repeats: int = 3) -> float:
     return best(torch.bfloat16) / best(torch.float32)
 
 
+AUTO_PRECISION = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
+AUTO_REASON = {
+    (True, torch.bfloat16): "the GPU computes bf16 natively",
+    (True, torch.float16): "this GPU has no bf16",
+    (False, torch.bfloat16): "this CPU computes bf16 natively (AVX512-BF16/AMX)",
+    (False, torch.float32): "this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 would be emulated",
+}
+
+
 def resolve_precision(spec: str, gpu: bool) -> tuple[str, str]:
     """Lightning's precision for ``trainer.precision=spec`` on a GPU (``gpu``) or the CPU, and why, in words.
 
     ``auto``: ``bf16-mixed`` where bf16 is native (:func:`auto_dtype`), ``16-mixed`` on a GPU without bf16,
     ``32-true`` on a CPU without AVX512-BF16/AMX. An explicit value is obeyed; an explicit bf16 on such a CPU logs
     one WARNING with the slowdown measured on the spot."""
-    cpu_bf16 = not gpu and cpu_native_bf16()
     if spec != "auto":
-        if spec.startswith("bf16") and not gpu and not cpu_bf16:
+        if spec.startswith("bf16") and not gpu and not cpu_native_bf16():
             log.warning("trainer.precision=%s on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 matmuls run "
                         "%.1fx slower than fp32 here (measured now); trainer.precision=auto picks 32-true",
                         spec, bf16_slowdown())
         return spec, "as set"
-    if gpu:
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            return "16-mixed", "auto: this GPU has no bf16"
-        return "bf16-mixed", "auto: the GPU computes bf16 natively"
-    if cpu_bf16:
-        return "bf16-mixed", "auto: this CPU computes bf16 natively (AVX512-BF16/AMX)"
-    return "32-true", "auto: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 would be emulated"
+    dtype = auto_dtype(torch.device("cuda" if gpu else "cpu"))
+    return AUTO_PRECISION[dtype], f"auto: {AUTO_REASON[gpu, dtype]}"
 
 
 def place(spec_device: str | None, spec_dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype | None]:
