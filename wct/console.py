@@ -54,10 +54,17 @@ def run_output(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
+    silent, logger = os.environ.get("WANDB_SILENT"), logging.getLogger("wct")
+    level = logger.level
     os.environ["WANDB_SILENT"] = "true"
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        logging.getLogger("wct").setLevel(logging.WARNING)
+        logger.setLevel(logging.WARNING)
         try:
             yield
-        finally:
+        finally:  # the caller's settings back, so a verb called from Python leaves no trace
             sys.stdout.flush()
+            logger.setLevel(level)
+            if silent is None:
+                os.environ.pop("WANDB_SILENT", None)
+            else:
+                os.environ["WANDB_SILENT"] = silent
