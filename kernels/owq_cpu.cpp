@@ -3,7 +3,7 @@
 // -march=native; the inner loops run over N, contiguous in every plane, so the compiler vectorises them (AVX-512 or
 // AVX2 where the CPU has them). Threads: torch's intra-op pool (at::parallel_for over column blocks).
 //
-// Plane layout (wct/pack.py): a plane of width w is int32 [Kp * w / 32, N]; code bits of row k sit in word row
+// Plane layout (wct/format/layout.py): a plane of width w is int32 [Kp * w / 32, N]; code bits of row k sit in word row
 // k / (32 / w) at offset (k % (32 / w)) * w. 4-bit: one plane; 3-bit: a 2-bit plane (bits 0-1) and a 1-bit plane
 // (bit 2). Dequantisation per group g = k / G: w[k, n] = s[g, n] * (code[k, n] - z[g, n]); the product of the
 // small integer (code - z) with x is accumulated in fp32 per group, then scaled: y = Σ_g s_g · Σ_{k∈g} x_k (q - z).

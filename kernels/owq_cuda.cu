@@ -7,7 +7,7 @@
 //               __threadfence + atomicAdd ticket) sums the partials in split order, adds the bias and casts.
 //   fast    : fp16 activations and scales, N % 4 == 0, 16-byte aligned planes: 4 columns per thread from 128-bit
 //             loads, LOP3/0x6400 fp16x2 decode, HSUB2 zero, HFMA2 with x staged as half2 in pair order; at 3 bits
-//             it reads the 3-bit words pw (wct.pack.kernel_words3) the caller converted once per layer.
+//             it reads the 3-bit words pw (wct.format.layout.kernel_words3) the caller converted once per layer.
 //   general : every other case (fp32/bf16, ragged N, unaligned): one column per thread, exponent-trick decode.
 // owq_dequant : deq(W_q) with the weak rows of W_o scattered in, as a scratch [K, N] for one GEMM (large M, dX).
 // Launchers return the cudaError_t of the launch (0 = success). dtype codes: 0 float, 1 half, 2 bfloat16.
@@ -269,7 +269,7 @@ extern "C" {
 // y [M, N] = x [M, K] (row stride stride_x) · W_fullᵀ + bias. `group` is the group size (>= the padded K for one
 // group). ws holds [splits, M, N] fp32 partials when splits > 1; counters (int32, zero before the first launch,
 // left zero by every launch) one entry per column tile: ceil(N / 256) suffice. pw: the 3-bit words
-// (wct.pack.kernel_words3) or null (3 bits then take the general kernel). path: 0 fastest that applies,
+// (wct.format.layout.kernel_words3) or null (3 bits then take the general kernel). path: 0 fastest that applies,
 // 1 the general kernel. Returns a cudaError_t.
 int owq_gemv(int act, int scale_is_float, const void* x, int64_t stride_x, const void* pa, const void* pb,
              const void* pw, const void* scales, const void* zeros, const void* idx, const void* wo, const void* bias, void* ws,

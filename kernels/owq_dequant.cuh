@@ -11,7 +11,7 @@
 //   way once per group) is removed by one exact HSUB2, and HFMA2 multiplies by x staged in shared memory as half2
 //   in the same pair order (owq_slot), so the stored format is unchanged. Pairs: 4 bits (k, k+4), 2 bits (k, k+8),
 //   3 bits (k, k+16) from the kernels' 3-bit words (3 per 32 rows, codes contiguous in each 16-bit half),
-//   converted from the v1 planes once per layer by the backend (wct.pack.kernel_words3; never stored).
+//   converted from the v1 planes once per layer by the backend (wct.format.layout.kernel_words3; never stored).
 // - general path (any dtype, any width): codes to fp32 by the exponent trick, (code | 0x4B000000) as a float is
 //   2^23 + code, minus (2^23 + z): exact, with no int→float conversion.
 #pragma once
@@ -195,7 +195,7 @@ OWQ_HD void owq_decode_word(uint32_t w, __half2 zh, __half2 out[OwqStep<BITS>::P
     out[i] = owq_hsub2(owq_bits_h2(owq_lop3i<OWQ_AND_OR, mask, 0x64006400u>(w >> (i * BITS))), zh);
 }
 
-// 3 bits: the kernels' 3-bit words (wct.pack.kernel_words3, converted from the v1 planes once per layer by the
+// 3 bits: the kernels' 3-bit words (wct.format.layout.kernel_words3, converted from the v1 planes once per layer by the
 // backend; docs/kernels.md "3-bit words"). Per 32 rows and column three words; lane l of word j holds the codes of
 // rows 16l + 5j + i at bits 3i (i < 5) and bit j of the code of row 16l + 15 at bit 15, so every pair of rows
 // (p, p + 16) sits at the same bits of both lanes. A code at mantissa bits q..q+2 under exponent field 25 - q reads

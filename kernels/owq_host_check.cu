@@ -3,7 +3,7 @@
 //
 // usage: owq_host_check dequant|decode|general|fast < input
 // input : bits K N groups M n_o splits, then as whitespace-separated numbers: plane a words, plane b words (3-bit
-//         only), the 3-bit words of wct.pack.kernel_words3 [Kp/32*3, N] (3-bit only), scales as fp16 bit patterns [groups, N], zero-points [groups, N], weak indices [n_o], W_o [n_o, N]
+//         only), the 3-bit words of wct.format.layout.kernel_words3 [Kp/32*3, N] (3-bit only), scales as fp16 bit patterns [groups, N], zero-points [groups, N], weak indices [n_o], W_o [n_o, N]
 //         and x [M, K] as floats.
 // output: dequant -> the scratch [K, N] from owq_dequant_block (after checking owq_code32 against owq_code);
 //         decode  -> [Kp, N]: code - zero of every row as the fast path's fp16x2 word decoders give it (3 bits:

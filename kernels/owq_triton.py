@@ -18,7 +18,7 @@ bias and casts. The weak columns are spread over the splits. Offsets that can pa
 HALF2 (fp16 activations and scales, K and the group multiples of 32, x rows 16-byte aligned) is owq_gemv's fp16x2
 path, the CUDA fast path's arithmetic: one column per tensor element, a loop over groups (scale and zero constants
 once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits: from plane_w, the 3-bit words of
-wct.pack.kernel_words3 that the backend converts from the v1 planes once per layer) rows; per step and column one asm call
+wct.format.layout.kernel_words3 that the backend converts from the v1 planes once per layer) rows; per step and column one asm call
 decodes code pairs into fp16x2 by LOP3 with the 0x6400 magic number, removes the zero exactly (HSUB2, or HFMA2 by
 1/16 for the high nibbles), HFMA2s them against x read as half2 pairs in the same order, and the step's fp16x2
 partial is flushed into the fp32 accumulator with the scale (error bound: docs/kernels.md); columns whose sum is
@@ -217,7 +217,7 @@ def _exp3(q: int) -> int:
 
 
 def asm_gemv3() -> str:
-    """32 rows of one column at 3 bits from the kernels' 3-bit words (wct.pack.kernel_words3: lane l of word j holds
+    """32 rows of one column at 3 bits from the kernels' 3-bit words (wct.format.layout.kernel_words3: lane l of word j holds
     rows 16l + 5j + i at bits 3i, i < 5, and bit j of row 16l + 15 at bit 15). In: $2..$4 the three words, $5..$7 the
     zero constants 2^(10-q) + z for q = 0, 3, 6 (fp16x2), $8..$23 the x pairs (x_p, x_{p+16}), p = 0..15. Out: $0, $1
     the two lanes of the fp16x2 partial as fp32. Pair 5j + i: slots 0-2 in place (q = 0, 3, 6), slots 3-4 from the

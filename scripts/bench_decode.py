@@ -49,7 +49,7 @@ def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: in
         model, _ = load_model("smollm2-135m", dtype=torch.float32)
     else:
         import wct.kernels as kernels
-        from wct.quant.checkpoint import load_quantized
+        from wct.checkpoint import load_quantized
 
         kernels.configure(kernel=kernel)
         model, _ = load_quantized(path)
@@ -156,7 +156,7 @@ def make_checkpoint(label: str, folder: Path) -> Path:
     import torch
 
     from wct.models import load_model
-    from wct.quant.checkpoint import save_quantized
+    from wct.checkpoint import save_quantized
     from wct.quant.config import QuantConfig
     from wct.quant.owq import quantize_model
 

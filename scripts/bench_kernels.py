@@ -30,7 +30,7 @@ import wct.kernels as kernels
 from wct.errors import WCTError, cli_errors
 from wct.io import atomic_file
 from wct.nn.owq_linear import OWQLinear
-from wct.pack import pack_linear, stored_bits
+from wct.format.layout import pack_linear, stored_bits
 
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in, N = out): Llama-7B attention and MLP
 GPU_M = [1, 4, 16]

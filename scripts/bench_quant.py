@@ -37,7 +37,7 @@ from wct.errors import WCTError
 from wct.evaluation.perplexity import perplexity
 from wct.io import atomic_file
 from wct.models import load_model
-from wct.quant.checkpoint import load_quantized, save_quantized
+from wct.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
 
 ROWS = "fp,rtn-w4,rtn-w3,gptq-w4,gptq-w3,owq-w4-t4.01,owq-w3-t3.01,owq-w3-t3.1,owq-w3-t3.01-g128"

@@ -4,7 +4,7 @@
 
 Three phases, each in a fresh process so its peak resident memory (ru_maxrss of that process, from wait4) is its
 own: (1) streaming quantization (wct.quant.stream; few calibration windows: the point is memory and time per
-block, not quality), (2) loading the packed result (wct.quant.checkpoint.load_quantized), (3) one WCT training
+block, not quality), (2) loading the packed result (wct.checkpoint.load_quantized), (3) one WCT training
 step (forward, backward, AdamW on the weak columns). Prints the model's fp16 size, the packed size, each phase's
 peak RSS (and peak GPU memory on CUDA), seconds per block and weights per block, and the memory estimate of
 wct.training.memory from config.json alone next to the measured peaks.
@@ -59,7 +59,7 @@ def phase_load(args) -> dict:
     import torch
 
     from wct import kernels
-    from wct.quant.checkpoint import load_quantized
+    from wct.checkpoint import load_quantized
 
     runtime = _rss()
     start = time.time()
@@ -74,7 +74,7 @@ def phase_train(args) -> dict:
     import torch
 
     from wct.device import resolve_device
-    from wct.quant.checkpoint import load_quantized, owq_layers
+    from wct.checkpoint import load_quantized, owq_layers
 
     device = resolve_device(args.device)
     model, _ = load_quantized(args.packed, dtype=args.train_dtype, device=device)

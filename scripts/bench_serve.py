@@ -44,7 +44,7 @@ PROMPTS = ["Name three primary colors.", "What is the capital of France?", "Writ
 def make_deltas(base: Path, folder: Path, count: int) -> list[int]:
     """``count`` deltas d0, d1, ... of ``base`` in ``folder``; their file sizes."""
     from wct.delta import delta_tensors, owq_layers, packed_fingerprint, write_delta
-    from wct.quant.checkpoint import load_quantized
+    from wct.checkpoint import load_quantized
 
     model, _ = load_quantized(base)
     fingerprint = packed_fingerprint(model)

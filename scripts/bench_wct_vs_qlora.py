@@ -69,7 +69,7 @@ def base_dir(args, spec: dict) -> Path:
     from wct.data.instruct import read_file, render_text
     from wct.data.text import calibration_windows
     from wct.models import load_model
-    from wct.quant.checkpoint import save_quantized
+    from wct.checkpoint import save_quantized
     from wct.quant.owq import quantize_model
 
     bits, k, target = spec["bits"], spec.get("k"), spec.get("target_bit")
@@ -165,7 +165,7 @@ def run_row(name: str, spec: dict, args) -> dict:
     from wct.exporting import export_adapter, export_wct
     from wct.runs import Trained
     from wct.models import load_model
-    from wct.quant.checkpoint import load_quantized
+    from wct.checkpoint import load_quantized
     from wct.config import OptimConfig, TaskConfig, TuningConfig
     from wct.training.datamodule import InstructDataModule
     from wct.training.module import TuneModule, prepare_wct

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from wct.errors import WCTError, cli_errors  # noqa: E402
 from wct.io import atomic_dir  # noqa: E402
 from wct.models import byte_tokenizer  # noqa: E402
-from wct.shards import ShardWriter  # noqa: E402
+from wct.format.shards import ShardWriter  # noqa: E402
 
 VOCAB = 32000
 WIDTHS = [(0.6e9, 1024), (3e9, 2048), (20e9, 4096), (float("inf"), 8192)]

@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from wct.nn.owq_linear import OWQLinear  # noqa: E402 (after TRITON_INTERPRET is chosen)
-from wct.pack import pack_linear  # noqa: E402
+from wct.format.layout import pack_linear  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -104,7 +104,7 @@ def smollm2_owq(shared_data, tmp_path_factory):
     is in the ``smollm2`` xdist group, so one worker builds it (make test-slow: --dist loadgroup)."""
     from wct.data.text import calibration_windows
     from wct.models import load_model
-    from wct.quant.checkpoint import save_quantized
+    from wct.checkpoint import save_quantized
     from wct.quant.config import QuantConfig
     from wct.quant.owq import quantize_model
 
@@ -137,7 +137,7 @@ def _tiny_owq_base(folder: Path, calib_seed: int = 0) -> Path:
     as an owq-pack folder whose tokenizer carries tests/fixtures/tiny_chat.jinja; another ``calib_seed`` gives
     another base (other packed weights, another fingerprint)."""
     from wct.models import load_model
-    from wct.quant.checkpoint import save_quantized
+    from wct.checkpoint import save_quantized
     from wct.quant.owq import quantize_model
 
     model, tok = load_model("tiny-llama")
@@ -151,7 +151,7 @@ def _weak_delta(base_dir: Path, out: Path, scale: float, seed: int) -> Path:
     """A weak-column delta of ``base_dir`` written with the public delta API: every layer's weak columns plus
     ``scale``·N(0, 1) noise (seeded), as a fine-tune of the weak columns would leave them."""
     from wct.delta import delta_tensors, owq_layers, packed_fingerprint, write_delta
-    from wct.quant.checkpoint import load_quantized
+    from wct.checkpoint import load_quantized
 
     model, _ = load_quantized(base_dir)
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from wct.config import CONF_DIR
 from wct.models import load_model
-from wct.quant.checkpoint import load_quantized, owq_layers, save_quantized
+from wct.checkpoint import load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
 from wct.runs import Trained, set_weak_columns
 

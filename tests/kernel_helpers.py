@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from wct.nn.owq_linear import OWQLinear
-from wct.pack import pack_linear
+from wct.format.layout import pack_linear
 
 
 N_WEAK = [0, 1, 7, 40]  # 40: all inside the first 256-wide chunk of K

@@ -175,7 +175,7 @@ def test_no_weak_columns_recommends_another_recipe():
 def test_packed_folder_without_tokenizer(tmp_path, capsys):
     from wct.evaluate import run
     from wct.models import tiny_llama
-    from wct.quant.checkpoint import save_quantized
+    from wct.checkpoint import save_quantized
     from wct.quant.owq import quantize_model
 
     model, tok = tiny_llama()

@@ -8,7 +8,7 @@ import torch
 from wct.errors import WCTError
 from wct.models import load_model
 from wct.quant.budget import global_counts
-from wct.quant.checkpoint import load_quantized, owq_layers, save_quantized
+from wct.checkpoint import load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
 
 

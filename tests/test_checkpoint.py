@@ -11,15 +11,15 @@ from safetensors import safe_open
 
 from wct.errors import WCTError
 from wct.models import tiny_llama
-from wct.quant.checkpoint import (
+from wct.checkpoint import (
     bit_summary,
     import_reference,
     load_quantized,
     owq_layers,
     save_quantized,
-    unpack_reference_codes,
 )
-from wct.pack import unpack_codes
+from wct.format.layout import unpack_codes
+from wct.format.reference import unpack_reference_codes
 
 from helpers import logits
 

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from wct.config import CONF_DIR
-from wct.quant.checkpoint import load_quantized
+from wct.checkpoint import load_quantized
 
 from helpers import REPO, TEXT, TINY, cfg_of, tiny_overrides
 

@@ -14,7 +14,7 @@ import torch
 import wct.kernels as kernels
 from wct.kernels import cpu_backend, dispatch
 from wct.nn.owq_linear import OWQLinear
-from wct.pack import pack_linear
+from wct.format.layout import pack_linear
 
 
 pytestmark = pytest.mark.usefixtures("kernel_config")
@@ -114,7 +114,7 @@ def test_resident_bytes_after_load_and_after_a_forward(tmp_path):
 def test_an_export_generates_the_tokens_of_the_model_it_was_saved_from(tmp_path, rtn_pack):
     """Greedy decoding of a packed tiny model and of its saved-and-reloaded checkpoint on the CPU backend."""
     from wct.models import load_model
-    from wct.quant.checkpoint import load_quantized, save_quantized
+    from wct.checkpoint import load_quantized, save_quantized
 
     model, tok = load_model("tiny-llama")
     rtn_pack(model, 4, n_weak={"q_proj": 3, "down_proj": 5})
@@ -138,7 +138,7 @@ def test_a_kernel_that_cannot_build_is_one_error_line_and_the_slab_path_answers(
         "from wct.kernels import cpu_backend\n"
         "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
         "from wct.nn.owq_linear import OWQLinear\n"
-        "from wct.pack import pack_linear\n"
+        "from wct.format.layout import pack_linear\n"
         "w = torch.randn(32, 64)\n"
         "p = pack_linear(w, torch.rand(1, 32) * 0.1 + 0.01, torch.full((1, 32), 8), torch.tensor([3]), 4)\n"
         "layer = OWQLinear.from_packed(p, 4, 64).float()\n"

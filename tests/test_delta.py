@@ -13,7 +13,7 @@ from wct.delta import apply_delta, packed_fingerprint, read_delta, write_delta
 from wct.errors import WCTError
 from wct.exporting import check_batch, export_delta, export_wct, logits
 from wct.models import load_model
-from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
+from wct.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
 
 from helpers import export_config, trained_from

@@ -13,7 +13,7 @@ from wct.errors import WCTError
 from wct.exporting import check_batch, export_wct, logits
 from wct.runs import Trained, set_weak_columns
 from wct.models import load_model
-from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
+from wct.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
 from wct.quant.owq import quantize_model
 
 from helpers import export_config, generate_config, greedy_reference, train_config, trained_from

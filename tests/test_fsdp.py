@@ -25,7 +25,7 @@ def worker(rank: int, world: int, base: str, out: str, port: int) -> None:
     from wct import kernels
     from wct.config import TuningConfig
     from wct.nn import OWQLinear
-    from wct.quant.checkpoint import load_quantized
+    from wct.checkpoint import load_quantized
     from wct.training.module import prepare_wct
     from wct.quant.blocks import find_blocks
     from wct.training.sharding import local_bytes, packed_bytes, shard_model
@@ -93,7 +93,7 @@ def run_world(base: Path, out: Path, world: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     from wct.models import tiny_llama
-    from wct.quant.checkpoint import save_quantized
+    from wct.checkpoint import save_quantized
     from wct.quant.owq import quantize_model
 
     model, tok = tiny_llama()

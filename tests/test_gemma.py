@@ -17,7 +17,7 @@ import wct  # noqa: F401 (registers the owq quantizer with transformers)
 from wct.errors import WCTError
 from wct.models import byte_tokenizer
 from wct.quant.blocks import find_blocks, find_linears
-from wct.quant.checkpoint import load_quantized, save_quantized
+from wct.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import _catch_block_inputs, _run_block, quantize_model
 
 SEQ = 24

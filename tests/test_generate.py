@@ -9,7 +9,7 @@ from wct.errors import WCTError
 from wct.generate import run
 from wct.generation import generate, render
 from wct.models import load_model
-from wct.quant.checkpoint import save_quantized
+from wct.checkpoint import save_quantized
 from wct.quant.owq import quantize_model
 
 from helpers import generate_config, greedy_reference

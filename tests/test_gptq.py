@@ -3,7 +3,7 @@ import torch
 
 from wct.errors import WCTError
 from wct.quant.gptq import GPTQ
-from wct.pack import dequantize_full, pack_linear
+from wct.format.layout import dequantize_full, pack_linear
 from wct.quant.quantizer import fake_quantize, fit, fit_minmax
 
 F64 = torch.float64

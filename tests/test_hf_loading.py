@@ -19,7 +19,7 @@ from wct.errors import WCTError
 from wct.generation import generate
 from wct.models import tiny_llama
 from wct.nn.owq_linear import OWQLinear
-from wct.quant.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
+from wct.checkpoint import WEIGHTS, load_quantized, owq_layers, save_quantized
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, pipeline
 import wct
 from wct.delta import delta_tensors, packed_fingerprint, write_delta
 from wct.generation import generate
-from wct.quant.checkpoint import load_quantized, owq_layers
+from wct.checkpoint import load_quantized, owq_layers
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 

@@ -99,7 +99,7 @@ def test_user_folder_survives_export_out(tmp_path):
 
     from wct.exporting import export_wct
     from wct.models import load_model
-    from wct.quant.checkpoint import save_quantized
+    from wct.checkpoint import save_quantized
     from wct.quant.owq import quantize_model
 
     model, tok = load_model("tiny-llama")

@@ -16,7 +16,7 @@ import wct.kernels as kernels
 from wct.errors import WCTError
 from wct.kernels import triton_backend
 from wct.nn.owq_linear import OWQLinear
-from wct.pack import kernel_words3, pack_linear
+from wct.format.layout import kernel_words3, pack_linear
 
 from kernel_helpers import N_WEAK, TOL, check_fwd_bwd, make_layer, rel_err
 

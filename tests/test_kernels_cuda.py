@@ -12,7 +12,7 @@ import wct.kernels as kernels
 from wct.kernels import cuda_backend
 from wct.kernels.__main__ import main as kernels_cli
 from wct.kernels.sources import source_dir
-from wct.pack import dequantize_dense, kernel_words3
+from wct.format.layout import dequantize_dense, kernel_words3
 
 from kernel_helpers import N_WEAK, TOL, U, check_fwd_bwd, half2_bound, make_layer, overflowing_x, rel_err
 
@@ -41,7 +41,7 @@ def host_check(tmp_path_factory) -> str:
 
 def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
     """Feed a packed layer (and x) to owq_host_check; returns its output matrix. At 3 bits the fast path's 3-bit
-    words come from the converter (wct.pack.kernel_words3), so decode and GEMV checks test it too."""
+    words come from the converter (wct.format.layout.kernel_words3), so decode and GEMV checks test it too."""
     n_o, n = layer.weak_weight.shape
     numbers = [layer.bits, layer.in_features, n, layer.scales.shape[0], x.shape[0], n_o, splits]
     numbers += [w for p in layer.planes.values() for w in p.flatten().tolist()]

@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-import wct.pack
+import wct.format.layout
 from ptx_emulator import run as run_ptx
 from kernel_helpers import ROWS, U, half2_bound, make_layer, overflowing_x, pair_rows
 from wct.kernels import kernel_planes, triton_backend
 from wct.kernels.sources import load_module
-from wct.pack import kernel_words3, pack_codes, padded_k
+from wct.format.layout import kernel_words3, pack_codes, padded_k
 
 SRC = load_module("owq_triton.py", "wct_kernels_src_owq_triton")
 _step3, _step4, _zero_consts = SRC._step3, SRC._step4, SRC._zero_consts
@@ -54,10 +54,10 @@ def random_step(bits: int, n: int, seed: int):
 @pytest.mark.parametrize("k,n", [(32, 5), (200, 7), (11008, 3)])  # 200: ragged K (padded to 224)
 @pytest.mark.parametrize("chunk", [None, 64])  # 64: one column per conversion chunk
 def test_kernel_words3_converter_follows_the_layout(k, n, chunk, monkeypatch):
-    """wct.pack.kernel_words3 from the owq-pack v1 planes gives the words of the definition for every 32-row
+    """wct.format.layout.kernel_words3 from the owq-pack v1 planes gives the words of the definition for every 32-row
     block, and every code reads back from them (at the documented bits) as the code that was packed."""
     if chunk:
-        monkeypatch.setattr(wct.pack, "KERNEL3_CHUNK", chunk)
+        monkeypatch.setattr(wct.format.layout, "KERNEL3_CHUNK", chunk)
     codes = torch.randint(0, 8, (k, n), generator=torch.Generator().manual_seed(k + n))
     planes = pack_codes(codes, 3)
     words = kernel_words3(planes["qweight_lo"], planes["qweight_hi"])

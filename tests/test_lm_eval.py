@@ -10,7 +10,7 @@ import torch
 
 from wct.errors import WCTError
 from wct.models import tiny_llama
-from wct.quant.checkpoint import load_quantized, save_quantized
+from wct.checkpoint import load_quantized, save_quantized
 
 pytest.importorskip("lm_eval")
 

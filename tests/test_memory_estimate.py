@@ -18,7 +18,7 @@ from wct.config import TuningConfig
 from wct.models import config_dict, tiny_llama
 from wct.nn import OWQLinear
 from wct.quant.config import QuantConfig
-from wct.quant.checkpoint import save_quantized
+from wct.checkpoint import save_quantized
 from wct.quant.owq import quantize_model
 from wct.training.memory import Shapes, estimate_from_config, train_memory
 from wct.training.module import prepare_wct

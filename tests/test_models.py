@@ -43,7 +43,7 @@ def test_local_folder_and_owq_folder(tmp_path, rtn_pack):
     assert tok2("abc").input_ids == tok("abc").input_ids
 
     from wct.loading import load_any
-    from wct.quant.checkpoint import owq_layers, save_quantized
+    from wct.checkpoint import owq_layers, save_quantized
 
     rtn_pack(model, 4)
     save_quantized(model, tok, tmp_path / "owq")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from wct.pack import (
+from wct.format.layout import (
     dequantize_full,
     pack_codes,
     pack_linear,
@@ -84,7 +84,7 @@ def test_stored_bits_llama7b_301():
 def test_pack_linear_in_slabs_equals_one_piece(bits, groups, monkeypatch):
     """Packing works on slabs of output columns to bound its memory (docs/scale.md); the result must not depend on
     the slab size, ragged last slab and weak columns included."""
-    import wct.pack as pack
+    import wct.format.layout as pack
 
     g = torch.Generator().manual_seed(bits)
     n, k = 37, 64
@@ -119,7 +119,7 @@ def test_sensitivity_in_slabs_equals_one_piece(monkeypatch):
 def test_dequantize_in_slabs_equals_formula(bits, groups, dtype, monkeypatch):
     """dequantize_dense builds W a slab of output columns at a time (docs/scale.md): every slab size, ragged last
     slab included, gives s·(code − z) rounded once from the exact value, as a contiguous [N, K]."""
-    import wct.pack as pack
+    import wct.format.layout as pack
 
     g = torch.Generator().manual_seed(bits)
     n, k = 37, 64

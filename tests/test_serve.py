@@ -26,7 +26,7 @@ pytest.importorskip("uvicorn")
 
 from wct.generation import generate, render  # noqa: E402
 from wct.kernels.dispatch import resolve_backend  # noqa: E402
-from wct.quant.checkpoint import load_quantized  # noqa: E402
+from wct.checkpoint import load_quantized  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = {"base": "The weather", "alpha": "Once upon", "beta": "Numbers: 1"}

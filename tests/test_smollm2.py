@@ -16,7 +16,7 @@ from safetensors import safe_open
 from wct.data.text import calibration_windows, eval_tokens
 from wct.evaluation.perplexity import perplexity
 from wct.models import load_model, smollm2_dir
-from wct.quant.checkpoint import load_quantized
+from wct.checkpoint import load_quantized
 from wct.quant.config import QuantConfig
 from wct.quant.owq import quantize_model
 

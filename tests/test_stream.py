@@ -1,4 +1,4 @@
-"""Streaming quantization (wct.quant.stream) and sharded owq-pack folders (wct.shards): bit for bit equal to
+"""Streaming quantization (wct.quant.stream) and sharded owq-pack folders (wct.format.shards): bit for bit equal to
 the in-memory path, reloadable, and one clear error for broken shards."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 
 from wct.errors import WCTError
 from wct.models import load_model, tiny_llama
-from wct.quant.checkpoint import load_quantized, save_quantized
+from wct.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
-from wct.shards import INDEX, SINGLE, ShardReader, ShardWriter, payload_bytes
+from wct.format.shards import INDEX, SINGLE, ShardReader, ShardWriter, payload_bytes
 from wct.quant.stream import block_need, check_fits, quantize_streaming
 
 
@@ -225,7 +225,7 @@ def test_tensor_written_as_read_unless_a_nan_would_change_in_the_round_trip(monk
     tensor, no copy, when that round trip is the identity, and the round trip itself when a NaN is anywhere in
     the tensor (found by a scan in steps, the last one ragged)."""
     import wct.quant.stream as stream
-    from wct.quant.checkpoint import storage_form
+    from wct.checkpoint import storage_form
 
     monkeypatch.setattr(stream, "NAN_SCAN_ELEMS", 7)
     src = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)).half()
@@ -394,7 +394,7 @@ def test_shard_writer_keeps_no_tensor_and_writes_files_safetensors_reads(tmp_pat
 
 
 def test_shard_writer_refuses_a_shard_that_reads_back_different(tmp_path, monkeypatch):
-    import wct.shards as shards
+    import wct.format.shards as shards
 
     copy = shards.shutil.copyfileobj
 

@@ -102,7 +102,7 @@ def copy_package(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("planted, target, expected", [
-    ("wct/pack.py", "wct.nn.owq_linear", "cycle: "),  # pack is imported by nn.owq_linear
+    ("wct/format/layout.py", "wct.nn.owq_linear", "cycle: "),  # pack is imported by nn.owq_linear
     ("wct/generate.py", "wct.export", "wct.generate imports the entry point wct.export"),
     ("wct/training/run.py", "wct.train", "wct.training.run imports the entry point wct.train"),
 ])
@@ -113,7 +113,7 @@ def test_the_check_fails_on_a_planted_violation(tmp_path, planted, target, expec
     path.write_text(path.read_text() + f"\n\ndef _planted():\n    import {target}  # noqa\n")
     new = [v for v in violations(import_graph(root)) if v not in before]
     hits = [v for v in new if v.startswith(expected)]
-    assert hits and (expected != "cycle: " or {"wct.pack", target} <= set(hits[0][7:].split(" <-> ")))
+    assert hits and (expected != "cycle: " or {"wct.format.layout", target} <= set(hits[0][7:].split(" <-> ")))
 
 
 def test_every_module_imports():

@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 
 from wct.config import CONF_DIR
 from wct.errors import WCTError
-from wct.quant.checkpoint import load_quantized, owq_layers
+from wct.checkpoint import load_quantized, owq_layers
 from wct.train import fit
 from wct.config import OptimConfig
 from wct.training.module import lr_lambda, make_optimizer

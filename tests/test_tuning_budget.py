@@ -15,8 +15,8 @@ from wct.config import CONF_DIR, QuantizeApp, TrainApp, to_app
 from wct.data import instruct
 from wct.errors import WCTError
 from wct.models import load_model
-from wct.pack import dequantize_dense
-from wct.quant.checkpoint import load_quantized, owq_layers
+from wct.format.layout import dequantize_dense
+from wct.checkpoint import load_quantized, owq_layers
 from wct.quant.gptq import GPTQ
 from wct.quant.owq import quantize_model
 
@@ -154,7 +154,7 @@ def test_export_of_a_base_training_more_columns_than_it_quantized(tuned_run, tmp
 
     from wct.exporting import check_batch, logits
     from wct.export import run
-    from wct.quant.checkpoint import bit_summary
+    from wct.checkpoint import bit_summary
 
     root, module = tuned_run
     layers = owq_layers(module.model)

@@ -23,8 +23,8 @@ _register_with_transformers()  # from_pretrained(owq_folder) after `import wct` 
 _LAZY = {  # heavy modules (transformers, datasets) load on first use
     "quantize_model": "wct.quant.owq",
     "QuantReport": "wct.quant.owq",
-    "save_quantized": "wct.quant.checkpoint",
-    "load_quantized": "wct.quant.checkpoint",
+    "save_quantized": "wct.checkpoint",
+    "load_quantized": "wct.checkpoint",
     "load_model": "wct.loading",
     "apply_delta": "wct.delta",
 }

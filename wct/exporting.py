@@ -3,7 +3,7 @@
 WCT (docs/architecture.md §4): the base named in the checkpoint is loaded (its fingerprint
 must match), each trained fp32 master ``weak_weight`` is cast to the dtype the base stores it in (fp16) and written
 into the packed model (norms / output head trained with ``tuning.norms`` / ``tuning.lm_head`` likewise, in their
-stored dtype), and the result is saved with :func:`wct.quant.checkpoint.save_quantized`: same tensors,
+stored dtype), and the result is saved with :func:`wct.checkpoint.save_quantized`: same tensors,
 shapes and dtypes as the base, hence the same size. Then the folder is reloaded and its logits on a fixed batch
 are compared with the in-training model *with its weak columns rounded to the stored dtype*; they must be bitwise
 equal (max |diff| = 0). The difference to the fp32-master model (the rounding of the stored weak columns) is
@@ -36,9 +36,9 @@ from wct.io import atomic_dir
 from wct.loading import EXPORT_META
 from wct.models import ORIGINS
 from wct.nn.modes import eval_mode
-from wct.quant.checkpoint import load_quantized, owq_layers, weak_by_type, write_quantized
+from wct.checkpoint import load_quantized, owq_layers, weak_by_type, write_quantized
 from wct.quant.config import recipe_name
-from wct.shards import payload_bytes, weights_bytes
+from wct.format.shards import payload_bytes, weights_bytes
 from wct.runs import Trained, load_base_for_adapter, set_parameters, set_weak_columns, stored_dtypes
 
 CHECK_TOKENS = 32  # tokens per row of the logits check batch

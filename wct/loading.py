@@ -1,6 +1,6 @@
 """The one loader of the verbs: whatever ``model.*`` (and ``ckpt_path``) name, as ``(model, tokenizer)``.
 
-An owq-pack folder (a quantized base or a WCT export) loads with :func:`wct.quant.checkpoint.load_quantized`, a
+An owq-pack folder (a quantized base or a WCT export) loads with :func:`wct.checkpoint.load_quantized`, a
 peft adapter folder written by ``python -m wct.export`` with its base (:func:`load_adapter_export`), a training
 checkpoint with :func:`wct.runs.load_trained`, anything else (built-in name, HF folder, GGUF, hub id) with
 :func:`wct.models.load_model`.
@@ -20,7 +20,7 @@ from torch import nn
 
 from wct.errors import WCTError
 from wct.models import is_owq_checkpoint, load_model
-from wct.quant.checkpoint import load_quantized
+from wct.checkpoint import load_quantized
 
 EXPORT_META = "wct_export.json"  # written by wct.exporting into every export
 

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from wct.device import as_dtype
 from wct.errors import WCTError
-from wct.hf.config import unguard_config
+from wct.format.config import unguard_config
 from wct.io import atomic_dir
 
 SMOLLM2 = "smollm2-135m"

@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> dict:
     from wct.evaluation.perplexity import evaluate_all, load_eval_sets, ppl_table
     from wct.io import write_json
     from wct.models import load_model, model_tag
-    from wct.quant.checkpoint import load_quantized, save_quantized, weak_by_type
+    from wct.checkpoint import load_quantized, save_quantized, weak_by_type
     from wct.quant.owq import quantize_model
     from wct.quant.stream import quantize_streaming, source_folder, tokenizer_of
 

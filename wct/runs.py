@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from wct.errors import WCTError
-from wct.quant.checkpoint import load_quantized, owq_layers
-from wct.shards import ShardReader, weights_present
+from wct.checkpoint import load_quantized, owq_layers
+from wct.format.shards import ShardReader, weights_present
 from wct.training.module import fingerprint
 
 

@@ -14,12 +14,12 @@ from typing import Iterator
 import torch
 
 from wct.errors import WCTError
-from wct.hf.config import GUARD_MODEL_TYPE, QUANT_METHOD, GuardedConfig, OWQConfig
+from wct.format.config import GUARD_MODEL_TYPE, QUANT_METHOD, GuardedConfig, OWQConfig
 
 
 def register() -> None:
     """Register the owq config and quantizer, and the ``wct_owq`` model type of the folders' config.json guard
-    (:func:`wct.hf.config.guard_config`), with transformers (idempotent)."""
+    (:func:`wct.format.config.guard_config`), with transformers (idempotent)."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.quantizers.auto import (

@@ -18,9 +18,9 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from wct.errors import WCTError
-from wct.hf.config import OWQConfig, check_quantization_config
+from wct.format.config import OWQConfig, check_quantization_config
 from wct.nn.owq_linear import OWQLinear
-from wct.shards import weight_map
+from wct.format.shards import weight_map
 
 
 _SAFETENSORS_DTYPES = {
@@ -34,7 +34,7 @@ Header = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a local checkpoint folder (one file, or the shards its index names), each checked
-    to hold what the index places in it (:func:`wct.shards.weight_map`)."""
+    to hold what the index places in it (:func:`wct.format.shards.weight_map`)."""
     return sorted(set(weight_map(Path(folder)).values()))
 
 

@@ -4,7 +4,7 @@
   by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` on first use and cached by torch) that unpacks the
   codes in registers and accumulates Σ_g s_g·Σ_{k∈g} x_k·(q_k − z_g) in fp32 (docs/kernels.md "CPU backend").
 - Larger M (prefill, training) and 2-bit: a bounded workspace — a slab of at most ``DEQUANT_CHUNK_ELEMS`` weights
-  is dequantized at a time (:func:`wct.pack.dequantize_dense` on a column slice) and multiplied, so no dense copy
+  is dequantized at a time (:func:`wct.format.layout.dequantize_dense` on a column slice) and multiplied, so no dense copy
   of a layer outlives the call. dX = dY·W_full takes the same slabs.
 - The weak columns are a separate small product x[:, idx]·W_o (their codes equal the zero-point, so the planes
   contribute exactly 0 there).
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from wct.kernels.reference import add_weak, add_weak_dx
 from wct.kernels.sources import source_dir
-from wct.pack import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
+from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
 
 log = logging.getLogger("wct.kernels")
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from wct.errors import WCTError
 from wct.kernels.sources import source_dir
 from wct.kernels.workspace import tile_counters
-from wct.pack import kernel_words3
+from wct.format.layout import kernel_words3
 
 ARCHS = ("80", "90")
 SOURCES = ("owq_cuda.cu", "owq_dequant.cuh")
@@ -176,7 +176,7 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
          bias: Tensor | None, bits: int, splits: int | None = None, path: int = 0) -> Tensor:
     """y [M, N] for x [M, K] (M ≤ 8) by the GEMV; ``splits`` forces the K split count, ``path`` 1 forces the
     general kernel (tests compare it with the fast one). At 3 bits the fast kernel reads ``planes[2]``, the 3-bit
-    words of :func:`wct.pack.kernel_words3` (wct.kernels.dispatch adds them); without them 3 bits take the general
+    words of :func:`wct.format.layout.kernel_words3` (wct.kernels.dispatch adds them); without them 3 bits take the general
     kernel."""
     m, k = x.shape
     lib = load()

@@ -35,7 +35,7 @@ import wct.kernels.reference as reference
 from wct.device import KERNELS
 from wct.errors import WCTError
 from wct.kernels.op import owq_linear_op
-from wct.pack import kernel_words3
+from wct.format.layout import kernel_words3
 
 log = logging.getLogger("wct.kernels")
 
@@ -176,7 +176,7 @@ def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
 
 def kernel_planes(layer, backend: str) -> list[torch.Tensor]:
     """The code planes ``backend`` gets for ``layer``: the owq-pack v1 planes, and at 3 bits on the triton and cuda
-    backends also the 3-bit words their fast GEMVs read (:func:`wct.pack.kernel_words3`), converted on the
+    backends also the 3-bit words their fast GEMVs read (:func:`wct.format.layout.kernel_words3`), converted on the
     device once per layer and cached like the dense weight (keyed by the planes' storage and version counters).
     The copy is as large as the v1 planes (3/8 byte per weight; docs/kernels.md "3-bit words"); owq_linear asks
     for it only for decode-sized inputs (at most CUDA_GEMV_MAX_M rows), which the GEMVs take. Not built while

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wct.pack import dequantize_dense, plane_layout
+from wct.format.layout import dequantize_dense, plane_layout
 
 
 def _planes(planes: list[torch.Tensor], bits: int) -> dict[str, torch.Tensor]:

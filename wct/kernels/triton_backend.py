@@ -75,7 +75,7 @@ def gemv_splits(m: int, n: int, k: int, block_n: int, block_k: int, device: torc
 def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
          bias: Tensor | None, bits: int, split_k: int | None = None) -> Tensor:
     """y [M, N] for x [M, K], M ≤ GEMV_MAX_M, by ``owq_gemv``; ``split_k`` forces the split count. At 3 bits the
-    fp16x2 path reads ``planes[2]``, the 3-bit words of :func:`wct.pack.kernel_words3` (wct.kernels.dispatch adds
+    fp16x2 path reads ``planes[2]``, the 3-bit words of :func:`wct.format.layout.kernel_words3` (wct.kernels.dispatch adds
     them); without them 3 bits take the fp32 path."""
     m, k = x.shape
     n = scales.shape[1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wct.pack import dequantize_full, padded_k, plane_layout
+from wct.format.layout import dequantize_full, padded_k, plane_layout
 
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
@@ -61,7 +61,7 @@ class OWQLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: dict[str, torch.Tensor], bits: int, in_features: int) -> "OWQLinear":
-        """Build a layer from the tensors returned by :func:`wct.pack.pack_linear`."""
+        """Build a layer from the tensors returned by :func:`wct.format.layout.pack_linear`."""
         out_features = packed["scales"].shape[1]
         group = in_features // packed["scales"].shape[0]
         layer = cls(

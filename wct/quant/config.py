@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wct.errors import WCTError
-from wct.pack import SUPPORTED_BITS
+from wct.format.layout import SUPPORTED_BITS
 
 
 @dataclass

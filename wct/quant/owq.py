@@ -29,10 +29,10 @@ from wct.quant.blocks import (
     outside_blocks,
     sequential_groups,
 )
-from wct.quant.checkpoint import describe_quantization
+from wct.checkpoint import describe_quantization
 from wct.quant.config import QuantConfig
 from wct.quant.gptq import GPTQ
-from wct.pack import pack_linear
+from wct.format.layout import pack_linear
 from wct.quant.quantizer import rtn
 
 

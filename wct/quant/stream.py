@@ -29,7 +29,7 @@ from wct.errors import WCTError
 from wct.io import atomic_dir
 from wct.nn.owq_linear import OWQLinear
 from wct.quant.blocks import find_linears, outside_blocks
-from wct.quant.checkpoint import (
+from wct.checkpoint import (
     SAFETENSORS_META,
     packed_config,
     storage_form,
@@ -37,7 +37,7 @@ from wct.quant.checkpoint import (
 )
 from wct.quant.config import QuantConfig
 from wct.quant.owq import QuantReport, _catch, _finish, _quantize_block, _recipe, _setup, _Setup
-from wct.shards import ShardReader, ShardWriter
+from wct.format.shards import ShardReader, ShardWriter
 
 SHARD_BYTES = 256 * 2**20  # output shard size (written to disk tensor by tensor: no shard waits in memory)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)

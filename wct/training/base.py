@@ -20,7 +20,7 @@ from wct.device import resolve_device
 from wct.errors import WCTError
 from wct.io import atomic_file
 from wct.models import cache_dir, load_model, model_tag
-from wct.quant.checkpoint import load_quantized, save_quantized
+from wct.checkpoint import load_quantized, save_quantized
 from wct.quant.owq import quantize_model
 from wct.quant.stream import source_folder, tokenizer_of
 from wct.training.module import fingerprint, prepare_wct

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from wct.errors import WCTError
-from wct.pack import FORMAT_VERSION, SUPPORTED_BITS
+from wct.format.layout import FORMAT_VERSION, SUPPORTED_BITS
 
 QUANT_METHOD = "owq"
 

@@ -22,12 +22,13 @@ from torch import nn
 
 from wct.device import as_dtype
 from wct.errors import WCTError
+from wct.format.config import QUANT_METHOD, check_quantization_config, guard_config
+from wct.format.layout import FORMAT_VERSION, pack_codes, stored_bits
+from wct.format.reference import unpack_reference_codes
+from wct.format.shards import ShardWriter
 from wct.io import atomic_dir
 from wct.models import load_model
 from wct.nn.owq_linear import OWQLinear
-from wct.hf.config import QUANT_METHOD, check_quantization_config, guard_config
-from wct.pack import FORMAT_VERSION, pack_codes, stored_bits
-from wct.shards import ShardWriter
 
 WEIGHTS = "model.safetensors"
 SAFETENSORS_META = {"format": "pt", "owq_format_version": str(FORMAT_VERSION)}
@@ -250,24 +251,6 @@ def load_quantized(
 
 
 # --------------------------------------------------------------------------- reference OWQ checkpoints (docs/owq-pack.md §2.2)
-
-
-def unpack_reference_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Codes [K, N] of a reference ``QuantLinear.qweight`` [K/32·b, N] (docs/owq-pack.md §2.2).
-
-    Both layouts are little-endian bit streams of 32 codes per b words: code i of a run of 32 occupies stream bits
-    [b·i, b·i + b), so 4-bit is 8 codes per word and 3-bit straddles words at codes 10 and 21.
-    """
-    n = qweight.shape[1]
-    words = (qweight.to(torch.int64) & 0xFFFFFFFF).view(in_features // 32, bits, n)
-    codes = torch.empty(in_features // 32, 32, n, dtype=torch.int64)
-    for i in range(32):
-        w, off = divmod(bits * i, 32)
-        c = words[:, w] >> off
-        if off + bits > 32:
-            c = c | (words[:, w + 1] << (32 - off))
-        codes[:, i] = c & ((1 << bits) - 1)
-    return codes.view(in_features, n)
 
 
 def _reference_layer(sd: dict, name: str, linear: nn.Module, bits: int, source: Path) -> OWQLinear:
