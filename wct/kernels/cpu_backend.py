@@ -30,7 +30,10 @@ from wct.pack import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
 
 log = logging.getLogger("wct.kernels")
 
-GEMV_MAX_M = 8  # rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS
+# Rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS. Measured on SmolLM2's
+# shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads): per decoder block the
+# 4-bit GEMV wins up to M = 32 (3029 vs 3127 µs there, 2404 vs 2985 at 24) and loses at 64; 24 keeps a margin.
+GEMV_MAX_M = 24
 _ext: dict = {}
 
 
