@@ -1,5 +1,6 @@
-// wct CPU decode kernel: y[M, N] = x[M, K] · deq(W_q)ᵀ read straight from the owq-pack v1 planes (docs/kernels.md
-// "CPU backend"). Built by torch.utils.cpp_extension on first use (wct/kernels/cpu_backend.py) with -O3
+// wct CPU kernels (docs/kernels.md "CPU backend"): the decode GEMV y[M, N] = x[M, K] · deq(W_q)ᵀ read straight from
+// the owq-pack v1 planes, and the slab dequantization deq(W_q)ᵀ[:, n0:n1] that larger batches and dX multiply with
+// the BLAS. Built by torch.utils.cpp_extension on first use (wct/kernels/cpu_backend.py) with -O3
 // -march=native; the inner loops run over N, contiguous in every plane, so the compiler vectorises them (AVX-512 or
 // AVX2 where the CPU has them). Threads: torch's intra-op pool (at::parallel_for over column blocks).
 //
@@ -10,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -160,7 +162,75 @@ void run(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const sca
   for (; m < M; ++m) rows<BITS, 1, scale_t>(x, p0, p1, s, z, y, K, N, G, m);
 }
 
+// Columns [c0, c1) of the slab: out[k, c - n0] = s[g, c]·(code[k, c] − z[g, c]) for k < K, with ld = n1 − n0. The
+// same two roundings as wct.format.layout.dequantize_dense in fp32 (int→float and z→float are exact, c − z is exact, one
+// rounding in the product), so the slab is bit-identical to it. The inner loop runs over ≤ NB contiguous columns of
+// one code row (a shift by a per-row constant, a mask, a convert, a subtract and a multiply: the compiler
+// vectorises it).
+template <int BITS, typename scale_t>
+void dequant_cols(const int32_t* p0, const int32_t* p1, const scale_t* scales, const uint8_t* zeros, float* out,
+                  int64_t K, int64_t N, int64_t G, int64_t n0, int64_t ld, int64_t c0, int64_t c1) {
+  const int64_t nb = c1 - c0;
+  float zf[NB], sf[NB];
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const int64_t gi = g0 / G;
+    for (int64_t j = 0; j < nb; ++j) {
+      zf[j] = static_cast<float>(zeros[gi * N + c0 + j]);
+      sf[j] = static_cast<float>(scales[gi * N + c0 + j]);
+    }
+    const int64_t g1 = g0 + G < K ? g0 + G : K;
+    for (int64_t k = g0; k < g1; ++k) {
+      float* o = out + k * ld + (c0 - n0);
+      if (BITS == 4) {
+        const int32_t* row = p0 + (k >> 3) * N + c0;
+        const int sh = static_cast<int>(k & 7) * 4;
+        for (int64_t j = 0; j < nb; ++j) o[j] = (static_cast<float>((row[j] >> sh) & 15) - zf[j]) * sf[j];
+      } else {
+        const int32_t* lo = p0 + (k >> 4) * N + c0;
+        const int32_t* hi = p1 + (k >> 5) * N + c0;
+        const int sl = static_cast<int>(k & 15) * 2, shh = static_cast<int>(k & 31);
+        for (int64_t j = 0; j < nb; ++j) {
+          const int32_t c = ((lo[j] >> sl) & 3) | (((hi[j] >> shh) & 1) << 2);
+          o[j] = (static_cast<float>(c) - zf[j]) * sf[j];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+// deq(W_q)ᵀ for output columns [n0, n1) as a contiguous fp32 [K, n1 − n0] (the slab the BLAS multiplies: y = x·slab,
+// dX = dY·slabᵀ); parallel over blocks of NB columns.
+torch::Tensor owq_dequant(std::vector<torch::Tensor> planes, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                          int64_t in_features, int64_t n0, int64_t n1) {
+  TORCH_CHECK(bits == 3 || bits == 4, "bits must be 3 or 4");
+  TORCH_CHECK(zeros.scalar_type() == torch::kByte && zeros.is_contiguous() && scales.is_contiguous(), "bad scales");
+  TORCH_CHECK(static_cast<int64_t>(planes.size()) == (bits == 3 ? 2 : 1), "wrong number of planes");
+  for (auto& p : planes) TORCH_CHECK(p.scalar_type() == torch::kInt && p.is_contiguous(), "planes: int32 contiguous");
+  const int64_t K = in_features, N = scales.size(1), G = K / scales.size(0);
+  TORCH_CHECK(G * scales.size(0) == K, "groups do not divide K");
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "column range out of bounds");
+  TORCH_CHECK(planes[0].size(1) == N && planes[0].size(0) * (bits == 4 ? 8 : 16) >= K, "planes do not match K, N");
+  TORCH_CHECK(bits == 4 || (planes[1].size(1) == N && planes[1].size(0) * 32 >= K), "planes do not match K, N");
+  auto out = torch::empty({K, n1 - n0}, scales.options().dtype(torch::kFloat));
+  const int32_t* p0 = planes[0].data_ptr<int32_t>();
+  const int32_t* p1 = bits == 3 ? planes[1].data_ptr<int32_t>() : nullptr;
+  const uint8_t* z = zeros.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t ld = n1 - n0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "owq_dequant", [&] {
+    const scalar_t* s = scales.data_ptr<scalar_t>();
+    at::parallel_for(0, (ld + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = n0 + b * NB, c1 = std::min(c0 + NB, n1);
+        if (bits == 4) dequant_cols<4, scalar_t>(p0, p1, s, z, op, K, N, G, n0, ld, c0, c1);
+        else dequant_cols<3, scalar_t>(p0, p1, s, z, op, K, N, G, n0, ld, c0, c1);
+      }
+    });
+  });
+  return out;
+}
 
 // x fp32 [M, K] (rows contiguous), planes int32 (contiguous), scales [K/G, N] fp32/fp16/bf16, zeros uint8 [K/G, N].
 torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch::Tensor scales, torch::Tensor zeros,
@@ -186,4 +256,5 @@ torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("owq_gemv", &owq_gemv, "y = x · deq(W_q)ᵀ from owq-pack v1 planes (3/4-bit, fp32 accumulation)");
+  m.def("owq_dequant", &owq_dequant, "deq(W_q)ᵀ [K, n1 − n0] fp32 for output columns [n0, n1) (3/4-bit)");
 }

@@ -13,6 +13,12 @@ dispatch included) separately.
 
     python scripts/bench_kernels.py [--out results/bench_kernels.json] [--reps 5] [--skip-cpu] [--skip-gpu]
     python scripts/bench_kernels.py --gpu-json OUT.json [--reps 5]   # the GPU table only (GPU validation)
+    python scripts/bench_kernels.py --cpu-gemv-json results/bench_cpu_gemv.json [--threads 2]   # GEMV_MAX_M
+
+CPU GEMV vs slab (``--cpu-gemv-json``): SmolLM2's layer shapes (576×576, 576×192, 576×1536, 1536×576), 3/4-bit
+per-row, fp32, M ∈ {1, 2, 4, 8, 12, 16, 24, 32, 64}: µs per call of the compiled GEMV, of the slab path
+(compiled dequantization + BLAS) and of fp32 F.linear, each over a rotation of 64 MiB of weight copies; per decoder
+block the largest M at which the GEMV still wins, which sets ``wct.kernels.cpu_backend.GEMV_MAX_M``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 
@@ -35,6 +42,8 @@ from wct.format.layout import pack_linear, stored_bits
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in, N = out): Llama-7B attention and MLP
 GPU_M = [1, 4, 16]
 GPU_N_WEAK = [0, 8, 64]
+CPU_M = [1, 2, 4, 8, 12, 16, 24, 32, 64]
+SMOLLM2_SHAPES = {(576, 576): 2, (576, 192): 2, (576, 1536): 2, (1536, 576): 1}  # (K, N): count per decoder block
 
 
 @torch.no_grad()
@@ -79,6 +88,73 @@ def bench_cpu(reps: int) -> list[dict]:
     rows[-1]["cache_MB"] = cached_mb
     rows[-1]["max_abs_logit_diff_vs_uncached"] = (logits["owq-4.01 torch, dense cache"] - logits["owq-4.01 torch, uncached"]).abs().max().item()
     return rows
+
+
+def _cpu_time(fns, reps: int, min_s: float = 0.02) -> float:
+    """Median seconds per call over ``reps`` samples; each sample calls the rotation ``fns`` (one callable per weight
+    copy, so the weights come from memory as in a decode step, not from the cache) for at least ``min_s``."""
+    for f in fns[:2]:
+        f()
+    n, s = 0, time.perf_counter()
+    while time.perf_counter() - s < min_s / 4:
+        fns[n % len(fns)]()
+        n += 1
+    calls = max(len(fns), int(n * 4))
+    samples = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        samples.append((time.perf_counter() - s) / calls)
+    return statistics.median(samples)
+
+
+@torch.no_grad()
+def bench_cpu_gemv(reps: int, ms=CPU_M, shapes=SMOLLM2_SHAPES, bits_list=(4, 3), threads: int = 2) -> dict:
+    """The CPU backend's two products on SmolLM2's layer shapes, fp32 activations, per-row scales, ``threads``
+    threads: the compiled GEMV (``owq_gemv``) against the slab path (``owq_dequant`` + BLAS, what M > GEMV_MAX_M
+    runs), with fp32 ``F.linear`` on the dense weight as the yardstick. Per shape and M: µs per call (median), and
+    per decoder block (the shapes weighted by their count in a block) the M from which the slab path is faster."""
+    from wct.kernels import cpu_backend
+
+    torch.set_num_threads(threads)
+    ext = cpu_backend.extension()
+    if ext is None:
+        raise WCTError("the CPU kernels did not build (see the error line above); the GEMV table needs them")
+    rows = []
+    for bits in bits_list:
+        for (k, n), count in shapes.items():
+            layer = _random_layer(k, n, bits, 0, "cpu")
+            planes, scales, zeros = list(layer.planes.values()), layer.scales, layer.zeros
+            nbytes = sum(p.nbytes for p in planes) + scales.nbytes + zeros.nbytes
+            copies = max(2, (64 << 20) // nbytes)  # 64 MiB of weights: more than the caches hold
+            packs = [([p.clone() for p in planes], scales.clone(), zeros.clone()) for _ in range(copies)]
+            dense = [layer.dequantize().float() for _ in range(max(2, (64 << 20) // (4 * k * n)))]
+            for m in ms:
+                x = torch.randn(m, k)
+                gemv = _cpu_time([lambda p=p: ext.owq_gemv(x, p[0], p[1], p[2], bits) for p in packs], reps)
+                slab = _cpu_time([lambda p=p: cpu_backend.slab_matmul(x, p[0], p[1], p[2], bits) for p in packs], reps)
+                deq = _cpu_time([lambda p=p: ext.owq_dequant(p[0], p[1], p[2], bits, k, 0, n) for p in packs], reps)
+                fp32 = _cpu_time([lambda w=w: F.linear(x, w) for w in dense], reps)
+                rows.append({"bits": bits, "K": k, "N": n, "per_block": count, "M": m, "gemv_us": gemv * 1e6,
+                             "slab_us": slab * 1e6, "dequant_us": deq * 1e6, "fp32_linear_us": fp32 * 1e6,
+                             "faster": "gemv" if gemv <= slab else "slab"})
+                print(f"  {bits}-bit {k}x{n} M={m:3d}: gemv {gemv * 1e6:8.1f} µs  slab {slab * 1e6:8.1f} µs  "
+                      f"(dequant {deq * 1e6:7.1f})  fp32 F.linear {fp32 * 1e6:8.1f} µs", flush=True)
+    blocks = []
+    for bits in bits_list:
+        for m in ms:
+            sel = [r for r in rows if r["bits"] == bits and r["M"] == m]
+            g, sl = (sum(r[c] * r["per_block"] for r in sel) for c in ("gemv_us", "slab_us"))
+            blocks.append({"bits": bits, "M": m, "block_gemv_us": g, "block_slab_us": sl,
+                           "block_fp32_us": sum(r["fp32_linear_us"] * r["per_block"] for r in sel),
+                           "faster": "gemv" if g <= sl else "slab"})
+    crossover = {}
+    for bits in bits_list:
+        slower = [b["M"] for b in blocks if b["bits"] == bits and b["faster"] == "gemv"]
+        crossover[bits] = max(slower) if slower else 0  # the largest M at which the GEMV still wins
+    return {"threads": threads, "loadavg": os.getloadavg(), "rows": rows, "blocks": blocks,
+            "gemv_wins_up_to_M": crossover, "GEMV_MAX_M": cpu_backend.GEMV_MAX_M}
 
 
 def _random_layer(k: int, n: int, bits: int, n_o: int, device: str) -> OWQLinear:
@@ -229,8 +305,19 @@ def main() -> None:
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
     parser.add_argument("--gpu-json", help="run only the GPU table and write it to this JSON file")
+    parser.add_argument("--cpu-gemv-json", help="run only the CPU GEMV-vs-slab table (GEMV_MAX_M) into this JSON")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the CPU GEMV-vs-slab table")
     args = parser.parse_args()
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.cpu_gemv_json:
+        print(f"CPU GEMV vs slab path, SmolLM2 shapes, fp32, {args.threads} threads, load {os.getloadavg()}")
+        result["cpu_gemv"] = bench_cpu_gemv(args.reps, threads=args.threads)
+        print_table(result["cpu_gemv"]["blocks"])
+        print(f"the GEMV wins up to M = {result['cpu_gemv']['gemv_wins_up_to_M']} (bits: M); load {os.getloadavg()}")
+        with atomic_file(args.cpu_gemv_json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.cpu_gemv_json}")
+        return
     if args.gpu_json:
         if not torch.cuda.is_available():
             raise WCTError("--gpu-json needs a CUDA device (none found); run without it for the CPU rows")

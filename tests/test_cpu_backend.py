@@ -1,6 +1,7 @@
-"""The CPU backend (wct.kernels.cpu_backend): the compiled GEMV (M ≤ 8) and the slab path (M > 8, and dX) read the
-owq-pack v1 planes and must match a float64 dequantize-matmul oracle built from the codes; nothing besides the
-stored tensors stays resident; an export generates the tokens of the model it was saved from."""
+"""The CPU backend (wct.kernels.cpu_backend): the compiled GEMV (M ≤ GEMV_MAX_M) and the slab path (larger M, and dX;
+compiled slab dequantization) read the owq-pack v1 planes and must match a float64 dequantize-matmul oracle built
+from the codes, the compiled dequantization the torch one bit for bit; nothing besides the stored tensors stays
+resident; an export generates the tokens of the model it was saved from."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import wct.kernels as kernels
 from wct.kernels import cpu_backend, dispatch
 from wct.nn.owq_linear import OWQLinear
-from wct.format.layout import pack_linear
+from wct.format.layout import dequantize_dense, pack_linear
 
 
 pytestmark = pytest.mark.usefixtures("kernel_config")
@@ -50,10 +51,10 @@ def test_the_cpu_backend_is_the_cpu_default():
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group", [None, 64])
 @pytest.mark.parametrize("n_o", [0, 1, 40])
-@pytest.mark.parametrize("m", [1, 4, 33])
+@pytest.mark.parametrize("m", [1, 4, 33, 70])
 def test_cpu_backend_matches_float64(bits, group, n_o, m):
     """y, dX and dW_o against float64 on ragged shapes (N = 100; K = 204 per-row, 192 grouped: not multiples of
-    64, 32 or 8 where the format allows); M = 1 and 4 run the GEMV, 33 the slab path."""
+    64, 32 or 8 where the format allows); M = 1 and 4 run the GEMV, 70 the slab path (33: either, by GEMV_MAX_M)."""
     k = 204 if group is None else 192
     layer, w64 = packed_layer(bits, group, n_o, n=100, k=k, seed=bits * 100 + n_o + m)
     x = torch.randn(m, k, requires_grad=True)
@@ -77,11 +78,49 @@ def test_gemv_and_slab_paths_agree_and_batch_rows_are_independent():
         with torch.no_grad():
             batch = layer(x)
             rows = torch.cat([layer(x[i : i + 1]) for i in range(7)])
-            slab = layer(torch.cat([x, torch.zeros(9, 256)]))[:7]  # 16 rows: the slab path
+            slab = layer(torch.cat([x, torch.zeros(cpu_backend.GEMV_MAX_M, 256)]))[:7]  # the slab path
         via_op = layer(x.requires_grad_())  # with autograd: through the custom op wct::owq_linear
     torch.testing.assert_close(batch, rows, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch, slab, rtol=1e-5, atol=1e-5)
     assert torch.equal(via_op, batch)  # the no-grad shortcut past the custom op computes the same bits
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_compiled_slab_dequant_is_bit_identical_to_the_torch_dequant(bits, group, scale_dtype):
+    """owq_dequant writes deq(W_q)ᵀ[:, n0:n1] as a contiguous fp32 [K, n] with the bits of wct.format.layout.dequantize_dense
+    (ragged K = 204 per-row; N = 100; column ranges across, inside and at the end of the 64-column blocks)."""
+    k = 204 if group is None else 192
+    layer, _ = packed_layer(bits, group, 5, n=100, k=k, seed=bits + (group or 0))
+    scales = layer.scales.to(scale_dtype)
+    ref = dequantize_dense(dict(layer.planes), scales, layer.zeros, bits, k, torch.float32)  # [N, K]
+    ext = cpu_backend.extension()
+    for n0, n1 in [(0, 100), (37, 100), (0, 64), (64, 65), (3, 70), (50, 50)]:
+        w = ext.owq_dequant(list(layer.planes.values()), scales, layer.zeros, bits, k, n0, n1)
+        assert w.dtype == torch.float32 and w.shape == (k, n1 - n0) and w.is_contiguous()
+        assert torch.equal(w, ref[n0:n1].t()), (n0, n1)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_the_slab_path_uses_the_compiled_dequant_and_matches_float64_across_slabs(bits, monkeypatch):
+    """M > GEMV_MAX_M forward and dX never call the torch dequantization while the extension is loaded, and slabs
+    smaller than a layer (ragged last slab) give the float64 product."""
+    layer, w64 = packed_layer(bits, 64, 7, n=150, k=256, seed=bits)
+
+    def no_torch_dequant(*args, **kwargs):
+        raise AssertionError("the slab path fell back to wct.format.layout.dequantize_dense")
+
+    monkeypatch.setattr(cpu_backend, "dequantize_dense", no_torch_dequant)
+    monkeypatch.setattr(cpu_backend, "DEQUANT_CHUNK_ELEMS", 256 * 40)  # slabs of 40 columns: 40, 40, 40, 30
+    x = torch.randn(cpu_backend.GEMV_MAX_M + 5, 256, requires_grad=True)
+    with kernels.use_kernel("cpu"):
+        y = layer(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    x64, dy64 = x.detach().double(), dy.double()
+    assert rel_err(y, x64 @ w64.t() + layer.bias.double()) < 2e-6
+    assert rel_err(x.grad, dy64 @ w64) < 2e-6
 
 
 def layer_bytes(layer: OWQLinear) -> int:

@@ -4,14 +4,16 @@
   by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` on first use and cached by torch) that unpacks the
   codes in registers and accumulates Σ_g s_g·Σ_{k∈g} x_k·(q_k − z_g) in fp32 (docs/kernels.md "CPU backend").
 - Larger M (prefill, training) and 2-bit: a bounded workspace — a slab of at most ``DEQUANT_CHUNK_ELEMS`` weights
-  is dequantized at a time (:func:`wct.format.layout.dequantize_dense` on a column slice) and multiplied, so no dense copy
-  of a layer outlives the call. dX = dY·W_full takes the same slabs.
+  is dequantized at a time (the compiled ``owq_dequant``, written as the [K, n] fp32 slab the BLAS multiplies and
+  bit-identical to :func:`wct.format.layout.dequantize_dense`; that function itself for 2-bit or without the extension) and
+  multiplied, so no dense copy of a layer outlives the call. dX = dY·W_full takes the same slabs.
 - The weak columns are a separate small product x[:, idx]·W_o (their codes equal the zero-point, so the planes
   contribute exactly 0 there).
 
 Nothing is converted or cached: the planes the checkpoint stores are the planes the kernel reads, so resident
 weight bytes equal stored bytes and a converted model saves bit-identically. If the extension cannot be built or
-loaded (no C++ compiler, no ninja), one ``error:`` line is logged naming the fallback (the slab path for every M).
+loaded (no C++ compiler, no ninja), one ``error:`` line is logged naming the fallback (the slab path with the torch
+dequantization for every M).
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layou
 
 log = logging.getLogger("wct.kernels")
 
-GEMV_MAX_M = 8  # rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS
+# Rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS. Measured on SmolLM2's
+# shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads): per decoder block the
+# 4-bit GEMV wins up to M = 32 (3029 vs 3127 µs there, 2404 vs 2985 at 24) and loses at 64; 24 keeps a margin.
+GEMV_MAX_M = 24
 _ext: dict = {}
 
 
 def extension():
-    """The compiled GEMV module, built on first use; None (after one ``error:`` log line) when it cannot be built
-    or ``WCT_CPU_KERNEL=0``."""
+    """The compiled module (``owq_gemv``, ``owq_dequant``), built on first use; None (after one ``error:`` log line)
+    when it cannot be built or ``WCT_CPU_KERNEL=0``."""
     if "mod" in _ext:
         return _ext["mod"]
     _ext["mod"] = None
@@ -50,21 +55,42 @@ def extension():
         )
     except Exception as exc:  # a compiler, ninja or header problem: any of them means "use the fallback"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        log.error("error: the wct CPU GEMV (kernels/owq_cpu.cpp) could not be built or loaded (%s); falling back "
-                  "to the slab path (dequantize a slab, then matmul), which is correct but slower for decoding. "
+        log.error("error: the wct CPU kernels (kernels/owq_cpu.cpp) could not be built or loaded (%s); falling back "
+                  "to the slab path (dequantize a slab with torch ops, then matmul), which is correct but slower. "
                   "Fix: install a C++ compiler and `pip install ninja`, or set WCT_CPU_KERNEL=0 to silence this", reason)
     return _ext["mod"]
 
 
 def _slabs(planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int, in_features: int, dtype: torch.dtype):
-    """(column slice, deq(W_q)[slice] as [n, K] in ``dtype``) for slabs of output columns of at most
-    ``DEQUANT_CHUNK_ELEMS`` weights: the workspace of the slab path."""
+    """(column slice, deq(W_q)ᵀ[:, slice] as [K, n] in ``dtype``) for slabs of output columns of at most
+    ``DEQUANT_CHUNK_ELEMS`` weights: the workspace of the slab path.
+
+    3/4-bit with the extension: the compiled ``owq_dequant`` writes the slab contiguous [K, n] in fp32 (bit-identical
+    to :func:`wct.format.layout.dequantize_dense`). Otherwise (2-bit, ``WCT_CPU_KERNEL=0``, no compiler) the torch ops of
+    :func:`wct.format.layout.dequantize_dense`, transposed as a view."""
+    n_out = scales.shape[1]
     step = max(1, DEQUANT_CHUNK_ELEMS // max(1, in_features))
+    ext = extension() if bits in (3, 4) else None
     names = [name for name, _, _ in plane_layout(bits)]
-    for n in range(0, scales.shape[1], step):
-        sl = slice(n, n + step)
-        yield sl, dequantize_dense({k: p[:, sl] for k, p in zip(names, planes)}, scales[:, sl], zeros[:, sl], bits,
-                                   in_features, dtype)
+    for n in range(0, n_out, step):
+        sl = slice(n, min(n + step, n_out))
+        if ext is not None:
+            w = ext.owq_dequant(planes, scales, zeros, bits, in_features, sl.start, sl.stop)
+            yield sl, (w if dtype == torch.float32 else w.to(dtype))
+        else:
+            yield sl, dequantize_dense({k: p[:, sl] for k, p in zip(names, planes)}, scales[:, sl], zeros[:, sl],
+                                       bits, in_features, dtype).t()
+
+
+def slab_matmul(x: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int) -> Tensor:
+    """deq(W_q)·x as x [M, K] @ slab [K, n] per slab of output columns: the path for M > :data:`GEMV_MAX_M`."""
+    y = x.new_empty(x.shape[0], scales.shape[1])
+    for sl, w in _slabs(planes, scales, zeros, bits, x.shape[1], x.dtype):
+        if sl.stop - sl.start == y.shape[1]:  # one slab (every SmolLM2 layer): its product is y
+            y = x @ w
+        else:
+            y[:, sl] = x @ w
+    return y
 
 
 def forward(
@@ -76,9 +102,7 @@ def forward(
     if ext is not None:
         y = ext.owq_gemv(x.float().contiguous(), planes, scales, zeros, bits).to(x.dtype)
     else:
-        y = x.new_empty(x.shape[0], scales.shape[1])
-        for sl, w in _slabs(planes, scales, zeros, bits, x.shape[1], x.dtype):
-            y[:, sl] = x @ w.t()
+        y = slab_matmul(x, planes, scales, zeros, bits)
     return add_weak(y, x, weak_weight, weak_idx, bias)
 
 
@@ -87,7 +111,9 @@ def grad_input(
     dense: Tensor | None, bits: int, in_features: int,
 ) -> Tensor:
     """dX [M, K] = dY·W_full for dY [M, N], a slab of W at a time."""
-    dx = dy.new_zeros(dy.shape[0], in_features)
+    dx = None
     for sl, w in _slabs(planes, scales, zeros, bits, in_features, dy.dtype):
-        dx.addmm_(dy[:, sl], w)
+        dx = dy[:, sl] @ w.t() if dx is None else dx.addmm_(dy[:, sl], w.t())
+    if dx is None:  # no output columns
+        dx = dy.new_zeros(dy.shape[0], in_features)
     return add_weak_dx(dx, dy, weak_weight, weak_idx)
