@@ -412,6 +412,7 @@ class ServeApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     deltas: Optional[str] = None  # folder of *.safetensors weak-column deltas of the base (wct.export format=delta)
+    watch_s: float = 2.0  # poll deltas= for new files every watch_s seconds (0: off; POST /v1/deltas/reload still works)
     name: Optional[str] = None  # the base's model id in /v1/models (None: its folder's name)
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (printed)
@@ -436,6 +437,7 @@ class ServeApp:
                 f"it must be <= max_tokens={self.max_tokens}")
         at_least("max_wait_ms", self.max_wait_ms, 0)
         at_least("drain_timeout_s", self.drain_timeout_s, 0)
+        at_least("watch_s", self.watch_s, 0)
         one_of("log_level", self.log_level, ("critical", "error", "warning", "info", "debug", "trace"))
 
 

@@ -2,7 +2,8 @@
 
 Jobs that arrive within ``max_wait_s`` of the first waiting one and share its sampling settings run as one
 ``model.generate`` call (at most ``max_batch`` rows, left-padded), whatever delta each uses (:class:`DeltaBank`).
-Every row stops on its own (EOS, its ``max_tokens``, one of its stop strings, or its client gone); the worker hands
+Every row stops on its own (EOS unless ``ignore_eos``, its ``max_tokens``, one of its stop strings once it has
+``min_tokens``, or its client gone; EOS is masked per row until ``min_tokens``); the worker hands
 each row's text to the job as it grows, so streaming and non-streaming requests read the same text. Greedy rows
 batch with any greedy row; sampling rows with the same temperature and top_p; a row with a ``seed`` runs alone, so
 the same seed gives the same text whatever else is being served.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from wct.generation import sampling_kwargs
 from wct.nn.modes import eval_mode
@@ -50,11 +51,14 @@ class Job:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: EOS is an ordinary token (kept, counted), the row runs on
+    min_tokens: int = 0  # vLLM's extension: EOS masked and stop strings unchecked before this many tokens
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0
+    floor: int = 0  # where stop strings may start: the text's length while the row had fewer than min_tokens
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -70,18 +74,23 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def grow(self, token: int, tokenizer, eos: set[int]) -> bool:
-        """Take the row's next token; True once the row is finished (EOS, a stop string, max_tokens, cancelled).
-        Text is sent only as far as it can no longer change: a trailing partial character or a possible start of
-        a stop string waits for the next token."""
+        """Take the row's next token; True once the row is finished (EOS unless ignore_eos, a stop string once the
+        row has min_tokens, max_tokens, cancelled). Text is sent only as far as it can no longer change: a trailing
+        partial character or a possible start of a stop string waits for the next token. A stop string counts
+        from the text of the first min_tokens tokens on (less its own length - 1, as vLLM checks the new text)."""
         if self.cancelled.is_set():
             self.finish_reason = "cancelled"
             return True
-        if token in eos:
+        if token in eos and not self.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.tokens.append(token)
             self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+            if len(self.tokens) < self.min_tokens:
+                self.floor = len(self.text)
+                hits = []
+            else:
+                hits = [i for i in (self.text.find(s, max(0, self.floor - len(s) + 1)) for s in self.stop) if i >= 0]
             if hits:
                 self.text, self.finish_reason = self.text[:min(hits)], "stop"
             elif len(self.tokens) >= self.max_tokens:
@@ -96,6 +105,21 @@ class Job:
         if self.finish_reason is not None:
             self.emit("done", self.finish_reason)
         return self.finish_reason is not None
+
+
+class _RowMinTokens(LogitsProcessor):
+    """Masks EOS in the rows whose job has fewer than its ``min_tokens`` (HF's MinNewTokensLengthLogitsProcessor,
+    per row)."""
+
+    def __init__(self, jobs: list[Job], eos: set[int]) -> None:
+        self.jobs, self.eos = jobs, sorted(eos)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = [b for b, job in enumerate(self.jobs) if len(job.tokens) < job.min_tokens]
+        if rows and self.eos:
+            scores = scores.clone()
+            scores[torch.tensor(rows)[:, None], torch.tensor(self.eos)[None, :]] = -float("inf")
+        return scores
 
 
 class _RowStops(StoppingCriteria):
@@ -233,7 +257,9 @@ class Engine:
 
     @torch.no_grad()
     def run_batch(self, jobs: list[Job]) -> None:
-        """One ``generate`` call for ``jobs`` (same key), row b on bank entry ``jobs[b].row``."""
+        """One ``generate`` call for ``jobs`` (same key), row b on bank entry ``jobs[b].row``. EOS ends a row in
+        :class:`_RowStops`, not in ``generate`` (``eos_token_id=None``), so an ``ignore_eos`` row runs on in a batch
+        whose other rows stop at EOS."""
         width = max(len(j.ids) for j in jobs)
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
@@ -244,6 +270,7 @@ class Engine:
         if first.seed is not None and first.temperature > 0:
             torch.manual_seed(first.seed)
         stops = _RowStops(jobs, width, self.tokenizer, self.eos)
+        minimum = [_RowMinTokens(jobs, self.eos)] if any(j.min_tokens for j in jobs) else []
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
         self.stats.mixed_batches += len({j.row for j in jobs}) > 1
@@ -252,9 +279,10 @@ class Engine:
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 max_new_tokens=max(j.max_tokens for j in jobs),
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=None,
                 pad_token_id=self.pad_id,
                 stopping_criteria=StoppingCriteriaList([stops]),
+                logits_processor=LogitsProcessorList(minimum),
                 **sampling_kwargs(first.temperature > 0, first.temperature, first.top_p),
             )
         for job in jobs:  # max_new_tokens reached on a row whose stop check did not run yet
