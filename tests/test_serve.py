@@ -396,3 +396,29 @@ def test_a_watched_folder_loads_new_deltas_once_complete_and_logs_a_refusal_once
     assert out.count("refused late.safetensors") == 1 and "truncated" in out
     assert out.count("refused foreign.safetensors") == 1  # at startup, not again at every poll
     assert out.count("gamma.safetensors was removed") == 1
+
+
+def test_a_request_joins_a_batch_already_decoding_and_gets_its_tokens_alone(served):
+    """Continuous batching: requests arriving while a long one decodes join its batch at the next step (they do not
+    wait for it to end), and every row's greedy text is the one it gets alone."""
+    _, base, deltas, tmp = served
+    server = Server(tmp / "join", f"model.quantized={base}", f"deltas={deltas}", "name=base", "max_tokens=300",
+                    "max_wait_ms=0", "watch_s=0")
+    try:
+        long = {"model": "alpha", "prompt": PROMPTS["alpha"], "temperature": 0, "max_tokens": 300,
+                "extra_body": {"ignore_eos": True}}
+        alone_long = server.client.completions.create(**long).choices[0].text
+        alone = {n: complete(server, n, PROMPTS[n], max_tokens=6).choices[0].text for n in ("base", "beta")}
+        before = server.health()
+        chunks = iter(server.client.completions.create(stream=True, **long))
+        pieces = [next(chunks).choices[0].text]  # the long request is decoding
+        with ThreadPoolExecutor(2) as pool:
+            short = {n: pool.submit(complete, server, n, PROMPTS[n], max_tokens=6) for n in alone}
+            short = {n: f.result(timeout=60).choices[0].text for n, f in short.items()}
+        during = server.health()
+        pieces += [c.choices[0].text for c in chunks]
+        assert short == alone and "".join(pieces) == alone_long
+        assert during["joined"] >= before["joined"] + 2  # both joined the running batch
+        assert during["tokens"] - before["tokens"] == 12  # the short ones finished, the long one had not
+    finally:
+        assert server.stop() == 0

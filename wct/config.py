@@ -418,8 +418,8 @@ class ServeApp:
     port: int = 8000  # 0: any free port (printed)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device)
     kernel: str = "auto"  # OWQLinear backend (wct.kernels)
-    max_batch: int = 8  # rows of one batched generate
-    max_wait_ms: float = 10.0  # how long the first queued request waits for others to join its batch
+    max_batch: int = 8  # rows decoding at once (continuous batching: newcomers join at each step)
+    max_wait_ms: float = 10.0  # with nothing running, how long the first queued request waits for others
     max_queue: int = 64  # waiting requests beyond which a request gets 429 + Retry-After
     max_prompt_tokens: int = 2048
     max_tokens: int = 512  # the most new tokens a request may ask for

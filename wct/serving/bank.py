@@ -18,13 +18,19 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from wct.delta import WEAK, check_fits, owq_layers, packed_fingerprint, read_delta_header
+from wct.delta import (
+    WEAK,
+    check_fits,
+    owq_layers,
+    packed_fingerprint,
+    read_delta_header,
+)
 from wct.errors import WCTError
 
 
@@ -77,6 +83,7 @@ class DeltaBank:
         self.rows: torch.Tensor | None = None
         self.single: int | None = 0  # the one bank index of every row, or None for a mixed batch
         self._gathered: dict[str, torch.Tensor] = {}  # layer -> the columns it multiplies by in this batch
+        self._gathered_rows: list[int] | None = None  # the rows they were gathered for
         self._lock = threading.Lock()
 
     def index(self, name: str) -> int | None:
@@ -92,21 +99,28 @@ class DeltaBank:
     @contextlib.contextmanager
     def use(self, rows: list[int]) -> Iterator[None]:
         """Run the model with batch row b on bank entry ``rows[b]``. The columns each layer multiplies by are built
-        (gathered per row, in the activations' dtype) on the batch's first forward and reused by its later decoding
-        steps: the rows of a batch keep their deltas until it ends."""
+        (gathered per row, in the activations' dtype) on the first forward with these rows and reused by the next
+        forwards with the same rows (the decoding steps of a batch no row joined or left) until :meth:`release`."""
+        if rows != self._gathered_rows:
+            self._gathered.clear()
+            self._gathered_rows = list(rows)
         self.rows = torch.tensor(rows, dtype=torch.long)
         self.single = rows[0] if len(set(rows)) == 1 else None
         try:
             yield
         finally:
             self.rows, self.single = None, 0
-            self._gathered.clear()
+
+    def release(self) -> None:
+        """Drop the gathered columns (the batch ended)."""
+        self._gathered.clear()
+        self._gathered_rows = None
 
     def _hook(self, name: str):
         def add_weak(layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
             x_o = x[..., layer.weak_idx.long()]
-            w = self._gathered.get(name)
+            w = self._gathered.get(name) if self.rows is not None else None
             if w is None or w.dtype != x.dtype:
                 w = self._gather(name, x.dtype, x.device)
                 if self.rows is not None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from wct.errors import WCTError
 from wct.serving.bank import DeltaBank, delta_files, deltas_folder
