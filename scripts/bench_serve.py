@@ -183,7 +183,8 @@ def main() -> None:
             drive(s.url, ["base"], 1, 1, 4)
             with urllib.request.urlopen(f"{s.url}/health") as r:
                 bank = json.loads(r.read())["delta_bytes"]
-            memory.append({"deltas": count, "rss_bytes": s.rss(), "bank_bytes": bank, "files_bytes": sum(sizes[:count])})
+            memory.append({"deltas": count, "rss_bytes": s.rss(), "bank_bytes": bank,
+                           "files_bytes": sum(sizes[:count])})
             s.stop()
     zero = memory[0]["rss_bytes"]
     for m in memory:
@@ -211,8 +212,9 @@ def main() -> None:
     if slope is not None:
         print(f"one more delta from {memory[-2]['deltas']} to {memory[-1]['deltas']}: +RSS / files = {slope}")
     load_after = os.getloadavg()
-    print(f"{time.monotonic() - began:.0f} s; load average before {load_before}, after {load_after}; delta file {sizes[0]} bytes; "
-          f"server stats {({k: stats[k] for k in ('batches', 'largest_batch', 'mixed_batches', 'rejected')})}")
+    print(f"{time.monotonic() - began:.0f} s; load average before {load_before}, after {load_after}; "
+          f"delta file {sizes[0]} bytes; "
+          f"server stats {({k: stats[k] for k in ('batches', 'joined', 'largest_batch', 'mixed_batches', 'rejected')})}")
     out = {"base": str(base), "deltas": args.deltas, "new_tokens": args.new_tokens, "ignore_eos": True,
            "requests_per_level": dict(zip(levels, per_level)), "max_batch": args.max_batch,
            "delta_file_bytes": sizes[0], "throughput": rows, "b_over_a": ratio, "memory": memory,

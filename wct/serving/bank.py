@@ -9,8 +9,9 @@ computes
 The layer's own ``weak_weight`` is set to zero, so its ordinary product on any backend (``wct.kernels.owq_linear``)
 is the shared part, computed once for the whole batch; a forward hook adds the weak-column product of each row with
 its own delta's columns, gathered per row. A delta costs its own columns: one buffer its file's tensors are read
-into, nothing mapped from the file and no tensor object per layer; nothing of the base is copied. The model's packed tensors are untouched, so its :func:`packed_fingerprint` is the
-same before and after :class:`DeltaBank` takes the weak columns over.
+into, nothing mapped from the file and no tensor object per layer; nothing of the base is copied. The model's
+packed tensors are untouched, so its :func:`packed_fingerprint` is the same before and after :class:`DeltaBank`
+takes the weak columns over.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class Stats:
 
 
 class Engine:
-    """Bounded job queue + one worker thread running batched ``generate`` on ``model`` (module docstring)."""
+    """Bounded job queue + one worker thread decoding the jobs in a continuous batch on ``model`` (module docstring)."""
 
     def __init__(self, model, tokenizer, bank: DeltaBank, max_batch: int = 8, max_wait_s: float = 0.01,
                  max_queue: int = 64) -> None:
