@@ -5,10 +5,14 @@ API: the same file a ``python -m wct.export format=delta`` run writes), starts t
 drives it with the official ``openai`` client:
 
 * throughput (completion tokens / wall second) and p50 / p95 request latency at each ``--clients`` level, (a) every
-  request on one delta, (b) requests spread round-robin over all the deltas (so batches mix them); greedy,
-  ``--new-tokens`` new tokens, ``--requests`` requests per client; failed or refused requests are counted;
-* resident memory of the server process (VmRSS after one request) with 0, 8 and 64 deltas loaded, against the
-  deltas' file sizes.
+  request on one delta, (b) requests spread round-robin over all the deltas (so batches mix them); greedy, every
+  request generating exactly ``--new-tokens`` tokens (vLLM's ``ignore_eos`` extension: no request stops early at
+  EOS, so (a) and (b) do the same work), ``--requests`` requests per level (split over its clients); failed or
+  refused requests are counted;
+* resident memory of the server process with 0 (an empty folder), 8 and 64 deltas loaded, against the deltas' file
+  sizes: VmRSS (the median of several samples after the same one request) and the bytes the delta bank holds
+  (``/health``'s ``delta_bytes``), and the slope from 8 to 64 deltas (the cost of one more delta without the
+  first load's one-time cost).
 
     python -m wct.quantize model=smollm2-135m quant=owq-w4-t4.01          # the base, once
     OMP_NUM_THREADS=2 python scripts/bench_serve.py --base outputs/quantized/smollm2-135m-owq-w4-t4.01
@@ -76,11 +80,14 @@ class Served:
                 return
         sys.exit("error: the server did not start:\n" + "".join(self.log))
 
-    def rss(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+    def rss(self, samples: int = 5) -> int:
+        """The median of ``samples`` VmRSS readings 0.2 s apart (the server idle)."""
+        values = []
+        for _ in range(samples):
+            time.sleep(0.2)
+            values += [int(line.split()[1]) * 1024 for line in
+                       Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if line.startswith("VmRSS:")]
+        return int(statistics.median(values))
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -88,8 +95,8 @@ class Served:
 
 
 def drive(url: str, models: list[str], clients: int, requests: int, new_tokens: int) -> dict:
-    """``clients`` threads, each sending ``requests`` greedy completions in turn; request i of client c uses
-    ``models[(c * requests + i) % len(models)]``."""
+    """``clients`` threads, each sending ``requests`` greedy completions of exactly ``new_tokens`` tokens in turn;
+    request i of client c uses ``models[(c * requests + i) % len(models)]``."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -101,7 +108,7 @@ def drive(url: str, models: list[str], clients: int, requests: int, new_tokens: 
             start = time.perf_counter()
             try:
                 r = client.completions.create(model=models[k % len(models)], prompt=PROMPTS[k % len(PROMPTS)],
-                                              max_tokens=new_tokens, temperature=0)
+                                              max_tokens=new_tokens, temperature=0, extra_body={"ignore_eos": True})
                 out.append((time.perf_counter() - start, r.usage.completion_tokens, None))
             except openai.APIError as e:
                 out.append((time.perf_counter() - start, 0, f"{type(e).__name__}: {e}"))
@@ -113,6 +120,9 @@ def drive(url: str, models: list[str], clients: int, requests: int, new_tokens: 
     wall = time.perf_counter() - start
     lat = sorted(r[0] for r in results if r[2] is None)
     failed = [r[2] for r in results if r[2] is not None]
+    short = sum(r[1] != new_tokens for r in results if r[2] is None)
+    if short:
+        sys.exit(f"error: {short} requests did not generate exactly {new_tokens} tokens (ignore_eos)")
     return {"clients": clients, "requests": len(results), "failed": len(failed), "errors": failed[:3],
             "tokens": sum(r[1] for r in results), "wall_s": round(wall, 3),
             "tokens_per_s": round(sum(r[1] for r in results) / wall, 2),
@@ -125,8 +135,8 @@ def main() -> None:
     parser.add_argument("--base", default=str(ROOT / "outputs/quantized/smollm2-135m-owq-w4-t4.01"))
     parser.add_argument("--deltas", type=int, default=8)
     parser.add_argument("--clients", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--requests", default="16,32,64", help="requests at each clients level (split over them)")
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--memory-deltas", default="0,8,64")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--out", default=str(ROOT / "results/bench_serve.json"))
@@ -136,8 +146,11 @@ def main() -> None:
         sys.exit(f"error: no packed base at {base}; make it with python -m wct.quantize model=smollm2-135m "
                  "quant=owq-w4-t4.01, or pass --base DIR")
     levels = [int(c) for c in args.clients.split(",")]
+    per_level = [int(r) for r in args.requests.split(",")]
+    if len(per_level) != len(levels) or any(r % c for r, c in zip(per_level, levels)):
+        sys.exit(f"error: --requests {args.requests} must give one multiple of each --clients level {args.clients}")
     memory_counts = [int(c) for c in args.memory_deltas.split(",")]
-    load_before = os.getloadavg()
+    load_before, began = os.getloadavg(), time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
         pool = work / "all"
@@ -150,10 +163,10 @@ def main() -> None:
         server = Served(base, served_dir, work, f"max_batch={args.max_batch}", "max_wait_ms=20", "max_queue=256")
         drive(server.url, ["d0"], 2, 1, 4)  # warm-up: first-call allocations and the dense cache
         rows = []
-        for clients in levels:
+        for clients, requests in zip(levels, per_level):
             for mode, models in (("a: one delta", ["d0"]), (f"b: {args.deltas} deltas",
                                                           [f"d{i}" for i in range(args.deltas)])):
-                row = {"mode": mode, **drive(server.url, models, clients, args.requests, args.new_tokens)}
+                row = {"mode": mode, **drive(server.url, models, clients, requests // clients, args.new_tokens)}
                 rows.append(row)
                 print(f"{mode:14} clients={clients:3} {row['tokens_per_s']:8.1f} tok/s  p50 {row['p50_s']} s  "
                       f"p95 {row['p95_s']} s  failed {row['failed']}", flush=True)
@@ -166,14 +179,22 @@ def main() -> None:
             folder.mkdir()
             for i in range(count):
                 (folder / f"d{i}.safetensors").symlink_to(pool / f"d{i}.safetensors")
-            s = Served(base, folder if count else None, work)
+            s = Served(base, folder, work)  # 0: an empty folder, so every count runs the same code
             drive(s.url, ["base"], 1, 1, 4)
-            memory.append({"deltas": count, "rss_bytes": s.rss(), "files_bytes": sum(sizes[:count])})
+            with urllib.request.urlopen(f"{s.url}/health") as r:
+                bank = json.loads(r.read())["delta_bytes"]
+            memory.append({"deltas": count, "rss_bytes": s.rss(), "bank_bytes": bank,
+                           "files_bytes": sum(sizes[:count])})
             s.stop()
     zero = memory[0]["rss_bytes"]
     for m in memory:
         m["extra_bytes"] = m["rss_bytes"] - zero
         m["extra_over_files"] = round(m["extra_bytes"] / m["files_bytes"], 3) if m["files_bytes"] else None
+        m["bank_over_files"] = round(m["bank_bytes"] / m["files_bytes"], 3) if m["files_bytes"] else None
+    slope = None
+    if len(memory) >= 3:  # one more delta, without the first load's one-time cost
+        lo, hi = memory[-2], memory[-1]
+        slope = round((hi["rss_bytes"] - lo["rss_bytes"]) / (hi["files_bytes"] - lo["files_bytes"]), 3)
     pairs = {}
     for r in rows:
         pairs.setdefault(r["clients"], {})[r["mode"][0]] = r["tokens_per_s"]
@@ -182,16 +203,22 @@ def main() -> None:
     for r in rows:
         print(f"{r['mode']:16}{r['clients']:>8}{r['tokens_per_s']:>9.1f}{r['p50_s']:>8}{r['p95_s']:>8}{r['failed']:>8}")
     print("throughput (b) / (a):", ", ".join(f"{c} clients {v:.3f}" for c, v in ratio.items()))
-    print(f"\n{'deltas':>6}{'RSS MiB':>10}{'+MiB':>8}{'files MiB':>11}{'+RSS / files':>14}")
+    print(f"\n{'deltas':>6}{'RSS MiB':>10}{'+MiB':>8}{'bank MiB':>10}{'files MiB':>11}{'+RSS / files':>14}"
+          f"{'bank / files':>14}")
     for m in memory:
-        print(f"{m['deltas']:>6}{m['rss_bytes'] / 2**20:>10.1f}{m['extra_bytes'] / 2**20:>8.2f}"
-              f"{m['files_bytes'] / 2**20:>11.2f}{str(m['extra_over_files']):>14}")
+        print(f"{m['deltas']:>6}{m['rss_bytes'] / 2**20:>10.2f}{m['extra_bytes'] / 2**20:>8.2f}"
+              f"{m['bank_bytes'] / 2**20:>10.2f}{m['files_bytes'] / 2**20:>11.2f}{str(m['extra_over_files']):>14}"
+              f"{str(m['bank_over_files']):>14}")
+    if slope is not None:
+        print(f"one more delta from {memory[-2]['deltas']} to {memory[-1]['deltas']}: +RSS / files = {slope}")
     load_after = os.getloadavg()
-    print(f"load average before {load_before}, after {load_after}; delta file {sizes[0]} bytes; "
-          f"server stats {({k: stats[k] for k in ('batches', 'largest_batch', 'mixed_batches', 'rejected')})}")
-    out = {"base": str(base), "deltas": args.deltas, "new_tokens": args.new_tokens, "requests_per_client": args.requests,
-           "max_batch": args.max_batch, "delta_file_bytes": sizes[0], "throughput": rows, "b_over_a": ratio,
-           "memory": memory, "server_stats": stats, "load_before": load_before, "load_after": load_after,
+    print(f"{time.monotonic() - began:.0f} s; load average before {load_before}, after {load_after}; "
+          f"delta file {sizes[0]} bytes; "
+          f"server stats {({k: stats[k] for k in ('batches', 'joined', 'largest_batch', 'mixed_batches', 'rejected')})}")
+    out = {"base": str(base), "deltas": args.deltas, "new_tokens": args.new_tokens, "ignore_eos": True,
+           "requests_per_level": dict(zip(levels, per_level)), "max_batch": args.max_batch,
+           "delta_file_bytes": sizes[0], "throughput": rows, "b_over_a": ratio, "memory": memory,
+           "rss_slope_over_files": slope, "server_stats": stats, "load_before": load_before, "load_after": load_after,
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -85,7 +85,7 @@ def served(tmp_path_factory, tiny_owq_base, weak_delta):
     weak_delta(base, deltas / "beta.safetensors", 0.5, seed=2)
     weak_delta(tiny_owq_base(tmp / "other-base", calib_seed=1), deltas / "foreign.safetensors", 0.5, seed=3)
     server = Server(tmp, f"model.quantized={base}", f"deltas={deltas}", "name=base", "max_wait_ms=300",
-                    "max_prompt_tokens=64", "max_tokens=48", "default_max_tokens=16")
+                    "max_prompt_tokens=64", "max_tokens=48", "default_max_tokens=16", "watch_s=0")
     yield server, base, deltas, tmp
     assert server.stop() == 0, "".join(server.output)
 
@@ -224,6 +224,62 @@ def test_bad_input_gets_its_status_and_one_json_error_line_and_the_server_keeps_
     assert complete(server, "beta", "ok", max_tokens=2).choices[0].finish_reason in ("length", "stop")
 
 
+def reference_ids(base: Path, delta: Path, prompt: str, **generate_kw) -> list[int]:
+    """The new token ids transformers' ``generate`` gives greedy for ``prompt`` on ``base`` with ``delta`` applied."""
+    model, tok = load_quantized(base, delta=delta)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, pad_token_id=tok.pad_token_id, **generate_kw)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_ignore_eos_runs_a_row_past_eos_to_max_tokens(served):
+    """vLLM's ``ignore_eos`` extension: the EOS token is kept and counted, the row runs to max_tokens, and its tokens
+    are what ``generate`` gives without an EOS token."""
+    server, base, deltas, _ = served
+    plain = complete(server, "beta", "b", max_tokens=30)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 30  # EOS comes early here
+    got = complete(server, "beta", "b", max_tokens=30, extra_body={"ignore_eos": True})
+    assert got.usage.completion_tokens == 30 and got.choices[0].finish_reason == "length"
+    _, tok = load_quantized(base)
+    expected = reference_ids(base, deltas / "beta.safetensors", "b", max_new_tokens=30, eos_token_id=None)
+    assert tok.eos_token_id in expected and len(expected) == 30
+    assert got.choices[0].text == tok.decode(expected, skip_special_tokens=True)
+    streamed = complete(server, "beta", "b", max_tokens=30, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == got.choices[0].text
+
+
+def test_min_tokens_masks_eos_until_the_row_has_them(served):
+    """vLLM's ``min_tokens`` extension: EOS cannot end the row before min_tokens (transformers' min_new_tokens), stop
+    strings count only from there on."""
+    server, base, deltas, _ = served
+    plain = complete(server, "beta", "b", max_tokens=30)
+    n, text = plain.usage.completion_tokens, plain.choices[0].text
+    assert plain.choices[0].finish_reason == "stop" and n < 20
+    got = complete(server, "beta", "b", max_tokens=30, extra_body={"min_tokens": n + 5})
+    assert got.usage.completion_tokens >= n + 5
+    _, tok = load_quantized(base)
+    expected = tok.decode(reference_ids(base, deltas / "beta.safetensors", "b", max_new_tokens=30,
+                                        min_new_tokens=n + 5), skip_special_tokens=True)
+    assert got.choices[0].text == expected
+    stop = next(ch for ch in text if ch.isprintable() and ch != "\ufffd")  # early in the answer
+    assert complete(server, "beta", "b", max_tokens=30, stop=[stop]).choices[0].text == text[:text.index(stop)]
+    late = complete(server, "beta", "b", max_tokens=30, stop=[stop], extra_body={"min_tokens": n + 5})
+    assert late.usage.completion_tokens >= n + 5 and expected.startswith(late.choices[0].text)
+
+
+@pytest.mark.parametrize("max_tokens, extra, names", [
+    (4, {"ignore_eos": "yes"}, "ignore_eos='yes' is invalid"),
+    (4, {"min_tokens": -1}, "min_tokens=-1 is invalid"),
+    (8, {"min_tokens": 9}, "from 0 to max_tokens=8"),
+    (4, {"min_tokens": 1.5}, "min_tokens=1.5 is invalid"),
+])
+def test_bad_extension_values_get_a_400_naming_them(served, max_tokens, extra, names):
+    server, _, _, _ = served
+    with pytest.raises(openai.BadRequestError, match=names):
+        complete(server, "alpha", "hi", max_tokens=max_tokens, extra_body=extra)
+
+
 def test_the_openai_client_raises_the_documented_errors(served):
     server, _, _, _ = served
     with pytest.raises(openai.NotFoundError, match="not served"):
@@ -296,3 +352,73 @@ def test_over_capacity_is_429_and_sigterm_drains_the_requests_in_flight(served, 
         assert "drained; stopped" in "".join(server.output)
     finally:
         server.stop()
+
+
+def test_a_watched_folder_loads_new_deltas_once_complete_and_logs_a_refusal_once(served, weak_delta):
+    """watch_s: a delta renamed into the folder (as wct.export writes) is served without a reload call; a file being
+    written is refused once while incomplete and loaded once it changes into a whole delta; a removed file's delta
+    stays served."""
+    _, base, deltas, tmp = served
+    folder = tmp / "watched"
+    folder.mkdir()
+    shutil.copy(deltas / "foreign.safetensors", folder)
+    server = Server(tmp, f"model.quantized={base}", f"deltas={folder}", "name=base", "watch_s=0.2")
+    try:
+        def models() -> list[str]:
+            return [m.id for m in server.client.models.list()]
+
+        def wait_for(name: str) -> None:
+            deadline = time.monotonic() + 30
+            while name not in models():
+                assert time.monotonic() < deadline, f"{name} was not loaded:\n" + "".join(server.output)
+                time.sleep(0.1)
+
+        assert models() == ["base"] and "watching" in "".join(server.output)
+        weak_delta(base, folder / "gamma.safetensors", 0.5, seed=4)  # written to a temp name and renamed
+        wait_for("gamma")
+        got = complete(server, "gamma", PROMPTS["beta"], max_tokens=8).choices[0].text
+        assert got == reference(base, folder / "gamma.safetensors", PROMPTS["beta"], 8)
+        whole = (deltas / "alpha.safetensors").read_bytes()
+        (folder / "late.safetensors").write_bytes(whole[: len(whole) // 2])  # a copy that stalls half way
+        time.sleep(2.0)  # ten polls: refused once as truncated, not tried again while it does not change
+        assert "late" not in models()
+        with open(folder / "late.safetensors", "ab") as fh:
+            fh.write(whole[len(whole) // 2:])
+        wait_for("late")
+        late = complete(server, "late", PROMPTS["alpha"], max_tokens=8)
+        assert late.choices[0].text == reference(base, deltas / "alpha.safetensors", PROMPTS["alpha"], 8)
+        (folder / "gamma.safetensors").unlink()
+        time.sleep(1.0)
+        assert "gamma" in models() and complete(server, "gamma", PROMPTS["beta"], max_tokens=8).choices[0].text == got
+    finally:
+        assert server.stop() == 0
+    out = "".join(server.output)
+    assert out.count("refused late.safetensors") == 1 and "truncated" in out
+    assert out.count("refused foreign.safetensors") == 1  # at startup, not again at every poll
+    assert out.count("gamma.safetensors was removed") == 1
+
+
+def test_a_request_joins_a_batch_already_decoding_and_gets_its_tokens_alone(served):
+    """Continuous batching: requests arriving while a long one decodes join its batch at the next step (they do not
+    wait for it to end), and every row's greedy text is the one it gets alone."""
+    _, base, deltas, tmp = served
+    server = Server(tmp / "join", f"model.quantized={base}", f"deltas={deltas}", "name=base", "max_tokens=300",
+                    "max_wait_ms=0", "watch_s=0")
+    try:
+        long = {"model": "alpha", "prompt": PROMPTS["alpha"], "temperature": 0, "max_tokens": 300,
+                "extra_body": {"ignore_eos": True}}
+        alone_long = server.client.completions.create(**long).choices[0].text
+        alone = {n: complete(server, n, PROMPTS[n], max_tokens=6).choices[0].text for n in ("base", "beta")}
+        before = server.health()
+        chunks = iter(server.client.completions.create(stream=True, **long))
+        pieces = [next(chunks).choices[0].text]  # the long request is decoding
+        with ThreadPoolExecutor(2) as pool:
+            short = {n: pool.submit(complete, server, n, PROMPTS[n], max_tokens=6) for n in alone}
+            short = {n: f.result(timeout=60).choices[0].text for n, f in short.items()}
+        during = server.health()
+        pieces += [c.choices[0].text for c in chunks]
+        assert short == alone and "".join(pieces) == alone_long
+        assert during["joined"] >= before["joined"] + 2  # both joined the running batch
+        assert during["tokens"] - before["tokens"] == 12  # the short ones finished, the long one had not
+    finally:
+        assert server.stop() == 0

@@ -412,13 +412,14 @@ class ServeApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     deltas: Optional[str] = None  # folder of *.safetensors weak-column deltas of the base (wct.export format=delta)
+    watch_s: float = 2.0  # poll deltas= for new files every watch_s seconds (0: off; POST /v1/deltas/reload still works)
     name: Optional[str] = None  # the base's model id in /v1/models (None: its folder's name)
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (printed)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (wct.device)
     kernel: str = "auto"  # OWQLinear backend (wct.kernels)
-    max_batch: int = 8  # rows of one batched generate
-    max_wait_ms: float = 10.0  # how long the first queued request waits for others to join its batch
+    max_batch: int = 8  # rows decoding at once (continuous batching: newcomers join at each step)
+    max_wait_ms: float = 10.0  # with nothing running, how long the first queued request waits for others
     max_queue: int = 64  # waiting requests beyond which a request gets 429 + Retry-After
     max_prompt_tokens: int = 2048
     max_tokens: int = 512  # the most new tokens a request may ask for
@@ -436,6 +437,7 @@ class ServeApp:
                 f"it must be <= max_tokens={self.max_tokens}")
         at_least("max_wait_ms", self.max_wait_ms, 0)
         at_least("drain_timeout_s", self.drain_timeout_s, 0)
+        at_least("watch_s", self.watch_s, 0)
         one_of("log_level", self.log_level, ("critical", "error", "warning", "info", "debug", "trace"))
 
 

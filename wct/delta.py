@@ -89,10 +89,41 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise WCTError(f"delta {path} is truncated or corrupt ({e}); export it again") from None
+    check_format(path, meta)
+    return tensors, meta
+
+
+def check_format(path: Path, meta: dict[str, str]) -> None:
+    """WCTError unless the metadata ``meta`` of the file at ``path`` is a delta's of the version this wct reads."""
     if meta.get("format") != FORMAT or meta.get("delta_version") != VERSION:
         raise WCTError(f"{path} is not a wct delta (format={meta.get('format')!r}, delta_version="
                        f"{meta.get('delta_version')!r}; this wct reads {FORMAT} version {VERSION})")
-    return tensors, meta
+
+
+def read_delta_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """(entries, metadata, data start) of a delta file, reading only its safetensors header: ``entries`` maps each
+    tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (bytes from the data start), so a reader can
+    put each tensor's bytes where it wants them (wct.serving.bank). Refused like :func:`read_delta` when the file is
+    missing, not a delta, or shorter than its header says."""
+    path = Path(path)
+    if not path.is_file():
+        raise WCTError(f"delta {path} does not exist; pass the .safetensors written by python -m wct.export "
+                       "ckpt_path=... format=delta")
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= path.stat().st_size - 8 else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise WCTError(f"delta {path} is truncated or corrupt (no safetensors header); export it again")
+    meta = header.pop("__metadata__", None) or {}
+    check_format(path, meta)
+    size = path.stat().st_size - 8 - n
+    if any(not isinstance(e, dict) or e.get("data_offsets", [0, size + 1])[1] > size for e in header.values()):
+        raise WCTError(f"delta {path} is truncated or corrupt (its header describes more bytes than it holds); "
+                       "export it again")
+    return header, meta, 8 + n
 
 
 def check_fits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.nn.Parameter]:

@@ -25,7 +25,7 @@ def run(cfg: DictConfig) -> None:
     app = to_app(cfg, ServeApp)
     limits = Limits(app.max_prompt_tokens, app.max_tokens, app.default_max_tokens)
     service = load_service(app.model, app.deltas, app.name, app.device, app.kernel, limits, app.max_batch,
-                           app.max_wait_ms, app.max_queue)
+                           app.max_wait_ms, app.max_queue, app.watch_s)
     url = service.bind(app.host, app.port)
     for line in service.summary():
         print(line, flush=True)

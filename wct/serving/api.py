@@ -22,7 +22,8 @@ SERVE_EXTRA = "pip install 'wct[serve]' (FastAPI and uvicorn)"
 
 # parameters accepted with any value, and those accepted only at their neutral value (anything else is refused)
 SUPPORTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
-             "seed", "stream", "user"}
+             "seed", "stream", "user",
+             "ignore_eos", "min_tokens"}  # vLLM's extensions of the OpenAI API (``extra_body`` in the openai client)
 NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "echo": False,
            "best_of": 1, "suffix": ""}
 
@@ -93,10 +94,18 @@ def parse_common(body: Any, limits: Limits, chat: bool) -> dict:
     stream = body.get("stream", False) or False
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream={stream!r} is invalid; it must be true or false", "stream")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, f"ignore_eos={ignore_eos!r} is invalid; it must be true or false", "ignore_eos")
+    min_tokens = 0 if body.get("min_tokens") is None else body["min_tokens"]
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_tokens:
+        raise ApiError(400, f"min_tokens={min_tokens!r} is invalid; it must be an integer from 0 to {key}="
+                       f"{max_tokens}", "min_tokens")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: one of the ids listed by GET /v1/models", "model")
     return {"model": model, "max_tokens": max_tokens, "stop": stop, "seed": seed, "stream": stream,
+            "ignore_eos": ignore_eos, "min_tokens": min_tokens,
             "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
             "top_p": _number(body, "top_p", 1e-9, 1.0, 1.0)}
 
@@ -201,7 +210,8 @@ def create_app(engine: Engine, limits: Limits, reload_folder: str | None = None)
         ids = prompt_ids(body, tokenizer, chat)
         check_length(len(ids), settings["max_tokens"], limits)
         job = Job(ids, row, settings["max_tokens"], settings["stop"], settings["temperature"], settings["top_p"],
-                  settings["seed"], loop=asyncio.get_running_loop(), events=asyncio.Queue())
+                  settings["seed"], settings["ignore_eos"], settings["min_tokens"], loop=asyncio.get_running_loop(),
+                  events=asyncio.Queue())
         try:
             engine.submit(job)
         except Busy as e:

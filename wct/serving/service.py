@@ -17,6 +17,7 @@ from wct.errors import WCTError
 from wct.serving.api import Limits, create_app, require_serve_extra
 from wct.serving.bank import DeltaBank, deltas_folder
 from wct.serving.engine import Engine
+from wct.serving.watch import DeltaWatch
 
 
 def resident_bytes() -> int:
@@ -57,6 +58,7 @@ class Service:
     label: str
     backend: str
     refused: dict[str, str] = field(default_factory=dict)
+    watch_s: float = 0.0
     sock: socket.socket | None = None
 
     @property
@@ -80,6 +82,9 @@ class Service:
                  if self.deltas else "deltas: none (deltas=DIR serves weak-column fine-tunes of this base)"]
         lines += [f"  {name}" for name in bank.names[1:]]
         lines += [f"  refused {name}: {why}" for name, why in self.refused.items()]
+        if self.deltas:
+            lines += [f"  watching {self.deltas} every {self.watch_s:g} s for new deltas" if self.watch_s else
+                      "  not watching the folder (watch_s=0); POST /v1/deltas/reload loads new files"]
         lines += [f"limits: max_batch={self.engine.max_batch} max_wait_ms={1e3 * self.engine.max_wait_s:g} "
                   f"max_queue={self.engine.max_queue} max_prompt_tokens={self.limits.max_prompt_tokens} "
                   f"max_tokens={self.limits.max_tokens}",
@@ -93,15 +98,21 @@ class Service:
         app = create_app(self.engine, self.limits, self.deltas)
         config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=drain_timeout_s,
                                 lifespan="off")
+        watch = None
+        if self.deltas and self.watch_s:
+            watch = DeltaWatch(self.engine.bank, self.deltas, self.watch_s, self.refused)
+            watch.start()
         self.engine.start()
         try:
             draining_server(config, self.engine).run(sockets=[self.sock])
         finally:
+            if watch is not None:
+                watch.stop()
             self.engine.stop()
 
 
 def load_service(model_cfg, deltas: str | None, name: str | None, device: str, kernel: str, limits: Limits,
-                 max_batch: int, max_wait_ms: float, max_queue: int) -> Service:
+                 max_batch: int, max_wait_ms: float, max_queue: int, watch_s: float = 0.0) -> Service:
     """Load the model ``model_cfg`` names (:func:`wct.loading.load_for_use`), bank its weak columns and the deltas
     in ``deltas``, and build the engine."""
     from wct.kernels import configure, resolve_backend
@@ -127,4 +138,4 @@ def load_service(model_cfg, deltas: str | None, name: str | None, device: str, k
     engine = Engine(model, tokenizer, bank, max_batch=max_batch, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
     backend = resolve_backend(kernel, where, 1) if owq_layers(model) else "none (no packed layers)"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Service(engine, limits, deltas, loaded.label, backend, refused)
+    return Service(engine, limits, deltas, loaded.label, backend, refused, watch_s)
