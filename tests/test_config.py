@@ -78,5 +78,5 @@ def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "wct.train", "experiment=smoke_tiny", f"paths.root_dir={tmp_path}",
                         "optim.lr=-1"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 2
-    assert p.stderr.splitlines() == ["error: optim.lr=-1.0 is invalid; it must be > 0 (WCT: ~1e-5..3e-4)"]
+    assert p.stderr.splitlines() == ["error: optim.lr=-1.0 is invalid; it must be > 0 (WCT: ~1e-5..1e-3)"]
     assert not (tmp_path / "outputs" / "train").exists() or not any((tmp_path / "outputs" / "train").rglob("*.ckpt"))

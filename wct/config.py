@@ -245,7 +245,7 @@ class OptimConfig:
     ``scheduler``: constant | cosine | linear, after ``warmup_steps`` (or ``warmup_ratio`` of max_steps)."""
 
     name: str = "adamw"
-    lr: float = 3e-4  # the default 30-step run's sweep (conf/optim/adamw.yaml)
+    lr: float = 1e-3  # the default run's bracketed sweep (conf/optim/adamw.yaml)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -257,7 +257,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         one_of("optim.name", self.name, OPTIMIZERS)
-        require(self.lr > 0, "optim.lr", self.lr, "it must be > 0 (WCT: ~1e-5..3e-4)")
+        require(self.lr > 0, "optim.lr", self.lr, "it must be > 0 (WCT: ~1e-5..1e-3)")
         at_least("optim.weight_decay", self.weight_decay, 0)
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
                 "give two values in [0, 1), e.g. [0.9,0.999]")
