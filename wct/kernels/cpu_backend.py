@@ -32,7 +32,7 @@ log = logging.getLogger("wct.kernels")
 
 # Rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS. Measured on SmolLM2's
 # shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads): per decoder block the
-# 4-bit GEMV wins up to M = 32 (3029 vs 3127 µs there, 2404 vs 2985 at 24) and loses at 64; 24 keeps a margin.
+# GEMV wins up to M = 32 at 4 bits (1739 vs 2304 µs) and M = 24 at 3 bits (1760 vs 2043), and loses at 64.
 GEMV_MAX_M = 24
 _ext: dict = {}
 
@@ -51,7 +51,9 @@ def extension():
 
         _ext["mod"] = load(
             name="wct_owq_cpu", sources=[str(source_dir() / "owq_cpu.cpp")],
-            extra_cflags=["-O3", "-march=native"], verbose=False,
+            # -fopenmp: at::parallel_for is header code that runs serially unless the extension itself is built
+            # with OpenMP (it then shares torch's libgomp, already loaded under the same soname)
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as exc:  # a compiler, ninja or header problem: any of them means "use the fallback"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
