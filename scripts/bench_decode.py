@@ -10,7 +10,8 @@ Models: ``fp32`` (SmolLM2-135M-Instruct in fp32), the owq-pack checkpoints named
 ``--ckpt-dir`` with min-max fitted codes (decode speed and memory do not depend on the codes' values):
 ``owq-4.01`` (4-bit per-row), ``owq-3.01`` (3-bit per-row), ``owq-4.01-g64`` (4-bit, groups of 64), weak columns at
 the target's share. ``llama.cpp``: SmolLM2's own Q4_1 GGUF through llama-cpp-python when it is installed (batch 1),
-else its row records why not. ``--kernel`` picks wct's backend (``auto``: the CPU backend; ``torch`` with
+else its row records why not (on a CPU whose AMX llama.cpp cannot use, e.g. this VM, its AMX path crashes: build it
+with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"``, README). ``--kernel`` picks wct's backend (``auto``: the CPU backend; ``torch`` with
 ``WCT_CACHE_DENSE=1`` reproduces the old dense-cache path).
 
     python scripts/bench_decode.py [--out results/bench_decode.json] [--batches 1 4] [--prompt 128] [--new 128]
