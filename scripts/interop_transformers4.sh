@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The transformers-integration tests (tests/test_hf_*.py) against the other transformers major line (4.5x),
+# The transformers-integration tests (tests/test_hf_*.py, and the serving engine's cache use) against the other transformers major line (4.5x),
 # in a second virtual environment (docs/interop.md). CI runs this next to the main suite (transformers 5.x).
 #   scripts/interop_transformers4.sh            # creates .venv-tf4 once, then runs the tests
 #   VENV=/path/to/venv PYTHON=python3.11 scripts/interop_transformers4.sh
@@ -15,4 +15,4 @@ if [ ! -f "$VENV/.wct-tf4-installed" ] || [ pyproject.toml -nt "$VENV/.wct-tf4-i
   touch "$VENV/.wct-tf4-installed"
 fi
 "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -m "not slow" tests/test_hf_loading.py "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -m "not slow" tests/test_hf_loading.py tests/test_serve_engine.py "$@"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -169,6 +170,9 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.device = next(model.parameters()).device
+        # the KV cache's keyword: ``cache`` in transformers 5, ``past_key_values`` in 4.x, where an unknown keyword
+        # would be swallowed by **kwargs and every step would run without its past
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.stats = Stats()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -301,8 +305,8 @@ class Engine:
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
         with eval_mode(self.model), self.bank.use(rows):
             out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=position.to(self.device), cache=cache, use_cache=True,
-                             logits_to_keep=1)
+                             position_ids=position.to(self.device), use_cache=True, logits_to_keep=1,
+                             **{self._cache_kw: cache})
         return out.logits[:, -1].float()
 
     def _prefill(self, jobs: list[Job]) -> _Running | None:
