@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from wct.errors import WCTError
+from wct.format.shards import safetensors_header
 from wct.io import atomic_file
 from wct.nn.owq_linear import OWQLinear
 
@@ -109,21 +110,17 @@ def read_delta_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]
     if not path.is_file():
         raise WCTError(f"delta {path} does not exist; pass the .safetensors written by python -m wct.export "
                        "ckpt_path=... format=delta")
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n)) if 0 < n <= path.stat().st_size - 8 else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        header = None
-    if not isinstance(header, dict):
+    found = safetensors_header(path)
+    if found is None:
         raise WCTError(f"delta {path} is truncated or corrupt (no safetensors header); export it again")
+    start, header = found
     meta = header.pop("__metadata__", None) or {}
     check_format(path, meta)
-    size = path.stat().st_size - 8 - n
+    size = path.stat().st_size - start
     if any(not isinstance(e, dict) or e.get("data_offsets", [0, size + 1])[1] > size for e in header.values()):
         raise WCTError(f"delta {path} is truncated or corrupt (its header describes more bytes than it holds); "
                        "export it again")
-    return header, meta, 8 + n
+    return header, meta, start
 
 
 def check_fits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.nn.Parameter]:

@@ -87,11 +87,23 @@ def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in set(weight_map(folder).values()))
 
 
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
-_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+SAFETENSORS_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}  # safetensors' dtype names -> torch
 _CHUNK = 16 * 2**20  # bytes copied or read back at a time
+
+
+def safetensors_header(path: Path) -> tuple[int, dict] | None:
+    """(data start, JSON header with its ``__metadata__``) of the safetensors file at ``path``, from its first
+    8 + N bytes (N: the little-endian length the first 8 hold); None when those bytes are not a header."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= path.stat().st_size - 8 else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return (8 + n, header) if isinstance(header, dict) else None
 
 
 class MappedTensor:
@@ -145,12 +157,12 @@ class ShardReader:
         empty tensor): read it with :meth:`get` then."""
         path = self._path(name)
         if path not in self._headers:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._headers[path] = (8 + n, json.loads(f.read(n)))
+            self._headers[path] = safetensors_header(path)
+            if self._headers[path] is None:
+                raise WCTError(f"{path} is corrupt: it has no safetensors header; re-create the checkpoint")
         start, header = self._headers[path]
         info = header[name]
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         numel = math.prod(info["shape"])
         if dtype is None or numel == 0:
             return None
@@ -190,7 +202,7 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().cpu().contiguous()
-        if t.dtype not in _DTYPE_NAMES:
+        if t.dtype not in DTYPE_NAMES:
             raise WCTError(f"tensor {name} has dtype {t.dtype}, which wct does not write to safetensors")
         size = t.numel() * t.element_size()
         if self._header and self._offset + size > self.max_bytes:
@@ -199,7 +211,7 @@ class ShardWriter:
             self._data = open(self._path("data"), "wb")
         raw = _raw(t)
         self._data.write(raw.data)
-        self._header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        self._header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self._offset, self._offset + size]}
         self._digests[name] = hashlib.blake2b(raw.data).digest()
         self._offset += size

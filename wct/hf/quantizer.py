@@ -20,14 +20,8 @@ from transformers.quantizers.base import HfQuantizer
 from wct.errors import WCTError
 from wct.format.config import OWQConfig, check_quantization_config
 from wct.nn.owq_linear import OWQLinear
-from wct.format.shards import weight_map
+from wct.format.shards import SAFETENSORS_DTYPES, weight_map
 
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 Header = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -48,7 +42,7 @@ def read_header(files: list[str | os.PathLike]) -> Header:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     s = f.get_slice(name)
-                    header[name] = (tuple(s.get_shape()), _SAFETENSORS_DTYPES[s.get_dtype()])
+                    header[name] = (tuple(s.get_shape()), SAFETENSORS_DTYPES[s.get_dtype()])
         except (SafetensorError, OSError, KeyError) as e:
             raise WCTError(f"{file} is corrupt ({e}); re-create the checkpoint") from None
     return header

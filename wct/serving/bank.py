@@ -33,6 +33,7 @@ from wct.delta import (
     read_delta_header,
 )
 from wct.errors import WCTError
+from wct.format.shards import SAFETENSORS_DTYPES
 
 
 def deltas_folder(folder: str | os.PathLike) -> Path:
@@ -49,7 +50,6 @@ def delta_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
 
 
-DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 ALIGN = 16  # bytes: where each layer's columns start in a delta's buffer
 
 
@@ -176,7 +176,7 @@ class DeltaBank:
         with open(path, "rb", buffering=0) as fh:
             for layer, (offset, dtype, shape) in self.layout.items():
                 entry = entries[f"{layer}{WEAK}"]
-                if DTYPES.get(entry.get("dtype")) != dtype:
+                if SAFETENSORS_DTYPES.get(entry.get("dtype")) != dtype:
                     raise WCTError(f"delta {path}: {layer}{WEAK} is stored as {entry.get('dtype')}, the base's as "
                                    f"{dtype}; export the delta again from this base")
                 begin, end = entry["data_offsets"]
