@@ -197,6 +197,7 @@ def test_a_kernel_that_cannot_build_is_one_error_line_and_the_slab_path_answers(
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # compiles the extension from scratch into an empty cache (~40 s)
 def test_build_cpu_compiles_ahead_and_a_failed_build_is_one_error_line(tmp_path):
     """`python -m wct.kernels build-cpu` (what `make install` runs) leaves the extension in torch's cache, so a
     later process loads it without compiling; with no compiler the command fails with one `error:` line per
