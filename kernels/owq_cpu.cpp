@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -254,7 +255,81 @@ torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch
   return y;
 }
 
+
+namespace {
+
+// One input row's dot products with 4 weight rows n..n+3 of a [N, K] matrix stored as fp16 / bf16 / fp32,
+// converted to fp32 in registers (fp16 → fp32 and bf16 → fp32 are exact) and accumulated in fp32.
+template <typename w_t>
+inline float to_f32(w_t v) { return static_cast<float>(v); }
+
+#ifdef __AVX512F__
+template <typename w_t>
+inline __m512 load16(const w_t* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#endif
+
+template <typename w_t>
+void dense_rows(const float* x, const w_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t nr = std::min<int64_t>(4, n1 - n);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float out[4] = {0.f, 0.f, 0.f, 0.f};
+      int64_t k = 0;
+#ifdef __AVX512F__
+      if constexpr (!std::is_same_v<w_t, double>) if (nr == 4) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (; k + 16 <= K; k += 16) {
+          const __m512 xv = _mm512_loadu_ps(xm + k);
+          for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(xv, load16<w_t>(w + (n + r) * K + k), acc[r]);
+        }
+        for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+      }
+#endif
+      for (int r = 0; r < nr; ++r) {
+        float s = out[r];
+        for (int64_t kk = k; kk < K; ++kk) s += xm[kk] * to_f32(w[(n + r) * K + kk]);
+        y[m * N + n + r] = s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// y [M, N] = x [M, K] · Wᵀ for W [N, K] in fp32, fp16 or bf16, fp32 accumulation: the decode head read in its stored
+// dtype (an fp16 embedding: half the bytes of fp32, the same products), parallel over blocks of output rows.
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be fp32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w must be contiguous [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dense_gemv", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    at::parallel_for(0, (N + 255) / 256, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        dense_rows<scalar_t>(x.data_ptr<float>(), wp, y.data_ptr<float>(), M, K, N, b * 256, std::min(N, (b + 1) * 256));
+    });
+  });
+  return y;
+}
+
+void bind_decode(pybind11::module& m);  // kernels/decode_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("owq_gemv", &owq_gemv, "y = x · deq(W_q)ᵀ from owq-pack v1 planes (3/4-bit, fp32 accumulation)");
+  m.def("dense_gemv", &dense_gemv, "y = x · Wᵀ for W [N, K] fp32/fp16/bf16, fp32 accumulation (the decode head)");
   m.def("owq_dequant", &owq_dequant, "deq(W_q)ᵀ [K, n1 − n0] fp32 for output columns [n0, n1) (3/4-bit)");
+  bind_decode(m);
 }

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from wct.config import TEMPLATES
 from wct.errors import WCTError
 from wct.nn.modes import eval_mode
+
+log = logging.getLogger("wct.generation")
+# generation-config settings the wct decode loop does not apply: a model that sets them decodes with model.generate
+_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+               "encoder_repetition_penalty": 1.0, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None}
+_announced: set = set()
 
 
 def render(tokenizer, prompt: str, input: str = "", template: str = "alpaca") -> str:
@@ -48,6 +57,27 @@ def sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
+def decode_loop_reason(model, length: int) -> str | None:
+    """Why ``model`` decodes through ``model.generate`` and not the wct decode loop (:mod:`wct.decoding`); None when
+    the loop runs it."""
+    from wct.decoding import unsupported_reason
+
+    reason = unsupported_reason(model, length)
+    if reason is None and getattr(model, "generation_config", None) is not None:
+        cfg = model.generation_config
+        for name, neutral in _PROCESSORS.items():
+            value = getattr(cfg, name, None)
+            if value is not None and value != neutral:
+                return f"its generation config sets {name}={value!r}"
+    return reason
+
+
+def _announce(path: str) -> None:
+    if path not in _announced:
+        _announced.add(path)
+        log.info("decoding with %s", path)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, add_special_tokens: bool = True) -> str:
@@ -63,6 +93,17 @@ def generate(model, tokenizer, text: str, max_new_tokens: int = 128, do_sample: 
         torch.manual_seed(seed)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
     ids = ids.to(next(model.parameters()).device)
+    reason = decode_loop_reason(model, ids.shape[1] + max_new_tokens)
+    if reason is None:
+        from wct.decoding import LlamaDecoder
+
+        _announce("the wct decode loop (wct/decoding.py)")
+        gen = torch.Generator().manual_seed(seed) if do_sample else None
+        out = LlamaDecoder(model, 1, ids.shape[1] + max_new_tokens).generate(
+            ids, max_new_tokens, tokenizer.eos_token_id, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            top_k=getattr(model.generation_config, "top_k", None), generator=gen)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    _announce(f"model.generate ({reason})")
     with eval_mode(model):
         out = model.generate(
             input_ids=ids,

@@ -34,6 +34,7 @@ log = logging.getLogger("wct.kernels")
 # shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads): per decoder block the
 # GEMV wins up to M = 32 at 4 bits (1739 vs 2304 µs) and M = 24 at 3 bits (1760 vs 2043), and loses at 64.
 GEMV_MAX_M = 24
+SOURCES = ("owq_cpu.cpp", "decode_cpu.cpp")  # the kernels, and the decode step built on them (one extension)
 _ext: dict = {}
 
 
@@ -50,7 +51,7 @@ def extension():
         from torch.utils.cpp_extension import load
 
         _ext["mod"] = load(
-            name="wct_owq_cpu", sources=[str(source_dir() / "owq_cpu.cpp")],
+            name="wct_owq_cpu", sources=[str(source_dir() / f) for f in SOURCES],
             # -fopenmp: at::parallel_for is header code that runs serially unless the extension itself is built
             # with OpenMP (it then shares torch's libgomp, already loaded under the same soname)
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
@@ -106,6 +107,16 @@ def forward(
     else:
         y = slab_matmul(x, planes, scales, zeros, bits)
     return add_weak(y, x, weak_weight, weak_idx, bias)
+
+
+def dense_gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x [M, K] fp32 · weightᵀ for a dense ``weight`` [N, K] read in its own dtype (fp32/fp16/bf16), fp32
+    accumulation: the compiled ``dense_gemv`` (an fp16 head reads half the bytes of an fp32 one), else the BLAS on an
+    fp32 copy."""
+    ext = extension()
+    if ext is None:
+        return x @ weight.float().t()
+    return ext.dense_gemv(x.contiguous(), weight.contiguous())
 
 
 def grad_input(
