@@ -149,10 +149,8 @@ void block64_avx512(const float* x, int64_t ldx, const int32_t* p0, const int32_
 // (exact): dot_g = Σ_{k∈g} xq_k·c_k, sx_g = Σ_{k∈g} xq_k; then y_n = xs·Σ_g s_g·(float)(dot_g − z_g·sx_g) in fp32.
 // Error against the fp32 x: |Δy_n| ≤ (xs/2)·Σ_g |s_g|·Σ_{k∈g} |c_k − z_g| plus fp32 rounding (the int16 rounding
 // of x is 2^-15 of the row's largest non-weak |x|, against bf16's 2^-9).
-// Codes are unpacked as int16 pairs in the 32-bit lanes of a plane word, (w >> sh) & 0x000F000F = (c_a, c_b), and
-// multiplied with the broadcast pair (xq_a, xq_b): per lane acc += c_a·xq_a + c_b·xq_b (VNNI dpwssd, else madd + add).
-// 3-bit: c = lo + 4·hi; the pairs of the 1-bit plane are shifted to bit 2 (weight 4) and go into the same
-// accumulator. |c| ≤ 15 and |xq| ≤ 16383, so int32 holds the sums of KCHUNK = 2048 rows exactly
+// The codes are unpacked as int16 pairs inside the 32-bit lanes of a plane word (word_row; 3-bit: c = lo + 4·hi in one
+// accumulator). |c| ≤ 15 and |xq| ≤ 16383, so int32 holds the sums of KCHUNK = 2048 rows exactly
 // (15·16383·2048 < 2^31; also dot − z·sx, whose exact value is Σ xq·(c − z)): longer groups (per-row K = 11008) are
 // flushed to fp32 every 2048 rows.
 constexpr float XQ_MAX = 16383.f;
