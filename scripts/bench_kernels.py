@@ -16,9 +16,10 @@ dispatch included) separately.
     python scripts/bench_kernels.py --cpu-gemv-json results/bench_cpu_gemv.json [--threads 2]   # GEMV_MAX_M
 
 CPU GEMV vs slab (``--cpu-gemv-json``): SmolLM2's layer shapes (576×576, 576×192, 576×1536, 1536×576), 3/4-bit
-per-row, fp32, M ∈ {1, 2, 4, 8, 12, 16, 24, 32, 64}: µs per call of the compiled GEMV, of the slab path
-(compiled dequantization + BLAS) and of fp32 F.linear, each over a rotation of 64 MiB of weight copies; per decoder
-block the largest M at which the GEMV still wins, which sets ``wct.kernels.cpu_backend.GEMV_MAX_M``.
+per-row, fp32, M ∈ {1, 2, 4, 8, 12, 16, 24, 32, 64, 96, 128}: µs per call of the compiled GEMVs (int16, fp32), of
+the slab path (compiled dequantization + BLAS) and of fp32 F.linear, each over a rotation of 64 MiB of weight copies;
+per decoder block the largest M at which the (int16) GEMV still wins, which sets
+``wct.kernels.cpu_backend.GEMV_MAX_M``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from wct.format.layout import pack_linear, stored_bits
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in, N = out): Llama-7B attention and MLP
 GPU_M = [1, 4, 16]
 GPU_N_WEAK = [0, 8, 64]
-CPU_M = [1, 2, 4, 8, 12, 16, 24, 32, 64]
+CPU_M = [1, 2, 4, 8, 12, 16, 24, 32, 64, 96, 128]
 SMOLLM2_SHAPES = {(576, 576): 2, (576, 192): 2, (576, 1536): 2, (1536, 576): 1}  # (K, N): count per decoder block
 
 

@@ -70,11 +70,11 @@ def test_the_cpu_backend_is_the_cpu_default():
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group", [None, 64])
 @pytest.mark.parametrize("n_o", [0, 1, 40])
-@pytest.mark.parametrize("m", [1, 4, 33, 70])
+@pytest.mark.parametrize("m", [1, 4, 33, 130])
 @pytest.mark.parametrize("gemv", ["fp32", "int16"])
 def test_cpu_backend_matches_float64(bits, group, n_o, m, gemv, monkeypatch):
     """y, dX and dW_o against float64 on ragged shapes (N = 100; K = 204 per-row, 192 grouped: not multiples of
-    64, 32 or 8 where the format allows); M = 1 and 4 run the GEMV, 70 the slab path (33: either, by GEMV_MAX_M).
+    64, 32 or 8 where the format allows); M = 1, 4 and 33 run the GEMV, 130 the slab path (by GEMV_MAX_M = 96).
     The fp32 GEMV (WCT_CPU_GEMV=fp32) and the slab path to fp32 rounding, the int16 GEMV within its bound."""
     monkeypatch.setenv("WCT_CPU_GEMV", gemv)
     k = 204 if group is None else 192
@@ -250,7 +250,7 @@ def test_resident_bytes_after_load_and_after_a_forward(tmp_path):
         assert layer_bytes(layer) == stored
         with torch.no_grad(), kernels.use_kernel("cpu"):
             layer(torch.randn(1, 576))
-            layer(torch.randn(40, 576))
+            layer(torch.randn(cpu_backend.GEMV_MAX_M + 1, 576))
         resident[bits] = layer_bytes(layer)
         assert resident[bits] <= stored * 1.05
     assert resident[3] < resident[4]

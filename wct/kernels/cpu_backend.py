@@ -35,9 +35,11 @@ from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layou
 log = logging.getLogger("wct.kernels")
 
 # Rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS. Measured on SmolLM2's
-# shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads): per decoder block the
-# GEMV wins up to M = 32 at 4 bits (1739 vs 2304 µs) and M = 24 at 3 bits (1760 vs 2043), and loses at 64.
-GEMV_MAX_M = 24
+# shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads, the int16 GEMV): per
+# decoder block the GEMV wins at M = 96 by 40 % at 4 bits (2368 vs 3920 µs) and 11 % at 3 bits (3396 vs 3821); at
+# M = 128 the 3-bit margin is within run-to-run noise (6 %, 2 % in another run). The fp32 GEMV (WCT_CPU_GEMV=fp32)
+# won only up to M = 32 at 4 bits and 24 at 3 bits, the value this constant had before.
+GEMV_MAX_M = 96
 _ext: dict = {}
 
 
