@@ -16,18 +16,18 @@
 #include <vector>
 
 torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch::Tensor scales, torch::Tensor zeros,
-                       int64_t bits);
+                       torch::Tensor weak_idx, int64_t bits);  // kernels/owq_cpu.cpp
 
 namespace {
 
 struct Linear {
   std::vector<torch::Tensor> planes;
-  torch::Tensor scales, zeros, idx, w_o, bias, dense;  // idx int64 [n_o], w_o fp32 [n_o, N]; bias / dense optional
+  torch::Tensor scales, zeros, idx32, idx, w_o, bias, dense;  // idx int32/int64 [n_o], w_o fp32 [n_o, N]; bias / dense optional
   int64_t bits = 0;
 
   // y [B, N] = W x for x [B, K] fp32 contiguous.
   torch::Tensor operator()(const torch::Tensor& x) const {
-    torch::Tensor y = dense.defined() ? at::matmul(x, dense.t()) : owq_gemv(x, planes, scales, zeros, bits);
+    torch::Tensor y = dense.defined() ? at::matmul(x, dense.t()) : owq_gemv(x, planes, scales, zeros, idx32, bits);
     const int64_t B = x.size(0), K = x.size(1), N = y.size(1), n_o = idx.defined() ? idx.numel() : 0;
     float* yp = y.data_ptr<float>();
     const float* xp = x.data_ptr<float>();
@@ -91,7 +91,8 @@ class DecodeStack {
     TORCH_CHECK(head_dim <= 512 && head_dim % 2 == 0 && heads % kv_heads == 0, "unsupported attention shape");
   }
 
-  // linears: 7 tuples (planes, scales, zeros, weak_idx, weak_weight fp32, bias fp32 | None, dense fp32 | None, bits)
+  // linears: 7 tuples (planes, scales, zeros, weak_idx int32, weak_weight fp32, bias fp32 | None, dense fp32 | None,
+  // bits)
   // in the order q, k, v, o, gate, up, down.
   void add_layer(torch::Tensor n1, double e1, torch::Tensor n2, double e2,
                  std::vector<std::tuple<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor,
@@ -101,7 +102,8 @@ class DecodeStack {
     std::vector<Linear> ls;
     for (auto& t : linears) {
       Linear l;
-      std::tie(l.planes, l.scales, l.zeros, l.idx, l.w_o, std::ignore, std::ignore, l.bits) = t;
+      std::tie(l.planes, l.scales, l.zeros, l.idx32, l.w_o, std::ignore, std::ignore, l.bits) = t;
+      l.idx = l.idx32.to(torch::kLong);
       if (std::get<5>(t)) l.bias = *std::get<5>(t);
       if (std::get<6>(t)) l.dense = *std::get<6>(t);
       ls.push_back(l);

@@ -7,13 +7,21 @@
 // Plane layout (wct/format/layout.py): a plane of width w is int32 [Kp * w / 32, N]; code bits of row k sit in word row
 // k / (32 / w) at offset (k % (32 / w)) * w. 4-bit: one plane; 3-bit: a 2-bit plane (bits 0-1) and a 1-bit plane
 // (bit 2). Dequantisation per group g = k / G: w[k, n] = s[g, n] * (code[k, n] - z[g, n]); the product of the
-// small integer (code - z) with x is accumulated in fp32 per group, then scaled: y = Σ_g s_g · Σ_{k∈g} x_k (q - z).
+// small integer (code - z) with x is accumulated per group, then scaled: y = Σ_g s_g · Σ_{k∈g} x_k (q - z).
+//
+// Two GEMVs (WCT_CPU_GEMV, read per call): "int16" (the default on AVX-512) rounds x to int16 per row and takes
+// exact int32 dot products with the codes (block64_int16); "fp32" (block64_avx512, and the portable `block`
+// everywhere else) multiplies the codes with x in fp32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
+#include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -132,6 +140,212 @@ void block64_avx512(const float* x, int64_t ldx, const int32_t* p0, const int32_
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define OWQ_INT16 1
+#define OWQ_UNROLL _Pragma("GCC unroll 16")  // constant shifts and register accumulators need the small loops unrolled
+// The int16 GEMV (docs/kernels.md "CPU backend"). Per row m of x: xs = max_{k∉weak} |x_k| / 16383 and
+// xq_k = round(x_k / xs) (int16, 15-bit range; x at the weak columns is set to 0 first: their codes equal z, so they
+// add exactly 0 either way, and they are the outliers that would waste the range). Per group g and column n, in int32
+// (exact): dot_g = Σ_{k∈g} xq_k·c_k, sx_g = Σ_{k∈g} xq_k; then y_n = xs·Σ_g s_g·(float)(dot_g − z_g·sx_g) in fp32.
+// Error against the fp32 x: |Δy_n| ≤ (xs/2)·Σ_g |s_g|·Σ_{k∈g} |c_k − z_g| plus fp32 rounding (the int16 rounding
+// of x is 2^-15 of the row's largest non-weak |x|, against bf16's 2^-9).
+// The codes are unpacked as int16 pairs inside the 32-bit lanes of a plane word (word_row; 3-bit: c = lo + 4·hi in one
+// accumulator). |c| ≤ 15 and |xq| ≤ 16383, so int32 holds the sums of KCHUNK = 2048 rows exactly
+// (15·16383·2048 < 2^31; also dot − z·sx, whose exact value is Σ xq·(c − z)): longer groups (per-row K = 11008) are
+// flushed to fp32 every 2048 rows.
+constexpr float XQ_MAX = 16383.f;
+constexpr int64_t KCHUNK = 2048;
+// Rows of K per step and int16 pairs per step: 4-bit one word row (pairs (i, i + 4), i < 4); 3-bit the two 2-bit word
+// rows (pairs (16h + j, 16h + j + 8), j < 8) and the 1-bit word row (pairs (j, j + 16), j < 16) of 32 rows.
+template <int BITS> constexpr int64_t STEP = BITS == 4 ? 8 : 32;
+template <int BITS> constexpr int PAIRS = BITS == 4 ? 4 : 32;
+template <int BITS> std::pair<int, int> pair_rows(int i) {
+  if (BITS == 4) return {i, i + 4};
+  if (i < 16) return {i / 8 * 16 + i % 8, i / 8 * 16 + i % 8 + 8};
+  return {i - 16, i};
+}
+
+struct Seg { int64_t g, t0, t1, off; };  // group g, steps [t0, t1) (≤ KCHUNK rows), offset of its pairs
+struct XQ {                              // x as the kernel reads it, built once per call
+  std::vector<Seg> segs;
+  std::vector<int32_t> pairs, sx;        // [M, P] broadcast pairs (xq_a | xq_b << 16), [M, segs] Σ xq per segment
+  std::vector<float> xs;                 // [M]
+  int64_t P = 0;
+};
+
+// Segments: the steps covering each group, cut every KCHUNK rows; a step that straddles two groups (G not a multiple
+// of STEP) belongs to both, each with the other group's rows of xq set to 0. Vectorised: 32 rows of xq at a time
+// (masked to the segment's rows), reordered into pairs by one or two permutes. False when a row of x is not finite
+// (the fp32 GEMV then runs, propagating inf/nan).
+template <int BITS>
+bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ& q) {
+  constexpr int64_t R = STEP<BITS>;
+  constexpr int NV = BITS == 4 ? 1 : 2;  // vectors of 16 pairs per 32 rows
+  const int64_t M = x.size(0), K = x.size(1), Kv = (K + 31) / 32 * 32;
+  for (int64_t g0 = 0; g0 < K; g0 += G)
+    for (int64_t t = g0 / R, t1 = (g0 + G + R - 1) / R; t < t1; t += KCHUNK / R) {
+      q.segs.push_back({g0 / G, t, std::min(t + KCHUNK / R, t1), q.P});
+      q.P += (q.segs.back().t1 - t) * PAIRS<BITS>;
+    }
+  const int64_t S = q.segs.size();
+  q.pairs.resize(M * q.P), q.sx.resize(M * S), q.xs.resize(M);
+  __m512i perm[NV];  // perm[nv][e]: the row (of 32) whose xq is int16 e of pair vector nv (pair 16·nv + e / 2, half e % 2)
+  for (int nv = 0; nv < NV; ++nv) {
+    alignas(64) int16_t idx[32];
+    for (int e = 0; e < 32; ++e) {
+      const int p = 16 * nv + e / 2;
+      const auto [a, b] = pair_rows<BITS>(p % PAIRS<BITS>);
+      idx[e] = static_cast<int16_t>(p / PAIRS<BITS> * R + (e % 2 ? b : a));
+    }
+    perm[nv] = _mm512_load_si512(idx);
+  }
+  const int32_t* wi = weak.data_ptr<int32_t>();
+  std::vector<float> xr(Kv);
+  std::vector<int16_t> xq(Kv + 32);
+  for (int64_t m = 0; m < M; ++m) {
+    std::copy_n(x.data_ptr<float>() + m * x.stride(0), K, xr.begin());
+    for (int64_t i = 0; i < weak.numel(); ++i) xr[wi[i]] = 0.f;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t k = 0; k < Kv; k += 16) {
+      const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(xr.data() + k));
+      amax = _mm512_max_ps(amax, v);
+      bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or nan
+    }
+    if (bad) return false;
+    const float xs = _mm512_reduce_max_ps(amax) / XQ_MAX;
+    const __m512 d = _mm512_set1_ps(xs > 0.f ? xs : 1.f);
+    q.xs[m] = xs;
+    for (int64_t k = 0; k < Kv; k += 16)  // round to nearest even (MXCSR default)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq.data() + k),
+                          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(xr.data() + k), d))));
+    for (int64_t si = 0; si < S; ++si) {
+      const Seg& s = q.segs[si];
+      const int64_t lo = std::max(s.g * G, s.t0 * R), hi = std::min(s.g * G + G, s.t1 * R), end = s.t1 * R;
+      int32_t* p = q.pairs.data() + m * q.P + s.off;
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t r = s.t0 * R; r < end; r += 32, p += 16 * NV) {
+        const int64_t a = std::clamp<int64_t>(lo - r, 0, 32), b = std::clamp<int64_t>(hi - r, 0, 32);
+        const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(((1ull << b) - 1) & ~((1ull << a) - 1)),
+                                                   xq.data() + r);
+        sum = _mm512_add_epi32(sum, _mm512_madd_epi16(v, _mm512_set1_epi16(1)));
+        const __mmask16 tail = static_cast<__mmask16>((1u << std::min<int64_t>(16, (end - r) / 2)) - 1);
+        for (int nv = 0; nv < NV; ++nv) _mm512_mask_storeu_epi32(p + 16 * nv, tail, _mm512_permutexvar_epi16(perm[nv], v));
+      }
+      q.sx[m * S + si] = _mm512_reduce_add_epi32(sum);
+    }
+  }
+  return true;
+}
+
+// One word row of the 4 vectors into the MB × 4 accumulators: pair j is bits (sh, sh + 16) of each lane, sh = SH0 +
+// DSH·j, moved to bits (0, 16) (the 1-bit plane: to (2, 18), weight 4) and masked; per lane acc += c_a·xq_a + c_b·xq_b
+// with the broadcast pair xp[m·P + j] (VNNI dpwssd, else madd + add).
+template <int MB, int NPW, int SH0, int DSH>
+inline void word_row(__m512i (&acc)[MB][4], const int32_t* row, const __mmask16 (&km)[4], const int32_t* xp, int64_t P,
+                     int32_t mask) {
+  __m512i w[4];
+  OWQ_UNROLL for (int v = 0; v < 4; ++v) w[v] = _mm512_maskz_loadu_epi32(km[v], row + 16 * v);
+  OWQ_UNROLL for (int j = 0; j < NPW; ++j) {
+    const int sh = SH0 + DSH * j;
+    __m512i xb[MB];
+    OWQ_UNROLL for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_epi32(xp[m * P + j]);
+    OWQ_UNROLL for (int v = 0; v < 4; ++v) {
+      const __m512i c = _mm512_and_si512(sh < 0 ? _mm512_slli_epi32(w[v], -sh) : _mm512_srli_epi32(w[v], sh),
+                                         _mm512_set1_epi32(mask));
+#ifdef __AVX512VNNI__
+      OWQ_UNROLL for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_dpwssd_epi32(acc[m][v], c, xb[m]);
+#else
+      OWQ_UNROLL for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_add_epi32(acc[m][v], _mm512_madd_epi16(c, xb[m]));
+#endif
+    }
+  }
+}
+
+template <typename T>
+__m512 load_scales(const T* p, __mmask16 k) {  // 16 scales as fp32, lanes outside k are 0
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+  } else {
+    alignas(64) float f[16] = {};
+    for (int j = 0; j < 16; ++j) f[j] = (k >> j & 1) ? static_cast<float>(p[j]) : 0.f;
+    return _mm512_load_ps(f);
+  }
+}
+
+// The 64-column block's word rows are N·4 bytes apart, a new page each, where the hardware prefetchers stop: the block
+// fetches its words PF_ROWS rows of K ahead itself.
+constexpr int64_t PF_ROWS = 64;
+inline void prefetch64(const int32_t* p) {
+  OWQ_UNROLL for (int v = 0; v < 4; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
+}
+
+// Rows m0 .. m0 + MB − 1 of x, columns n0 .. n0 + 63 (masked past N): 4 vectors of 16 columns, MB × 4 int32
+// accumulators. Per 16-lane word: a shift and a mask per pair, one dot product per pair and row of x (4-bit: 7 + 4·MB
+// vector ops per 128 weights, against 32 + 8·MB for the fp32 GEMV).
+template <int BITS, int MB, typename scale_t>
+void block64_int16(const XQ& q, int64_t m0, const int32_t* p0, const int32_t* p1, const scale_t* scales,
+                   const uint8_t* zeros, float* y, int64_t N, int64_t n0) {
+  const int64_t S = q.segs.size(), P = q.P;
+  __mmask16 km[4];
+  OWQ_UNROLL for (int v = 0; v < 4; ++v) km[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(N - n0 - 16 * v, 0, 16)) - 1);
+  __m512 out[MB][4];
+  OWQ_UNROLL for (int m = 0; m < MB; ++m)
+    OWQ_UNROLL for (int v = 0; v < 4; ++v) out[m][v] = _mm512_setzero_ps();
+  for (int64_t si = 0; si < S; ++si) {
+    const Seg& s = q.segs[si];
+    __m512i acc[MB][4];
+    OWQ_UNROLL for (int m = 0; m < MB; ++m)
+      OWQ_UNROLL for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
+    const int32_t* xp = q.pairs.data() + m0 * P + s.off;
+    for (int64_t t = s.t0, t1 = s.t1; t < t1; ++t, xp += PAIRS<BITS>) {
+      if (const int64_t tp = t + PF_ROWS / STEP<BITS>; tp < t1) {
+        if (BITS == 4) prefetch64(p0 + tp * N + n0);
+        else prefetch64(p0 + 2 * tp * N + n0), prefetch64(p0 + (2 * tp + 1) * N + n0), prefetch64(p1 + tp * N + n0);
+      }
+      if (BITS == 4) {  // pairs (i, i + 4) of word row t
+        word_row<MB, 4, 0, 4>(acc, p0 + t * N + n0, km, xp, P, 0x000F000F);
+      } else {  // 2-bit word rows 2t, 2t + 1: pairs (16h + j, 16h + j + 8); 1-bit word row t: pairs (j, j + 16)
+        word_row<MB, 8, 0, 2>(acc, p0 + 2 * t * N + n0, km, xp, P, 0x00030003);
+        word_row<MB, 8, 0, 2>(acc, p0 + (2 * t + 1) * N + n0, km, xp + 8, P, 0x00030003);
+        word_row<MB, 16, -2, 1>(acc, p1 + t * N + n0, km, xp + 16, P, 0x00040004);
+      }
+    }
+    OWQ_UNROLL for (int v = 0; v < 4; ++v) {  // out += s_g · (dot − z_g·sx): the int32 difference is Σ xq·(c − z), exact
+      const int64_t o = s.g * N + n0 + 16 * v;
+      const __m512i z = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(km[v], zeros + o));
+      const __m512 sc = load_scales(scales + o, km[v]);
+      OWQ_UNROLL for (int m = 0; m < MB; ++m) {
+        const __m512i d = _mm512_sub_epi32(acc[m][v], _mm512_mullo_epi32(z, _mm512_set1_epi32(q.sx[(m0 + m) * S + si])));
+        out[m][v] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(d), out[m][v]);
+      }
+    }
+  }
+  OWQ_UNROLL for (int m = 0; m < MB; ++m)
+    OWQ_UNROLL for (int v = 0; v < 4; ++v)
+      _mm512_mask_storeu_ps(y + (m0 + m) * N + n0 + 16 * v, km[v], _mm512_mul_ps(_mm512_set1_ps(q.xs[m0 + m]), out[m][v]));
+}
+
+// Parallel over blocks of 64 columns; every row block of x runs inside the column block, so the block's words are
+// read from memory once and from L1/L2 for the next rows (MB = 4, 2, 1).
+template <int BITS, typename scale_t>
+void run_int16(const XQ& q, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z, float* y,
+               int64_t M, int64_t N) {
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) block64_int16<BITS, 4, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+      for (; m + 2 <= M; m += 2) block64_int16<BITS, 2, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+      for (; m < M; ++m) block64_int16<BITS, 1, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+    }
+  });
+}
+#endif
+
 template <int BITS, int MB, typename scale_t>
 void rows(const torch::Tensor& x, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z,
           float* y, int64_t K, int64_t N, int64_t G, int64_t m0) {
@@ -233,12 +447,41 @@ torch::Tensor owq_dequant(std::vector<torch::Tensor> planes, torch::Tensor scale
   return out;
 }
 
-// x fp32 [M, K] (rows contiguous), planes int32 (contiguous), scales [K/G, N] fp32/fp16/bf16, zeros uint8 [K/G, N].
+// WCT_CPU_GEMV selects the GEMV per call: "int16" (default) or "fp32"; without AVX-512 (BW) the fp32 one always runs.
+bool gemv_int16() {
+  const char* env = std::getenv("WCT_CPU_GEMV");
+  const std::string mode = env && *env ? env : "int16";
+  TORCH_CHECK(mode == "int16" || mode == "fp32", "WCT_CPU_GEMV must be int16 or fp32, not '", mode, "'");
+#ifdef OWQ_INT16
+  return mode == "int16";
+#else
+  return false;
+#endif
+}
+
+std::string gemv_mode() {
+#if defined(OWQ_INT16) && defined(__AVX512VNNI__)
+  const char* int16 = "int16 (AVX512-VNNI dpwssd)";
+#else
+  const char* int16 = "int16 (AVX512BW madd)";
+#endif
+#ifdef __AVX512F__
+  const char* fp32 = "fp32 (AVX-512)";
+#else
+  const char* fp32 = "fp32 (portable)";
+#endif
+  return gemv_int16() ? int16 : fp32;
+}
+
+// x fp32 [M, K] (rows contiguous), planes int32 (contiguous), scales [K/G, N] fp32/fp16/bf16, zeros uint8 [K/G, N],
+// weak_idx int32 [n_o] (the weak columns, excluded from the int16 scale of x).
 torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch::Tensor scales, torch::Tensor zeros,
-                       int64_t bits) {
+                       torch::Tensor weak_idx, int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1, "x must be fp32 [M, K]");
   TORCH_CHECK(bits == 3 || bits == 4, "bits must be 3 or 4");
   TORCH_CHECK(zeros.scalar_type() == torch::kByte && zeros.is_contiguous() && scales.is_contiguous(), "bad scales");
+  TORCH_CHECK(weak_idx.scalar_type() == torch::kInt && weak_idx.dim() == 1 && weak_idx.is_contiguous(),
+              "weak_idx must be int32 [n_o]");
   for (auto& p : planes) TORCH_CHECK(p.scalar_type() == torch::kInt && p.is_contiguous(), "planes: int32 contiguous");
   const int64_t K = x.size(1), N = scales.size(1), G = K / scales.size(0);
   TORCH_CHECK(G * scales.size(0) == K, "groups do not divide K");
@@ -247,8 +490,19 @@ torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch
   const int32_t* p1 = bits == 3 ? planes[1].data_ptr<int32_t>() : nullptr;
   const uint8_t* z = zeros.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
+#ifdef OWQ_INT16
+  XQ q;
+  const bool int16 = gemv_int16() && (bits == 4 ? quantize_x<4>(x, weak_idx, G, q) : quantize_x<3>(x, weak_idx, G, q));
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "owq_gemv", [&] {
     const scalar_t* s = scales.data_ptr<scalar_t>();
+#ifdef OWQ_INT16
+    if (int16) {
+      if (bits == 4) run_int16<4, scalar_t>(q, p0, p1, s, z, yp, x.size(0), N);
+      else run_int16<3, scalar_t>(q, p0, p1, s, z, yp, x.size(0), N);
+      return;
+    }
+#endif
     if (bits == 4) run<4, scalar_t>(x, p0, p1, s, z, yp, K, N, G);
     else run<3, scalar_t>(x, p0, p1, s, z, yp, K, N, G);
   });
@@ -328,7 +582,8 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w) {
 void bind_decode(pybind11::module& m);  // kernels/decode_cpu.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("owq_gemv", &owq_gemv, "y = x · deq(W_q)ᵀ from owq-pack v1 planes (3/4-bit, fp32 accumulation)");
+  m.def("owq_gemv", &owq_gemv, "y = x · deq(W_q)ᵀ from owq-pack v1 planes (3/4-bit; int16 x or fp32, WCT_CPU_GEMV)");
+  m.def("gemv_mode", &gemv_mode, "the GEMV owq_gemv runs now (WCT_CPU_GEMV and the build's instruction set)");
   m.def("dense_gemv", &dense_gemv, "y = x · Wᵀ for W [N, K] fp32/fp16/bf16, fp32 accumulation (the decode head)");
   m.def("owq_dequant", &owq_dequant, "deq(W_q)ᵀ [K, n1 − n0] fp32 for output columns [n0, n1) (3/4-bit)");
   bind_decode(m);

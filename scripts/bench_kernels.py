@@ -16,9 +16,10 @@ dispatch included) separately.
     python scripts/bench_kernels.py --cpu-gemv-json results/bench_cpu_gemv.json [--threads 2]   # GEMV_MAX_M
 
 CPU GEMV vs slab (``--cpu-gemv-json``): SmolLM2's layer shapes (576×576, 576×192, 576×1536, 1536×576), 3/4-bit
-per-row, fp32, M ∈ {1, 2, 4, 8, 12, 16, 24, 32, 64}: µs per call of the compiled GEMV, of the slab path
-(compiled dequantization + BLAS) and of fp32 F.linear, each over a rotation of 64 MiB of weight copies; per decoder
-block the largest M at which the GEMV still wins, which sets ``wct.kernels.cpu_backend.GEMV_MAX_M``.
+per-row, fp32, M ∈ {1, 2, 4, 8, 12, 16, 24, 32, 64, 96, 128}: µs per call of the compiled GEMVs (int16, fp32), of
+the slab path (compiled dequantization + BLAS) and of fp32 F.linear, each over a rotation of 64 MiB of weight copies;
+per decoder block the largest M at which the (int16) GEMV still wins, which sets
+``wct.kernels.cpu_backend.GEMV_MAX_M``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from wct.format.layout import pack_linear, stored_bits
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in, N = out): Llama-7B attention and MLP
 GPU_M = [1, 4, 16]
 GPU_N_WEAK = [0, 8, 64]
-CPU_M = [1, 2, 4, 8, 12, 16, 24, 32, 64]
+CPU_M = [1, 2, 4, 8, 12, 16, 24, 32, 64, 96, 128]
 SMOLLM2_SHAPES = {(576, 576): 2, (576, 192): 2, (576, 1536): 2, (1536, 576): 1}  # (K, N): count per decoder block
 
 
@@ -112,9 +113,10 @@ def _cpu_time(fns, reps: int, min_s: float = 0.02) -> float:
 @torch.no_grad()
 def bench_cpu_gemv(reps: int, ms=CPU_M, shapes=SMOLLM2_SHAPES, bits_list=(4, 3), threads: int = 2) -> dict:
     """The CPU backend's two products on SmolLM2's layer shapes, fp32 activations, per-row scales, ``threads``
-    threads: the compiled GEMV (``owq_gemv``) against the slab path (``owq_dequant`` + BLAS, what M > GEMV_MAX_M
-    runs), with fp32 ``F.linear`` on the dense weight as the yardstick. Per shape and M: µs per call (median), and
-    per decoder block (the shapes weighted by their count in a block) the M from which the slab path is faster."""
+    threads: the compiled GEMV (``owq_gemv``; the default int16 one, and the fp32 one of ``WCT_CPU_GEMV=fp32``)
+    against the slab path (``owq_dequant`` + BLAS, what M > GEMV_MAX_M runs), with fp32 ``F.linear`` on the dense
+    weight as the yardstick. Per shape and M: µs per call (median), and per decoder block (the shapes weighted by
+    their count in a block) the M from which the slab path is faster than the default GEMV."""
     from wct.kernels import cpu_backend
 
     torch.set_num_threads(threads)
@@ -125,36 +127,50 @@ def bench_cpu_gemv(reps: int, ms=CPU_M, shapes=SMOLLM2_SHAPES, bits_list=(4, 3),
     for bits in bits_list:
         for (k, n), count in shapes.items():
             layer = _random_layer(k, n, bits, 0, "cpu")
-            planes, scales, zeros = list(layer.planes.values()), layer.scales, layer.zeros
+            planes, scales, zeros, idx = list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx
             nbytes = sum(p.nbytes for p in planes) + scales.nbytes + zeros.nbytes
             copies = max(2, (64 << 20) // nbytes)  # 64 MiB of weights: more than the caches hold
             packs = [([p.clone() for p in planes], scales.clone(), zeros.clone()) for _ in range(copies)]
             dense = [layer.dequantize().float() for _ in range(max(2, (64 << 20) // (4 * k * n)))]
             for m in ms:
                 x = torch.randn(m, k)
-                gemv = _cpu_time([lambda p=p: ext.owq_gemv(x, p[0], p[1], p[2], bits) for p in packs], reps)
+                gemv, gemv_fp32 = (_gemv_time(ext, mode, x, packs, idx, bits, reps) for mode in ("int16", "fp32"))
                 slab = _cpu_time([lambda p=p: cpu_backend.slab_matmul(x, p[0], p[1], p[2], bits) for p in packs], reps)
                 deq = _cpu_time([lambda p=p: ext.owq_dequant(p[0], p[1], p[2], bits, k, 0, n) for p in packs], reps)
                 fp32 = _cpu_time([lambda w=w: F.linear(x, w) for w in dense], reps)
                 rows.append({"bits": bits, "K": k, "N": n, "per_block": count, "M": m, "gemv_us": gemv * 1e6,
-                             "slab_us": slab * 1e6, "dequant_us": deq * 1e6, "fp32_linear_us": fp32 * 1e6,
+                             "gemv_fp32_us": gemv_fp32 * 1e6, "slab_us": slab * 1e6, "dequant_us": deq * 1e6, "fp32_linear_us": fp32 * 1e6,
                              "faster": "gemv" if gemv <= slab else "slab"})
-                print(f"  {bits}-bit {k}x{n} M={m:3d}: gemv {gemv * 1e6:8.1f} µs  slab {slab * 1e6:8.1f} µs  "
+                print(f"  {bits}-bit {k}x{n} M={m:3d}: gemv {gemv * 1e6:8.1f} µs  (fp32 gemv {gemv_fp32 * 1e6:8.1f})  "
+                      f"slab {slab * 1e6:8.1f} µs  "
                       f"(dequant {deq * 1e6:7.1f})  fp32 F.linear {fp32 * 1e6:8.1f} µs", flush=True)
     blocks = []
     for bits in bits_list:
         for m in ms:
             sel = [r for r in rows if r["bits"] == bits and r["M"] == m]
-            g, sl = (sum(r[c] * r["per_block"] for r in sel) for c in ("gemv_us", "slab_us"))
-            blocks.append({"bits": bits, "M": m, "block_gemv_us": g, "block_slab_us": sl,
+            g, g32, sl = (sum(r[c] * r["per_block"] for r in sel) for c in ("gemv_us", "gemv_fp32_us", "slab_us"))
+            blocks.append({"bits": bits, "M": m, "block_gemv_us": g, "block_gemv_fp32_us": g32, "block_slab_us": sl,
                            "block_fp32_us": sum(r["fp32_linear_us"] * r["per_block"] for r in sel),
                            "faster": "gemv" if g <= sl else "slab"})
     crossover = {}
     for bits in bits_list:
         slower = [b["M"] for b in blocks if b["bits"] == bits and b["faster"] == "gemv"]
         crossover[bits] = max(slower) if slower else 0  # the largest M at which the GEMV still wins
-    return {"threads": threads, "loadavg": os.getloadavg(), "rows": rows, "blocks": blocks,
+    return {"threads": threads, "loadavg": os.getloadavg(), "gemv_mode": ext.gemv_mode(), "rows": rows, "blocks": blocks,
             "gemv_wins_up_to_M": crossover, "GEMV_MAX_M": cpu_backend.GEMV_MAX_M}
+
+
+def _gemv_time(ext, mode: str, x, packs, idx, bits: int, reps: int) -> float:
+    """:func:`_cpu_time` of ``owq_gemv`` over the rotation ``packs`` with ``WCT_CPU_GEMV=mode``."""
+    saved = os.environ.get("WCT_CPU_GEMV")
+    os.environ["WCT_CPU_GEMV"] = mode
+    try:
+        return _cpu_time([lambda p=p: ext.owq_gemv(x, p[0], p[1], p[2], idx, bits) for p in packs], reps)
+    finally:
+        if saved is None:
+            del os.environ["WCT_CPU_GEMV"]
+        else:
+            os.environ["WCT_CPU_GEMV"] = saved
 
 
 def _random_layer(k: int, n: int, bits: int, n_o: int, device: str) -> OWQLinear:

@@ -1,7 +1,8 @@
 """The CPU backend (wct.kernels.cpu_backend): the compiled GEMV (M ≤ GEMV_MAX_M) and the slab path (larger M, and dX;
 compiled slab dequantization) read the owq-pack v1 planes and must match a float64 dequantize-matmul oracle built
-from the codes, the compiled dequantization the torch one bit for bit; nothing besides the stored tensors stays
-resident; an export generates the tokens of the model it was saved from."""
+from the codes (the int16 GEMV within its documented bound, the fp32 one to fp32 rounding), the compiled
+dequantization the torch one bit for bit; nothing besides the stored tensors stays resident; an export generates the
+tokens of the model it was saved from."""
 
 from __future__ import annotations
 
@@ -41,6 +42,24 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
+def int16_bound(layer: OWQLinear, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The int16 GEMV's documented bound on |y − y_float64| per output [M, N] (docs/kernels.md "CPU backend"), in
+    float64: (xs/2)·Σ_g |s_{g,n}|·Σ_{k∈g} |c_k − z_g| with xs = max_{k∉weak} |x_k| / 16383 (Wq = s·(c − z) from
+    dequantize_dense in float64 is 0 at the weak columns, so the double sum is Σ_k |Wq[n, k]|), plus fp32 rounding:
+    γ = (groups + n_o + 4)·2^-24 times the magnitudes summed (the quantized terms, the weak product, the bias)."""
+    bits, k = layer.bits, layer.in_features
+    scales = layer.scales if scales is None else scales
+    wq = dequantize_dense(dict(layer.planes), scales, layer.zeros, bits, k, torch.float64)  # [N, K]
+    idx = layer.weak_idx.long()
+    x64 = x.detach().double().reshape(-1, k)
+    xs = x64.clone().index_fill_(1, idx, 0).abs().amax(1, keepdim=True) / 16383
+    quant = xs / 2 * wq.abs().sum(1)
+    weak = x64[:, idx].abs() @ layer.weak_weight.detach().double().abs()
+    bias = 0 if layer.bias is None else layer.bias.detach().double().abs()
+    gamma = (scales.shape[0] + idx.numel() + 4) * 2.0**-24
+    return quant + gamma * (x64.abs() @ wq.abs().t() + quant + weak + bias)
+
+
 def test_the_cpu_backend_is_the_cpu_default():
     kernels.configure(kernel="auto")
     assert kernels.resolve_backend("auto", torch.device("cpu"), 1) == "cpu"
@@ -51,10 +70,13 @@ def test_the_cpu_backend_is_the_cpu_default():
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group", [None, 64])
 @pytest.mark.parametrize("n_o", [0, 1, 40])
-@pytest.mark.parametrize("m", [1, 4, 33, 70])
-def test_cpu_backend_matches_float64(bits, group, n_o, m):
+@pytest.mark.parametrize("m", [1, 4, 33, 130])
+@pytest.mark.parametrize("gemv", ["fp32", "int16"])
+def test_cpu_backend_matches_float64(bits, group, n_o, m, gemv, monkeypatch):
     """y, dX and dW_o against float64 on ragged shapes (N = 100; K = 204 per-row, 192 grouped: not multiples of
-    64, 32 or 8 where the format allows); M = 1 and 4 run the GEMV, 70 the slab path (33: either, by GEMV_MAX_M)."""
+    64, 32 or 8 where the format allows); M = 1, 4 and 33 run the GEMV, 130 the slab path (by GEMV_MAX_M = 96).
+    The fp32 GEMV (WCT_CPU_GEMV=fp32) and the slab path to fp32 rounding, the int16 GEMV within its bound."""
+    monkeypatch.setenv("WCT_CPU_GEMV", gemv)
     k = 204 if group is None else 192
     layer, w64 = packed_layer(bits, group, n_o, n=100, k=k, seed=bits * 100 + n_o + m)
     x = torch.randn(m, k, requires_grad=True)
@@ -63,16 +85,23 @@ def test_cpu_backend_matches_float64(bits, group, n_o, m):
         dy = torch.randn_like(y)
         y.backward(dy)
     x64, dy64 = x.detach().double(), dy.double()
-    assert rel_err(y, x64 @ w64.t() + layer.bias.double()) < 2e-6
+    ref = x64 @ w64.t() + layer.bias.double()
+    if gemv == "int16" and m <= cpu_backend.GEMV_MAX_M:
+        assert ((y.double() - ref).abs() <= int16_bound(layer, x)).all()
+    else:
+        assert rel_err(y, ref) < 2e-6
     assert rel_err(x.grad, dy64 @ w64) < 2e-6
     if n_o:
         assert rel_err(layer.weak_weight.grad, x64[:, layer.weak_idx.long()].t() @ dy64) < 2e-6
 
 
-def test_gemv_and_slab_paths_agree_and_batch_rows_are_independent():
+@pytest.mark.parametrize("gemv", ["fp32", "int16"])
+def test_gemv_and_slab_paths_agree_and_batch_rows_are_independent(gemv, monkeypatch):
     """Row m of a batch is the same product whatever else is in the batch (the GEMV blocks rows by 4, 2, 1; the
-    weak-column addmm may round differently per batch size), and the slab path agrees with the GEMV."""
-    layer, _ = packed_layer(3, 64, 5, n=130, k=256)
+    weak-column addmm may round differently per batch size), and the slab path agrees with the GEMV (the int16 one:
+    both against float64, the GEMV within its bound)."""
+    monkeypatch.setenv("WCT_CPU_GEMV", gemv)
+    layer, w64 = packed_layer(3, 64, 5, n=130, k=256)
     x = torch.randn(7, 256)
     with kernels.use_kernel("cpu"):
         with torch.no_grad():
@@ -81,8 +110,90 @@ def test_gemv_and_slab_paths_agree_and_batch_rows_are_independent():
             slab = layer(torch.cat([x, torch.zeros(cpu_backend.GEMV_MAX_M, 256)]))[:7]  # the slab path
         via_op = layer(x.requires_grad_())  # with autograd: through the custom op wct::owq_linear
     torch.testing.assert_close(batch, rows, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(batch, slab, rtol=1e-5, atol=1e-5)
+    if gemv == "fp32":
+        torch.testing.assert_close(batch, slab, rtol=1e-5, atol=1e-5)
+    else:
+        ref = x.detach().double() @ w64.t() + layer.bias.double()
+        assert ((batch.double() - ref).abs() <= int16_bound(layer, x)).all() and rel_err(slab, ref) < 2e-6
     assert torch.equal(via_op, batch)  # the no-grad shortcut past the custom op computes the same bits
+
+
+# (group, N, K): per-row and G = 64 with ragged N and K, and groups that are not whole 32-row steps of the 3-bit
+# planes (24, 40: a step is split between two groups)
+INT16_SHAPES = [(None, 67, 72), (None, 200, 200), (64, 67, 128), (64, 200, 192), (24, 200, 72), (40, 67, 200)]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group,n,k", INT16_SHAPES)
+@pytest.mark.parametrize("n_o", [0, 1, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7])
+def test_int16_gemv_is_within_its_bound_of_float64(bits, group, n, k, n_o, m, monkeypatch):
+    """The default GEMV (int16 x, int32 dot products) against float64 within the documented bound, which is tight
+    enough to fail on one wrong code (s·|x_k| ≫ xs/2·Σ|Wq|); rows of x blocked by 4, 2, 1 (M = 7: 4 + 2 + 1)."""
+    monkeypatch.delenv("WCT_CPU_GEMV", raising=False)
+    assert cpu_backend.extension().gemv_mode().startswith("int16")
+    layer, w64 = packed_layer(bits, group, n_o, n=n, k=k, seed=bits * 1000 + n_o * 10 + m)
+    x = torch.randn(m, k)
+    with torch.no_grad(), kernels.use_kernel("cpu"):
+        y = layer(x)
+    ref = x.double() @ w64.t() + layer.bias.double()
+    err, bound = (y.double() - ref).abs(), int16_bound(layer, x)
+    assert (err <= bound).all(), (err - bound).max()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_fp32_gemv_is_selected_by_the_environment_and_exact_to_fp32(bits, monkeypatch):
+    """WCT_CPU_GEMV=fp32 runs the fp32 GEMV, read per call (rel. error < 2e-6 where the int16 one is ~1e-5, on
+    the grouped ragged shape with a split 3-bit step); an unknown mode is an error naming the choices."""
+    ext = cpu_backend.extension()
+    layer, w64 = packed_layer(bits, 40, 7, n=67, k=200, seed=bits)
+    x = torch.randn(7, 200)
+    ref = x.double() @ w64.t() + layer.bias.double()
+    errs = {}
+    for mode in ("fp32", "int16"):
+        monkeypatch.setenv("WCT_CPU_GEMV", mode)
+        assert ext.gemv_mode().startswith(mode)
+        with torch.no_grad(), kernels.use_kernel("cpu"):
+            errs[mode] = rel_err(layer(x), ref)
+    assert errs["fp32"] < 2e-6 < errs["int16"] < 2e-4
+    monkeypatch.setenv("WCT_CPU_GEMV", "int8")
+    with pytest.raises(RuntimeError, match="WCT_CPU_GEMV must be int16 or fp32"):
+        ext.gemv_mode()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int16_gemv_excludes_the_weak_columns_from_the_scale(bits, monkeypatch):
+    """A massive activation (1e6) at a weak column: the GEMV (the planes' product, 0 at the weak columns) stays
+    within the bound computed without it; passed no weak columns, the same call breaks the bound (the outlier sets
+    xs and every other activation rounds to 0), so the check can fail. A row of x that is not finite runs the
+    fp32 GEMV (inf/nan propagate as they do there)."""
+    monkeypatch.delenv("WCT_CPU_GEMV", raising=False)
+    layer, _ = packed_layer(bits, None, 3, n=67, k=200, seed=bits)
+    idx, ext = layer.weak_idx, cpu_backend.extension()
+    x = torch.randn(3, 200)
+    x[:, idx[1]] = 1e6
+    args = (list(layer.planes.values()), layer.scales, layer.zeros)
+    wq = dequantize_dense(dict(layer.planes), layer.scales, layer.zeros, bits, 200, torch.float64)
+    ref = x.double() @ wq.t()
+    bound = int16_bound(layer, x.index_fill(1, idx.long(), 0))  # without the outlier
+    assert ((ext.owq_gemv(x, *args, idx, bits).double() - ref).abs() <= bound).all()
+    assert not ((ext.owq_gemv(x, *args, idx[:0], bits).double() - ref).abs() <= bound).all()
+    x[1, 5] = float("nan")
+    y = ext.owq_gemv(x, *args, idx, bits)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32, torch.bfloat16, torch.float64])
+def test_int16_gemv_reads_every_scale_dtype(bits, scale_dtype, monkeypatch):
+    """Scales as stored in any float dtype (fp16/fp32/bf16 vector loads, others converted one by one)."""
+    monkeypatch.delenv("WCT_CPU_GEMV", raising=False)
+    layer, _ = packed_layer(bits, 40, 5, n=67, k=200, seed=bits)
+    scales = layer.scales.to(scale_dtype)
+    x = torch.randn(3, 200)
+    wq = dequantize_dense(dict(layer.planes), scales, layer.zeros, bits, 200, torch.float64)
+    y = cpu_backend.extension().owq_gemv(x, list(layer.planes.values()), scales, layer.zeros, layer.weak_idx, bits)
+    assert ((y.double() - x.double() @ wq.t()).abs() <= int16_bound(layer, x, scales)).all()
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -139,7 +250,7 @@ def test_resident_bytes_after_load_and_after_a_forward(tmp_path):
         assert layer_bytes(layer) == stored
         with torch.no_grad(), kernels.use_kernel("cpu"):
             layer(torch.randn(1, 576))
-            layer(torch.randn(40, 576))
+            layer(torch.randn(cpu_backend.GEMV_MAX_M + 1, 576))
         resident[bits] = layer_bytes(layer)
         assert resident[bits] <= stored * 1.05
     assert resident[3] < resident[4]

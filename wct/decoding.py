@@ -109,10 +109,10 @@ class LlamaDecoder:
             if isinstance(mod, OWQLinear):
                 if mod.bits not in (3, 4):
                     return None
-                return (list(mod.planes.values()), mod.scales, mod.zeros, mod.weak_idx.long(),
+                return (list(mod.planes.values()), mod.scales, mod.zeros, mod.weak_idx,
                         mod.weak_weight.detach().float(), bias, None, mod.bits)
             empty = torch.empty(0)
-            return [], empty, empty, torch.empty(0, dtype=torch.long), empty, bias, mod.weight.detach().float(), 0
+            return [], empty, empty, torch.empty(0, dtype=torch.int32), empty, bias, mod.weight.detach().float(), 0
 
         stack = ext.DecodeStack(self.heads, self.kv_heads, self.head_dim, float(self.scaling))
         for layer, (w1, e1, w2, e2) in zip(self.layers, self.norms):
@@ -139,7 +139,7 @@ class LlamaDecoder:
 
             def owq(x: Tensor) -> Tensor:
                 if ext is not None and x.shape[0] <= cpu.GEMV_MAX_M:
-                    y = ext.owq_gemv(x, planes, mod.scales, mod.zeros, bits)
+                    y = ext.owq_gemv(x, planes, mod.scales, mod.zeros, mod.weak_idx, bits)
                 else:
                     y = cpu.slab_matmul(x, planes, mod.scales, mod.zeros, bits)
                 if idx.numel():

@@ -2,7 +2,11 @@
 
 - Decode-sized inputs (M ≤ :data:`GEMV_MAX_M` rows, 3- or 4-bit): a compiled GEMV (``kernels/owq_cpu.cpp``, built
   by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` on first use and cached by torch) that unpacks the
-  codes in registers and accumulates Σ_g s_g·Σ_{k∈g} x_k·(q_k − z_g) in fp32 (docs/kernels.md "CPU backend").
+  codes in registers and computes Σ_g s_g·Σ_{k∈g} x_k·(q_k − z_g) (docs/kernels.md "CPU backend"). By default
+  (``WCT_CPU_GEMV=int16``, AVX-512) each row of x is rounded to int16 with the scale xs = max_{k∉weak}|x_k| / 16383
+  and the per-group sums are exact int32 dot products (VNNI): |Δy_n| ≤ (xs/2)·Σ_g |s_{g,n}|·Σ_{k∈g} |q_k − z_g|
+  plus fp32 rounding, a relative 2^-15 of the row's largest non-weak activation. ``WCT_CPU_GEMV=fp32`` (and CPUs
+  without AVX-512) runs the fp32 GEMV, exact up to fp32 rounding.
 - Larger M (prefill, training) and 2-bit: a bounded workspace — a slab of at most ``DEQUANT_CHUNK_ELEMS`` weights
   is dequantized at a time (the compiled ``owq_dequant``, written as the [K, n] fp32 slab the BLAS multiplies and
   bit-identical to :func:`wct.format.layout.dequantize_dense`; that function itself for 2-bit or without the extension) and
@@ -31,16 +35,18 @@ from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layou
 log = logging.getLogger("wct.kernels")
 
 # Rows the compiled GEMV takes; larger batches dequantize a slab at a time and call the BLAS. Measured on SmolLM2's
-# shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads): per decoder block the
-# GEMV wins up to M = 32 at 4 bits (1739 vs 2304 µs) and M = 24 at 3 bits (1760 vs 2043), and loses at 64.
-GEMV_MAX_M = 24
+# shapes (scripts/bench_kernels.py --cpu-gemv-json, results/bench_cpu_gemv.json, 2 threads, the int16 GEMV): per
+# decoder block the GEMV wins at M = 96 by 40 % at 4 bits (2368 vs 3920 µs) and 11 % at 3 bits (3396 vs 3821); at
+# M = 128 the 3-bit margin is within run-to-run noise (6 %, 2 % in another run). The fp32 GEMV (WCT_CPU_GEMV=fp32)
+# won only up to M = 32 at 4 bits and 24 at 3 bits, the value this constant had before.
+GEMV_MAX_M = 96
 SOURCES = ("owq_cpu.cpp", "decode_cpu.cpp")  # the kernels, and the decode step built on them (one extension)
 _ext: dict = {}
 
 
 def extension():
-    """The compiled module (``owq_gemv``, ``owq_dequant``), built on first use; None (after one ``error:`` log line)
-    when it cannot be built or ``WCT_CPU_KERNEL=0``."""
+    """The compiled module (``owq_gemv``, ``owq_dequant``, ``gemv_mode``), built on first use (its GEMV mode logged
+    once); None (after one ``error:`` log line) when it cannot be built or ``WCT_CPU_KERNEL=0``."""
     if "mod" in _ext:
         return _ext["mod"]
     _ext["mod"] = None
@@ -61,6 +67,8 @@ def extension():
         log.error("error: the wct CPU kernels (kernels/owq_cpu.cpp) could not be built or loaded (%s); falling back "
                   "to the slab path (dequantize a slab with torch ops, then matmul), which is correct but slower. "
                   "Fix: install a C++ compiler and `pip install ninja`, or set WCT_CPU_KERNEL=0 to silence this", reason)
+    if _ext["mod"] is not None:
+        log.info("owq_linear cpu backend: decode GEMV %s (WCT_CPU_GEMV=int16|fp32)", _ext["mod"].gemv_mode())
     return _ext["mod"]
 
 
@@ -103,7 +111,7 @@ def forward(
     """y [M, N] for x [M, K] (``dense`` is unused: this backend keeps no dense copy)."""
     ext = extension() if x.shape[0] <= GEMV_MAX_M and bits in (3, 4) else None
     if ext is not None:
-        y = ext.owq_gemv(x.float().contiguous(), planes, scales, zeros, bits).to(x.dtype)
+        y = ext.owq_gemv(x.float().contiguous(), planes, scales, zeros, weak_idx, bits).to(x.dtype)
     else:
         y = slab_matmul(x, planes, scales, zeros, bits)
     return add_weak(y, x, weak_weight, weak_idx, bias)
