@@ -35,8 +35,8 @@ from wct.io import atomic_file
 RECIPES = {"owq-4.01": (4, 4.01, -1), "owq-3.01": (3, 3.01, -1), "owq-4.01-g64": (4, 4.01, 64)}
 
 
-def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: int, kernel: str, profile: bool,
-           train_step: bool) -> dict:
+def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: int, kernel: str, decoder: str,
+           profile: bool, train_step: bool) -> dict:
     """One measurement in this process (the subprocess side)."""
     import torch
 
@@ -44,25 +44,34 @@ def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: in
     t0 = time.perf_counter()
     if label == "llama.cpp":
         return _llama_cpp(batch, prompt, new, threads)
-    if label == "fp32":
+    if label == "fp32" or (label not in RECIPES and not _is_owq(path)):  # SmolLM2, or an FP model folder
         from wct.models import load_model
 
-        model, _ = load_model("smollm2-135m", dtype=torch.float32)
+        model, _ = load_model("smollm2-135m" if label == "fp32" else path, dtype=torch.float32)
     else:
         import wct.kernels as kernels
         from wct.checkpoint import load_quantized
 
         kernels.configure(kernel=kernel)
-        model, _ = load_quantized(path)
+        # the wct loop computes in fp32 whatever the stored dtype, so it keeps the stored (fp16) embedding / head;
+        # model.generate runs the model's own dtype, fp32 on a CPU
+        model, _ = load_quantized(path, dtype=None if decoder == "loop" else torch.float32)
     model.eval()
     load_s = time.perf_counter() - t0
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    if decoder == "loop":
+        from wct.decoding import LlamaDecoder
+
+        loop = LlamaDecoder(model, batch, prompt + new)
 
     def gen(n: int) -> float:
         s = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
+            if decoder == "loop":
+                loop.generate(ids, n, min_new_tokens=n)
+            else:
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
         return time.perf_counter() - s
 
     gen(4)  # warm-up (kernel build / load, allocator)
@@ -71,28 +80,43 @@ def _child(label: str, path: str, batch: int, prompt: int, new: int, threads: in
            "total_tok_s": batch * new / tn,  # peak RSS of load + generation (before profiling or training)
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if profile:
-        res["profile"] = _profile_step(model, ids)
+        res["profile"] = _profile_step(loop.forward if decoder == "loop" else model, ids, decoder == "loop")
     if train_step and label != "fp32":
         res["train_step_s"] = _train_step(model, ids[:1])
     return res
 
 
-def _profile_step(model, ids) -> list[dict]:
+def _is_owq(path: str) -> bool:
+    from wct.models import is_owq_checkpoint
+
+    return path != "-" and is_owq_checkpoint(Path(path))
+
+
+def _profile_step(forward, ids, loop: bool) -> list[dict]:
     """torch.profiler of one decode step (one token after the prompt, KV cache filled): the top ops by self CPU
-    time, with the step's wall time."""
+    time, with the step's wall time. ``forward``: the model (transformers' cache) or the wct loop's ``forward``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        past = out.past_key_values
+        if loop:
+            decoder = forward.__self__
+            decoder.pos = 0
+            nxt = forward(ids).argmax(-1, keepdim=True)
+            step = lambda: forward(nxt)  # noqa: E731
+            undo = lambda: setattr(decoder, "pos", decoder.pos - 1)  # noqa: E731
+        else:
+            out = forward(ids, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            past = out.past_key_values
+            step = lambda: forward(nxt, past_key_values=past, use_cache=True)  # noqa: E731
+            undo = lambda: past.crop(-1)  # noqa: E731 (drop the token just added)
         for _ in range(3):  # warm-up of the one-token path
-            model(nxt, past_key_values=past, use_cache=True)
-            past.crop(-1)  # drop the token just added
+            step()
+            undo()
         s = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(nxt, past_key_values=past, use_cache=True)
+            step()
         wall = time.perf_counter() - s
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
@@ -179,16 +203,21 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernel", default="auto")
+    ap.add_argument("--decoders", nargs="+", default=["loop", "generate"], choices=["loop", "generate"],
+                    help="loop: the wct decode loop (wct/decoding.py, what wct.generate runs); generate: "
+                         "transformers' model.generate")
     ap.add_argument("--models", nargs="+", default=["fp32", *RECIPES, "llama.cpp"])
-    ap.add_argument("--ckpt", nargs="*", default=[], help="LABEL=PATH of an owq-pack checkpoint to measure")
+    ap.add_argument("--ckpt", nargs="*", default=[],
+                    help="LABEL=PATH of a model folder to measure: an owq-pack checkpoint, or an FP model (fp32)")
+    ap.add_argument("--baseline", default="fp32", help="the label whose model.generate rows the ratios divide by")
     ap.add_argument("--profile", action="store_true", help="profile one decode step (batch 1) of each model")
     ap.add_argument("--train-step", action="store_true", help="time one forward + backward of each wct model")
     ap.add_argument("--ckpt-dir", default=str(Path.home() / ".cache" / "wct" / "bench_decode"))
-    ap.add_argument("--child", nargs=3, metavar=("LABEL", "PATH", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("LABEL", "PATH", "BATCH", "DECODER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        label, path, batch = args.child
-        res = _child(label, path, int(batch), args.prompt, args.new, args.threads, args.kernel,
+        label, path, batch, decoder = args.child
+        res = _child(label, path, int(batch), args.prompt, args.new, args.threads, args.kernel, decoder,
                      args.profile and batch == "1", args.train_step and batch == "1")
         if "skipped" not in res:
             res.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -201,32 +230,37 @@ def main() -> None:
     print(f"bench_decode: {args.models} batches {args.batches}, prompt {args.prompt}, new {args.new}, "
           f"{args.threads} threads, kernel={args.kernel}, load {os.getloadavg()}")
     rows = []
+    runs = []
     for label in args.models:
         path = paths.get(label) or (str(make_checkpoint(label, Path(args.ckpt_dir))) if label in RECIPES else "-")
-        for batch in args.batches:
-            cmd = [sys.executable, __file__, "--child", label, path, str(batch), "--prompt", str(args.prompt),
-                   "--new", str(args.new), "--threads", str(args.threads), "--kernel", args.kernel,
-                   *(["--profile"] if args.profile else []), *(["--train-step"] if args.train_step else [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
-            if proc.returncode or not line:  # recorded, and the other rows still run
-                res = {"model": label, "batch": batch, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
-            else:
-                res = {"model": label, "batch": batch, **json.loads(line[0][7:])}
-            rows.append(res)
-            for p in res.get("profile", [])[1:9]:
-                print(f"    {p['op'][:40]:40s} {p['calls']:5d} calls {p['self_cpu_ms']:8.2f} ms", flush=True)
-            if "profile" in res:
-                print(f"    one decode step: {res['profile'][0]}", flush=True)
-            if "train_step_s" in res:
-                print(f"    training step (1x{args.prompt}, fwd+bwd): {res['train_step_s']:.2f} s", flush=True)
-            if "skipped" in res:
-                print(f"{label:14s} b{batch}  skipped: {res['skipped']}", flush=True)
-            else:
-                print(f"{label:14s} b{batch}  decode {res['decode_tok_s']:7.1f} tok/s  total "
-                      f"{res['total_tok_s']:7.1f} tok/s  prefill {res['prefill_s']:.2f} s  peak RSS "
-                      f"{res['peak_rss_mb']:6.0f} MB", flush=True)
-    fp = {r["batch"]: r for r in rows if r["model"] == "fp32"}
+        runs += [(label, path, batch, d) for d in (["-"] if label == "llama.cpp" else args.decoders)
+                 for batch in args.batches]
+    for label, path, batch, decoder in runs:
+        cmd = [sys.executable, __file__, "--child", label, path, str(batch), decoder, "--prompt", str(args.prompt),
+               "--new", str(args.new), "--threads", str(args.threads), "--kernel", args.kernel,
+               *(["--profile"] if args.profile else []), *(["--train-step"] if args.train_step else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
+        if proc.returncode or not line:  # recorded, and the other rows still run
+            res = {"model": label, "decoder": decoder, "batch": batch,
+                   "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
+        else:
+            res = {"model": label, "decoder": decoder, "batch": batch, **json.loads(line[0][7:])}
+        rows.append(res)
+        for p in res.get("profile", [])[1:9]:
+            print(f"    {p['op'][:40]:40s} {p['calls']:5d} calls {p['self_cpu_ms']:8.2f} ms", flush=True)
+        if "profile" in res:
+            print(f"    one decode step: {res['profile'][0]}", flush=True)
+        if "train_step_s" in res:
+            print(f"    training step (1x{args.prompt}, fwd+bwd): {res['train_step_s']:.2f} s", flush=True)
+        name = f"{label} ({decoder})" if decoder != "-" else label
+        if "skipped" in res:
+            print(f"{name:26s} b{batch}  skipped: {res['skipped']}", flush=True)
+        else:
+            print(f"{name:26s} b{batch}  decode {res['decode_tok_s']:7.1f} tok/s  total "
+                  f"{res['total_tok_s']:7.1f} tok/s  prefill {res['prefill_s']:.2f} s  peak RSS "
+                  f"{res['peak_rss_mb']:6.0f} MB", flush=True)
+    fp = {r["batch"]: r for r in rows if r["model"] == args.baseline and r["decoder"] == "generate"}
     for r in rows:
         if r["batch"] in fp and "decode_tok_s" in r:
             r["decode_vs_fp32"] = r["decode_tok_s"] / fp[r["batch"]]["decode_tok_s"]

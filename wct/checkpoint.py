@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from wct.device import as_dtype
+from wct.heap import release_freed_memory
 from wct.errors import WCTError
 from wct.format.config import QUANT_METHOD, check_quantization_config, guard_config
 from wct.format.layout import FORMAT_VERSION, pack_codes, stored_bits
@@ -247,7 +248,9 @@ def load_quantized(
         from wct.delta import apply_delta
 
         apply_delta(model, delta)
-    return model, AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    release_freed_memory()  # loading leaves ~30 MiB of freed heap (the tokenizer's); docs/kernels.md "Decode loop"
+    return model, tokenizer
 
 
 # --------------------------------------------------------------------------- reference OWQ checkpoints (docs/owq-pack.md §2.2)

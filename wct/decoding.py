@@ -98,6 +98,7 @@ class LlamaDecoder:
         ext = cpu.extension()
         self._norm = ext.rms_norm if ext is not None else lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps)
         self.stack = self._stack(ext, model) if ext is not None and batch <= cpu.GEMV_MAX_M else None
+        self.prefill_rows = cpu.GEMV_MAX_M
 
     def _stack(self, ext, model: nn.Module):
         """The compiled decode step (``kernels/decode_cpu.cpp`` ``DecodeStack``) over the same tensors, or None when a
@@ -167,11 +168,11 @@ class LlamaDecoder:
 
     @torch.no_grad()
     def forward(self, ids: Tensor) -> Tensor:
-        """Logits [B, vocab] of the last of ``ids`` [B, T] appended at the current position (T > 1 only on an
-        empty cache: the causal prefill)."""
+        """Logits [B, vocab] of the last of ``ids`` [B, T] appended at the current position (T > 1: a causal
+        prefill chunk)."""
         b, t = ids.shape
         p0, p1 = self.pos, self.pos + t
-        if b != self.batch or p1 > self.max_len or (t > 1 and p0):
+        if b != self.batch or p1 > self.max_len:
             raise ValueError(f"ids {tuple(ids.shape)} at position {p0} do not fit batch {self.batch}, "
                              f"max_len {self.max_len}")
         x = F.embedding(ids, self.embed).float().reshape(b * t, -1)
@@ -180,6 +181,7 @@ class LlamaDecoder:
             x = self.stack.step(x, self.k_cache, self.v_cache, p0, self.cos[p0], self.sin[p0])
             return self._logits(x)
         cos, sin = self.cos[p0:p1], self.sin[p0:p1]  # [t, hd]
+        mask = torch.arange(p1) <= torch.arange(p0, p1)[:, None]  # query p0 + i sees keys 0 .. p0 + i
         nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
         for i, (lin, (w1, e1, w2, e2)) in enumerate(zip(self.linears, self.norms)):
             q_proj, k_proj, v_proj, o_proj, gate, up, down = lin
@@ -193,7 +195,7 @@ class LlamaDecoder:
                 q = qk[:, :nq].reshape(b, nkv, nq // nkv, hd)
                 a = torch.softmax(q @ keys.transpose(2, 3) * self.scaling, dim=-1) @ values
             else:
-                a = F.scaled_dot_product_attention(qk[:, :nq], keys, values, is_causal=True, scale=self.scaling,
+                a = F.scaled_dot_product_attention(qk[:, :nq], keys, values, attn_mask=mask, scale=self.scaling,
                                                    enable_gqa=nkv != nq).transpose(1, 2)
             x = x + o_proj(a.reshape(b * t, nq * hd))
             h = self._norm(x, w2, e2)
@@ -212,7 +214,9 @@ class LlamaDecoder:
                            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         done = torch.zeros(ids.shape[0], dtype=torch.bool)
         out = [ids]
-        logits = self.forward(ids)
+        chunk = max(1, self.prefill_rows // ids.shape[0])
+        for c in range(0, ids.shape[1], chunk):  # the prompt in chunks the GEMV takes: no slab, small activations
+            logits = self.forward(ids[:, c:c + chunk])
         for n in range(max_new_tokens):
             if n < min_new_tokens and eos.numel():
                 logits[:, eos] = -float("inf")

@@ -33,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from wct.device import as_dtype
+from wct.heap import release_freed_memory
 from wct.errors import WCTError
 from wct.format.config import unguard_config
 from wct.io import atomic_dir
@@ -101,6 +102,7 @@ def load_model(
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
+    release_freed_memory()  # the tokenizer's and the conversion's freed heap (docs/kernels.md "Decode loop")
     return model.eval(), tok
 
 

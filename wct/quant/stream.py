@@ -13,9 +13,6 @@ are bit for bit those of ``quantize_model`` + ``save_quantized`` on the same inp
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import os
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wct.errors import WCTError
+from wct.heap import libc_handle, release_freed_memory
 from wct.io import atomic_dir
 from wct.nn.owq_linear import OWQLinear
 from wct.quant.blocks import find_linears, outside_blocks
@@ -224,14 +222,6 @@ def check_fits(index: int, need: int, free: int, device: torch.device) -> None:
                        "calibration windows (calib.n_samples, calib.seqlen), a larger device, or device=cpu")
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
 def _map_large_allocations() -> None:
     """Have glibc map every allocation above :data:`MMAP_THRESHOLD` on its own and unmap it when freed.
 
@@ -242,18 +232,9 @@ def _map_large_allocations() -> None:
     instead of leaving resident holes in the heap, while the 1 MiB slab temporaries (gptq and linalg SLAB_ELEMS,
     pack PACK_CHUNK_ELEMS) stay below it and are reused from the heap. Process-wide and kept (mallopt cannot
     restore the sliding default); a no-op where the C library has no mallopt."""
-    libc = _libc()
+    libc = libc_handle()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap pages freed by the last block back to the OS: glibc keeps them otherwise, and the resident
-    size creeps up by about a block's worth per block (measured: 950 -> 1294 MiB over 8 blocks of the 0.3B
-    synthetic model, flat at 688 -> 732 MiB with this). A no-op where the C library has no malloc_trim."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -269,7 +250,7 @@ def _block_loader(setup: _Setup, model: nn.Module, reader: ShardReader) -> Calla
         if not enter:
             block.to("meta")
             _drop_pages(block)
-            _release_freed_memory()
+            release_freed_memory()
             return
         prefix = f"{setup.prefix}.{i}."
         names = _stored_names(block, prefix, reader)
