@@ -31,7 +31,16 @@ import argparse
 import json
 from dataclasses import asdict
 
-from ptx_budget import TARGET, Figures, Instance, cuda_build, cuda_figures, fast_instances, tools, triton_figures  # beside this file (a development tool)
+from ptx_budget import (  # beside this file (a development tool)
+    TARGET,
+    Figures,
+    Instance,
+    cuda_build,
+    cuda_figures,
+    fast_instances,
+    tools,
+    triton_figures,
+)
 from wct.errors import WCTError, cli_errors
 from wct.io import atomic_file
 

@@ -369,7 +369,7 @@ def launcher_instances(source: Path | None = None) -> set[tuple[int, int]]:
     ``fast_m<BITS>`` is called with × the template row counts of ``OWQ_M_CASES``."""
     text = (source or source_dir() / "owq_cuda.cu").read_text()
     bits = {int(b) for b in re.findall(r"return\s+fast_m<(\d+)>\(a\)", text)}
-    cases = re.search(r"#define OWQ_M_CASES\(F, \.\.\.\)(.*?)default:", text, re.S)
+    cases = re.search(r"#define OWQ_M_CASES\(F, \.\.\.\)(.*?)default:", text, re.DOTALL)
     ms = {int(m) for m in re.findall(r"F<(\d+), __VA_ARGS__>", cases.group(1))} if cases else set()
     if not bits or not ms:
         raise WCTError("could not read the fast kernel's instantiations from the launcher (fast_m, OWQ_M_CASES)")
