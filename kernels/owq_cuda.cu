@@ -73,10 +73,20 @@ __device__ __forceinline__ void owq_stage_weak(const T* x, int64_t stride_x, int
   }
 }
 
-// At 3 bits a minimum of one block per SM (.minnctapersm 1) lets ptxas take 80 registers; without it, it stops at
-// 64 and spills a predicate across the K loop (a stack frame). Other widths: no minimum (56 registers at 4 bits).
+// Minimum blocks per SM of owq_gemv_fast<BITS, M> (.minnctapersm; 0 = none): the register cap under which ptxas
+// keeps every instantiation free of stack frames and spills on sm_80 and sm_90 (ptxas -v, nvcc 13; the budget test
+// checks all of them). With no minimum ptxas aims at its own occupancy target and, for some, spills a value or a
+// predicate held across the K loop to an 8-byte stack frame: at 3 bits (64 registers at M = 1), at 4 bits with
+// M = 4 and 8 (96 and 128 registers), at 2 bits with M = 2 on sm_80 (56). One block per SM lets the 3-bit kernels
+// take what they need (80 registers at M = 1); four (≤ 128 registers) suffice for 4 bits at M = 4 and 2 bits at
+// M = 2, three (≤ 168) for 4 bits at M = 8. The others keep ptxas's choice (4 bits at M = 1: 56 registers).
 template <int BITS, int M>
-__global__ void __launch_bounds__(OWQ_FAST_THREADS, BITS == 3 ? 1 : 0)
+constexpr int owq_fast_min_blocks() {
+  return BITS == 3 ? 1 : BITS == 4 && M == 8 ? 3 : (BITS == 4 && M == 4) || (BITS == 2 && M == 2) ? 4 : 0;
+}
+
+template <int BITS, int M>
+__global__ void __launch_bounds__(OWQ_FAST_THREADS, owq_fast_min_blocks<BITS, M>())
     owq_gemv_fast(const __half* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
                   const int32_t* __restrict__ pb, const int32_t* __restrict__ pw, const __half* __restrict__ scales,
                   const uint8_t* __restrict__ zeros,
@@ -149,12 +159,19 @@ __global__ void owq_scatter_weak_kernel(const int32_t* __restrict__ idx, const T
 }
 
 #ifdef OWQ_BUDGET_ONLY
-// Only the M = 1 fast kernels, for the static check (wct/kernels/budget.py): seconds to compile instead of minutes.
+// Only the fast kernels, every instantiation the launcher uses (bits 2, 3, 4 × M = 1, 2, 4, 8), for the static
+// check (scripts/ptx_budget.py, tests/test_kernels_budget.py): seconds to compile instead of minutes.
 #define OWQ_FAST_ARGS                                                                                        \
   const __half*, int64_t, const int32_t*, const int32_t*, const int32_t*, const __half*, const uint8_t*,     \
       const int32_t*, const __half*, const __half*, float*, int*, __half*, int, int, int, int, int, int, int
-template __global__ void owq_gemv_fast<3, 1>(OWQ_FAST_ARGS);
-template __global__ void owq_gemv_fast<4, 1>(OWQ_FAST_ARGS);
+#define OWQ_FAST_M(BITS)                                          \
+  template __global__ void owq_gemv_fast<BITS, 1>(OWQ_FAST_ARGS); \
+  template __global__ void owq_gemv_fast<BITS, 2>(OWQ_FAST_ARGS); \
+  template __global__ void owq_gemv_fast<BITS, 4>(OWQ_FAST_ARGS); \
+  template __global__ void owq_gemv_fast<BITS, 8>(OWQ_FAST_ARGS);
+OWQ_FAST_M(2)
+OWQ_FAST_M(3)
+OWQ_FAST_M(4)
 #else
 static bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 

@@ -5,8 +5,10 @@ with the most instructions (the K loop of a GEMV). Per decoded weight in that lo
 nvdisasm, which Triton ships), int→float conversions, global loads per packed 32-bit word; from ``ptxas -v``: stack
 frame bytes, registers, spills. Weights per loop iteration come from each kernel's tiling, declared with it below,
 or (``0``) from the decode blocks the loop holds (the Triton fp16x2 asm names its weights in a comment) or else the
-packed words the loop loads. Used by ``scripts/kernel_budget.py`` and the static-check test; a development tool,
-outside the installed package.
+packed words the loop loads. The instruction counts are for M = 1; stack frame, spills and registers are also read
+for every instantiation of the fast CUDA GEMV (``owq_gemv_fast<BITS, M>``, :func:`fast_instances`) from the same
+``ptxas -v`` run. Used by ``scripts/kernel_budget.py`` and the static-check test; a development tool, outside the
+installed package.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class Figures:
     sass_per_weight: float | None
     stack_bytes: int
     registers: int
-    spill_bytes: int
+    spill_bytes: int  # spill stores
+    spill_load_bytes: int
     within_budget: bool
 
 
@@ -112,8 +115,9 @@ def hot_loop(lines: list[str], count=is_ptx_instruction) -> tuple[list[str], lis
     return lines[best.start:best.end + 1], lines[p.start:best.start] + lines[best.end + 1:p.end + 1]
 
 
-def ptxas_info(ptx: str, arch: str, ptxas: str) -> tuple[dict[str, tuple[int, int, int]], bytes]:
-    """``ptxas -v`` on a PTX module: entry → (stack frame bytes, registers, spill store bytes), and the cubin."""
+def ptxas_info(ptx: str, arch: str, ptxas: str) -> tuple[dict[str, tuple[int, int, int, int]], bytes]:
+    """``ptxas -v`` on a PTX module: entry → (stack frame bytes, registers, spill store bytes, spill load bytes), and
+    the cubin. One run reports every entry of the module."""
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
@@ -122,17 +126,24 @@ def ptxas_info(ptx: str, arch: str, ptxas: str) -> tuple[dict[str, tuple[int, in
                               capture_output=True, text=True)
         if proc.returncode:
             raise WCTError(f"ptxas failed for sm_{arch}: {proc.stderr[-2000:]}")
-        info: dict[str, tuple[int, int, int]] = {}
-        name = None
-        for line in proc.stderr.splitlines():
-            if m := re.search(r"Function properties for (\w+)", line):
-                name = m.group(1)
-            elif name and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)):
-                info[name] = (int(m.group(1)), 0, int(m.group(2)))
-            elif name and (m := re.search(r"Used (\d+) registers", line)):
-                stack, _, spill = info.get(name, (0, 0, 0))
-                info[name] = (stack, int(m.group(1)), spill)
-        return info, cubin.read_bytes()
+        return parse_ptxas_v(proc.stderr), cubin.read_bytes()
+
+
+def parse_ptxas_v(text: str) -> dict[str, tuple[int, int, int, int]]:
+    """Entry → (stack frame bytes, registers, spill store bytes, spill load bytes) from ``ptxas -v`` output (the
+    "Function properties for" block of each function, then its "Used N registers" line)."""
+    info: dict[str, tuple[int, int, int, int]] = {}
+    name = None
+    for line in text.splitlines():
+        if m := re.search(r"Function properties for (\w+)", line):
+            name = m.group(1)
+        elif name and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                      line)):
+            info[name] = (int(m.group(1)), info.get(name, (0, 0))[1], int(m.group(2)), int(m.group(3)))
+        elif name and (m := re.search(r"Used (\d+) registers", line)):
+            stack, _, stores, loads = info.get(name, (0, 0, 0, 0))
+            info[name] = (stack, int(m.group(1)), stores, loads)
+    return info
 
 
 def sass_functions(cubin: bytes, nvdisasm: str | None) -> dict[str, list[str]]:
@@ -207,7 +218,7 @@ def _unpredicated(line: str) -> str:
 
 
 def measure(backend: str, kernel: str, arch: str, bits: int, body: list[str], weights: tuple[int, int | None],
-            info: tuple[int, int, int], sass: list[str] | None) -> Figures:
+            info: tuple[int, int, int, int], sass: list[str] | None) -> Figures:
     """Figures of one kernel from its PTX body, ptxas info and SASS. ``weights`` = (weights per iteration of the
     inner loop, weights per iteration of its enclosing loop or None): with the second, the enclosing loop's own
     instructions (a decode done once per 32 rows outside the dot loop) are amortized over its weights."""
@@ -235,11 +246,11 @@ def measure(backend: str, kernel: str, arch: str, bits: int, body: list[str], we
     i2f = per_weight(body, is_ptx_instruction, lambda s: bool(_I2F_PTX.search(s)))
     loads_per_word = per_weight(body, is_ptx_instruction, lambda s: s.startswith("ld.global")) * 32 / bits
     sass_w = per_weight(sass, is_sass_instruction) if sass else None
-    stack, regs, spill = info
-    ok = stack == 0 and i2f == 0 and per_w <= TARGET.get(bits, 3.5)
+    stack, regs, spill, spill_loads = info
+    ok = stack == 0 and spill == 0 and spill_loads == 0 and i2f == 0 and per_w <= TARGET.get(bits, 3.5)
     w_in = weights_in(ptx_loop, is_ptx_instruction)
     return Figures(backend, kernel, arch, bits, int(w_in), round(per_w, 3), round(i2f, 3), round(loads_per_word, 3),
-                   None if sass_w is None else round(sass_w, 3), stack, regs, spill, ok)
+                   None if sass_w is None else round(sass_w, 3), stack, regs, spill, spill_loads, ok)
 
 
 def tools() -> dict[str, str | None]:
@@ -274,35 +285,95 @@ CUDA_KERNELS = {
 }
 
 
-def cuda_figures(archs: list[str], t: dict, source: Path | None = None, kernels: dict | None = None,
-                 defines: tuple[str, ...] = ()) -> list[Figures]:
-    """Figures of the CUDA GEMV kernels in ``source`` (default ``kernels/owq_cuda.cu``) for each arch; ``kernels``
-    maps bits to [(entry regex, weights)] (default :data:`CUDA_KERNELS`), the first match per bit width is measured.
-    ``defines`` are passed as -D flags (``OWQ_BUDGET_ONLY`` compiles only the M = 1 kernels)."""
+@dataclass
+class CudaBuild:
+    """One nvcc → PTX → ``ptxas -v`` build of a CUDA source for one arch: every entry's PTX body, ptxas figures and
+    SASS (with nvdisasm)."""
+    arch: str
+    functions: dict[str, list[str]]
+    info: dict[str, tuple[int, int, int, int]]
+    sass: dict[str, list[str]]
+
+
+def cuda_build(arch: str, t: dict, source: Path | None = None, defines: tuple[str, ...] = ()) -> CudaBuild:
+    """Compile ``source`` (default ``kernels/owq_cuda.cu``) to PTX for ``arch`` with nvcc (``defines`` as -D flags;
+    ``OWQ_BUDGET_ONLY`` compiles only the fast GEMV kernels, every instantiation), then run ``ptxas -v`` once on the
+    whole module."""
     if t["nvcc"] is None:
         raise WCTError("nvcc not found: install the CUDA toolkit or set CUDA_HOME (or pass --skip-cuda)")
     source = source or source_dir() / "owq_cuda.cu"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = Path(tmp) / "owq_cuda.ptx"
+        cmd = [t["nvcc"], "-O3", "-std=c++17", *(f"-D{d}" for d in defines), f"-arch=compute_{arch}", "-ptx",
+               "-o", str(ptx_path), str(source)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise WCTError(f"nvcc failed: {proc.stderr[-2000:]}")
+        ptx = ptx_path.read_text()
+    info, cubin = ptxas_info(ptx, arch, t["ptxas"])
+    return CudaBuild(arch, ptx_functions(ptx), info, sass_functions(cubin, t["nvdisasm"]))
+
+
+def cuda_figures(archs: list[str], t: dict, source: Path | None = None, kernels: dict | None = None,
+                 defines: tuple[str, ...] = (), builds: dict[str, CudaBuild] | None = None) -> list[Figures]:
+    """Figures of the CUDA GEMV kernels in ``source`` (default ``kernels/owq_cuda.cu``) for each arch; ``kernels``
+    maps bits to [(entry regex, weights)] (default :data:`CUDA_KERNELS`), the first match per bit width is measured.
+    ``defines`` are passed as -D flags (``OWQ_BUDGET_ONLY`` compiles only the fast kernels); ``builds`` (arch →
+    :func:`cuda_build`) reuses builds already made."""
     rows = []
     for arch in archs:
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx_path = Path(tmp) / "owq_cuda.ptx"
-            cmd = [t["nvcc"], "-O3", "-std=c++17", *(f"-D{d}" for d in defines), f"-arch=compute_{arch}", "-ptx",
-                   "-o", str(ptx_path),
-                   str(source)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                raise WCTError(f"nvcc failed: {proc.stderr[-2000:]}")
-            ptx = ptx_path.read_text()
-        info, cubin = ptxas_info(ptx, arch, t["ptxas"])
-        sass = sass_functions(cubin, t["nvdisasm"])
-        fns = ptx_functions(ptx)
+        b = (builds or {}).get(arch) or cuda_build(arch, t, source, defines)
         for bits, candidates in (kernels or CUDA_KERNELS).items():
             for pattern, weights in candidates:
-                name = next((n for n in fns if re.search(pattern, n)), None)
+                name = next((n for n in b.functions if re.search(pattern, n)), None)
                 if name is not None:
-                    rows.append(measure("cuda", name, arch, bits, fns[name], weights, info[name], sass.get(name)))
+                    rows.append(measure("cuda", name, arch, bits, b.functions[name], weights, b.info[name],
+                                        b.sass.get(name)))
                     break
     return rows
+
+
+# Every instantiation of the fast GEMV template, by its mangled name: owq_gemv_fast<BITS, M>.
+FAST_INSTANCE = re.compile(r"owq_gemv_fastILi(\d+)ELi(\d+)EE")
+
+
+@dataclass
+class Instance:
+    """``ptxas -v`` figures of one instantiation of a templated kernel (``owq_gemv_fast<bits, m>``)."""
+    kernel: str
+    arch: str
+    bits: int
+    m: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    registers: int
+
+    @property
+    def clean(self) -> bool:
+        """No stack frame and no spills (nothing in local memory)."""
+        return self.stack_bytes == self.spill_store_bytes == self.spill_load_bytes == 0
+
+
+def fast_instances(build: CudaBuild, pattern: re.Pattern = FAST_INSTANCE) -> list[Instance]:
+    """Every ``owq_gemv_fast<BITS, M>`` entry of a build, from its one ``ptxas -v`` run, sorted by (bits, M)."""
+    rows = []
+    for name, (stack, regs, stores, loads) in build.info.items():
+        if m := pattern.search(name):
+            rows.append(Instance(name, build.arch, int(m.group(1)), int(m.group(2)), stack, stores, loads, regs))
+    return sorted(rows, key=lambda r: (r.bits, r.m))
+
+
+def launcher_instances(source: Path | None = None) -> set[tuple[int, int]]:
+    """The (bits, M) pairs ``owq_gemv`` launches the fast kernel with, read from the launcher's source: the bit widths
+    ``fast_m<BITS>`` is called with × the template row counts of ``OWQ_M_CASES``."""
+    text = (source or source_dir() / "owq_cuda.cu").read_text()
+    bits = {int(b) for b in re.findall(r"return\s+fast_m<(\d+)>\(a\)", text)}
+    cases = re.search(r"#define OWQ_M_CASES\(F, \.\.\.\)(.*?)default:", text, re.DOTALL)
+    ms = {int(m) for m in re.findall(r"F<(\d+), __VA_ARGS__>", cases.group(1))} if cases else set()
+    if not bits or not ms:
+        raise WCTError("could not read the fast kernel's instantiations from the launcher (fast_m, OWQ_M_CASES)")
+    return {(b, m) for b in bits for m in ms}
 
 
 TRITON_HALF2_TILE = (1024, 64, 4)  # BLOCK_N, BLOCK_K, warps of the measured fp16x2 GEMV: 8 columns per thread
