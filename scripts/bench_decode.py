@@ -1,21 +1,29 @@
 """Decode speed and memory on this CPU: tokens/s and peak RSS of FP32 SmolLM2 (transformers) against wct exports.
 
-Each (model, batch) runs in its own subprocess (peak RSS = the child's ``ru_maxrss``: load + generation), with
-``torch.set_num_threads(threads)``: a prompt of ``--prompt`` random tokens, one warm-up generation, then greedy
-decoding of ``--new`` tokens through ``model.generate`` (``min_new_tokens`` = ``max_new_tokens``). Decode tokens/s
-excludes the prefill: (batch · (new − 1)) / (t(new) − t(1 token)).
+Each (model, decoder, batch) runs in its own subprocess (peak RSS = the child's ``ru_maxrss``: load + generation),
+with ``torch.set_num_threads(threads)``: a prompt of ``--prompt`` random tokens, one warm-up generation, then greedy
+decoding of ``--new`` tokens (``min_new_tokens`` = ``max_new_tokens``). Decode tokens/s excludes the prefill:
+(batch · (new − 1)) / (t(new) − t(1 token)). ``--decoders``: ``loop`` = the wct decode loop
+(:class:`wct.decoding.LlamaDecoder`, what ``wct.generate`` runs; an export is loaded in its stored dtypes, fp16
+embedding), ``generate`` = transformers' ``model.generate`` (fp32). Ratios (``decode_vs_fp32``, ``rss_vs_fp32``)
+divide by the ``--baseline`` label's ``generate`` row of the same batch.
 
-Models: ``fp32`` (SmolLM2-135M-Instruct in fp32), the owq-pack checkpoints named with ``--ckpt LABEL=PATH``
-(exports of ``python -m wct.quantize``), or, for labels without a path, checkpoints made here once into
-``--ckpt-dir`` with min-max fitted codes (decode speed and memory do not depend on the codes' values):
-``owq-4.01`` (4-bit per-row), ``owq-3.01`` (3-bit per-row), ``owq-4.01-g64`` (4-bit, groups of 64), weak columns at
-the target's share. ``llama.cpp``: SmolLM2's own Q4_1 GGUF through llama-cpp-python when it is installed (batch 1),
-else its row records why not (on a CPU whose AMX llama.cpp cannot use, e.g. this VM, its AMX path crashes: build it
-with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"``, README). ``--kernel`` picks wct's backend (``auto``: the CPU backend; ``torch`` with
-``WCT_CACHE_DENSE=1`` reproduces the old dense-cache path).
+Models: ``fp32`` (SmolLM2-135M-Instruct in fp32), the folders named with ``--ckpt LABEL=PATH`` (an owq-pack
+checkpoint, e.g. an export of ``python -m wct.quantize``, or a full-precision model folder, loaded in fp32), or, for
+labels without a path, checkpoints made here once into ``--ckpt-dir`` with min-max fitted codes (decode speed and
+memory do not depend on the codes' values): ``owq-4.01`` (4-bit per-row), ``owq-3.01`` (3-bit per-row),
+``owq-4.01-g64`` (4-bit, groups of 64), weak columns at the target's share. ``llama.cpp``: SmolLM2's own Q4_1 GGUF
+through llama-cpp-python when it is installed (batch 1), else its row records why not (on a CPU whose AMX llama.cpp
+cannot use, e.g. this VM, its AMX path crashes: build it with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"``, README). ``--kernel`` picks wct's backend (``auto``: the CPU backend;
+``torch`` with ``WCT_CACHE_DENSE=1`` reproduces the old dense-cache path).
 
     python scripts/bench_decode.py [--out results/bench_decode.json] [--batches 1 4] [--prompt 128] [--new 128]
-        [--threads 2] [--models fp32 owq-4.01 owq-3.01 owq-4.01-g64 llama.cpp] [--ckpt LABEL=PATH ...]
+        [--threads 2] [--models fp32 owq-4.01 owq-3.01 owq-4.01-g64 llama.cpp] [--decoders loop generate]
+        [--ckpt LABEL=PATH ...] [--baseline fp32] [--profile]
+    # a 1.5B synthetic model (scripts/make_synthetic_llama.py, quantized by scripts/bench_scale.py):
+    python scripts/bench_decode.py --ckpt fp=/tmp/synth-1.5b owq=/tmp/synth-1.5b-owq --models fp owq \
+        --baseline fp --batches 1 --new 64 --out results/bench_decode-1.5b.json
 """
 
 from __future__ import annotations

@@ -144,3 +144,25 @@ def test_generate_uses_the_loop_and_matches_model_generate(rtn_pack):
     model, tok = _owq_tiny(rtn_pack, 3)
     assert decode_loop_reason(model, 64) is None
     assert generate(model, tok, "The colour of", max_new_tokens=24) == greedy_reference(model, tok, "The colour of", 24)
+
+
+def test_a_loaded_export_decodes_from_process_memory_with_the_same_values(base_dir):
+    """load_quantized maps the safetensors file; the decoder moves the weights off the mapping (their mapped pages
+    released) without changing a value or the tokens."""
+    from wct.checkpoint import load_quantized
+    from wct.heap import _file_mappings
+
+    model, tok = load_quantized(base_dir, dtype=None)
+    inside = lambda t: any(lo <= t.data_ptr() < hi for lo, hi in _file_mappings(".safetensors"))  # noqa: E731
+    assert any(inside(t) for t in model.state_dict().values())  # transformers left the weights as views of the file
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=0)
+    dec = LlamaDecoder(model, 1, 22)
+    after = model.state_dict()
+    assert not any(inside(t) for t in after.values())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
+    assert torch.equal(dec.generate(ids, 12, min_new_tokens=12), ref)

@@ -1,17 +1,20 @@
 """A lean decode loop for Llama-family models on CPU (docs/kernels.md "Decode loop").
 
 At 135M parameters a transformers decode step is mostly Python: modules, hooks, cache objects and masks cost
-≈ 22 ms of a 35 ms step on 2 cores, the weights ≈ 13 ms. :class:`LlamaDecoder` runs the same mathematics with a
-few tensor operations per layer over the model's own tensors (nothing copied but the RMSNorm weights and the
-weak columns in fp32, a few hundred KB):
+≈ 22 ms of a 35 ms step on 2 cores, the weights ≈ 13 ms. :class:`LlamaDecoder` runs the same mathematics in one
+compiled call per token (``kernels/decode_cpu.cpp``) over the model's own tensors (copied are only the RMSNorm
+weights and the weak columns in fp32, a few hundred KB; weights that view the safetensors file mapping are moved
+into process memory and their mapped pages released: :func:`wct.heap.move_off_file_mappings`):
 
     h = x + o_proj(attn(rope(q_proj(n₁(x))), rope(k_proj(n₁(x))), v_proj(n₁(x))))
     y = h + down_proj(silu(gate_proj(n₂(h))) ⊙ up_proj(n₂(h)))
 
-- a static KV cache [layers, B, kv_heads, max_len, head_dim] in fp32, filled by a causal prefill of the prompt;
+- a static KV cache [layers, B, kv_heads, max_len, head_dim] in fp32, filled by a causal prefill of the prompt in
+  chunks of at most ``GEMV_MAX_M`` rows (written with torch operations);
 - RoPE from the model's own ``rotary_emb`` module (every rope type transformers supports), precomputed for
   max_len positions and applied as q·cos + roll(q)·sin±;
-- OWQLinear layers on the compiled CPU GEMV (decode) or slab path (prefill), the weak columns as one ``addmm``;
+- OWQLinear layers on the compiled int16 GEMV, the weak columns added in the same compiled call (one ``addmm`` in
+  the torch-written prefill);
 - the (tied) head read in its stored dtype: an fp16 embedding is multiplied by the compiled fp16 → fp32 GEMV
   (``kernels/owq_cpu.cpp`` ``dense_gemv``), half the bytes of fp32 and exact in fp32 (fp16 → fp32 is exact).
 
@@ -27,6 +30,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from wct.heap import move_off_file_mappings
 
 log = logging.getLogger("wct.decoding")
 
@@ -67,6 +72,8 @@ class LlamaDecoder:
 
     def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
         cfg, inner = model.config, model.model
+        # weights read from process memory, not the safetensors mapping (faster per token; same values and bytes)
+        move_off_file_mappings([*model.parameters(), *model.buffers()])
         self.model, self.layers = model, list(inner.layers)
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads

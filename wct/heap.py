@@ -24,3 +24,49 @@ def release_freed_memory() -> None:
     libc = libc_handle()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+MADV_DONTNEED = 4  # madvise advice (sys/mman.h): drop the pages from this process; clean file pages stay cached
+
+
+def _file_mappings(suffix: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of files whose name ends with ``suffix`` (Linux /proc)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(suffix):
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def move_off_file_mappings(tensors: list, suffix: str = ".safetensors") -> int:
+    """Replace each tensor (a ``torch.nn.Parameter`` or buffer, through ``.data``) that views a memory-mapped
+    ``*.safetensors`` file by a copy in process memory, and release the mapped pages it was read from
+    (``madvise(MADV_DONTNEED)``: clean file pages, so nothing is lost and the file's page cache keeps them). The
+    values are unchanged; the resident size grows by at most one tensor at a time. Returns the bytes moved.
+
+    Why: a decode step reads every weight once per token, and reads them faster from process memory than from the
+    file mapping (measured: SmolLM2 OWQ-4.01 75-78 -> 88 tokens/s, the 1.5B synthetic model 11.1 -> 13.8;
+    docs/kernels.md "Decode loop"). Only ranges inside a file mapping are released: ``madvise`` on anonymous memory
+    would zero it. A no-op off Linux."""
+    libc = libc_handle()
+    maps = _file_mappings(suffix)
+    if libc is None or not maps:
+        return 0
+    page, moved, seen = 4096, 0, set()
+    for t in tensors:
+        ptr, size = t.data_ptr(), t.numel() * t.element_size()
+        if ptr in seen or size == 0 or not any(lo <= ptr and ptr + size <= hi for lo, hi in maps):
+            continue
+        seen.add(ptr)
+        t.data = t.data.clone()
+        start, end = -(-ptr // page) * page, (ptr + size) // page * page
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        moved += size
+    return moved
