@@ -236,9 +236,7 @@ def test_the_slab_path_uses_the_compiled_dequant_and_matches_float64_across_slab
 
 def layer_bytes(layer: OWQLinear) -> int:
     """Bytes of everything the layer holds: its tensors plus any per-layer copy the dispatcher keeps."""
-    own = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-    extra = [dispatch._dense_cache.get(layer), dispatch._words_cache.get(layer)]
-    return own + sum(e[1].numel() * e[1].element_size() for e in extra if e is not None)
+    return kernels.resident_bytes(layer)
 
 
 def test_resident_bytes_after_load_and_after_a_forward(tmp_path):
@@ -259,6 +257,26 @@ def test_resident_bytes_after_load_and_after_a_forward(tmp_path):
     with torch.no_grad(), kernels.use_kernel("torch"):
         layer(torch.randn(1, 576))
     assert layer_bytes(layer) > 2 * resident[4]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_resident_bytes_per_backend_are_what_the_accounting_says(backend, kernel_config):
+    """After a decode-sized and a larger forward, each backend holds the stored bytes plus exactly
+    ``words3_bytes`` (the estimate's "3-bit kernel words" row): nothing at 4 bits on any backend, nothing on the
+    torch (no cache) and cpu backends at 3 bits; at 3 bits the triton backend also holds its 3-bit words, 3/8 byte
+    per weight beside the planes (docs/kernels.md "3-bit words": the one second copy left)."""
+    kernels.configure(cache_dense="0")
+    for bits in (3, 4):
+        layer, _ = packed_layer(bits, None, 8, n=64, k=64)
+        stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        with torch.no_grad(), kernels.use_kernel(backend):
+            layer(torch.randn(1, 64))
+            layer(torch.randn(cpu_backend.GEMV_MAX_M + 1, 64))
+        extra = kernels.words3_bytes(64, 64, bits, backend)
+        assert layer_bytes(layer) == stored + extra
+        assert (extra > 0) == (bits == 3 and backend == "triton")
+        if extra:
+            assert extra == layer.qweight_lo.nbytes + layer.qweight_hi.nbytes  # as large as the v1 planes
 
 
 def test_an_export_generates_the_tokens_of_the_model_it_was_saved_from(tmp_path, rtn_pack):

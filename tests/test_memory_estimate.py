@@ -94,6 +94,22 @@ def test_train_estimate_of_published_llama_shapes(size):
     assert packed + est.rows["other weights (embeddings, head, norms)"][0] < on < 2 * params
 
 
+def test_3bit_kernel_words_are_counted_on_a_gpu_kernel_only():
+    """A 3-bit base on the triton/cuda GEMVs holds its 3-bit words beside the planes (3/8 byte per weight); the
+    estimate counts them there, and nowhere else (4 bits, or the torch/cpu kernels)."""
+    config, _ = LLAMA2["7b"]
+    cfg = {"model_type": "llama", **config}
+    q3 = QuantConfig(bits=3, target_bit=3.01)
+    gpu3 = train_memory(cfg, q3, torch.float32, "bf16-mixed", 1, 128, "adamw", device="cuda", torch_kernel=False)
+    h, i, kv = config["hidden_size"], config["intermediate_size"], config["hidden_size"] // config[
+        "num_attention_heads"] * config["num_key_value_heads"]
+    weights = config["num_hidden_layers"] * (2 * h * h + 2 * h * kv + 3 * h * i)
+    assert gpu3.rows["3-bit kernel words (triton/cuda decode)"][0] == weights * 3 // 8
+    for other in (train_memory(cfg, Q4, torch.float32, "bf16-mixed", 1, 128, "adamw", device="cuda", torch_kernel=False),
+                  train_memory(cfg, q3, torch.float32, "32-true", 1, 128, "adamw", device="cpu", torch_kernel=True)):
+        assert other.rows["3-bit kernel words (triton/cuda decode)"] == (0, 0)
+
+
 def _quantized_tiny(target_rank: int):
     model, _ = tiny_llama()
     calib = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))

@@ -35,7 +35,7 @@ import wct.kernels.reference as reference
 from wct.device import KERNELS
 from wct.errors import WCTError
 from wct.kernels.op import owq_linear_op
-from wct.format.layout import kernel_words3
+from wct.format.layout import kernel_words3, padded_k
 
 log = logging.getLogger("wct.kernels")
 
@@ -195,6 +195,23 @@ def kernel_planes(layer, backend: str) -> list[torch.Tensor]:
         words = kernel_words3(*planes)
     _words_cache[layer] = (key, words)
     return planes + [words]
+
+
+def words3_bytes(in_features: int, out_features: int, bits: int, backend: str) -> int:
+    """Bytes the ``backend`` keeps for a layer beside its stored tensors once it has decoded with it: the 3-bit
+    words of the triton and cuda GEMVs (:func:`kernel_planes`, 3/8 byte per weight, as large as the v1 planes);
+    0 for every other backend or width."""
+    if bits != 3 or backend not in ("triton", "cuda"):
+        return 0
+    return padded_k(in_features) // 32 * 3 * out_features * 4
+
+
+def resident_bytes(layer) -> int:
+    """Bytes held for an OWQLinear ``layer`` now: its stored tensors plus the per-layer copies the dispatcher keeps
+    (the opt-in dense cache of the torch backend, the 3-bit words of the triton/cuda GEMVs)."""
+    own = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    extra = [_dense_cache.get(layer), _words_cache.get(layer)]
+    return own + sum(e[1].numel() * e[1].element_size() for e in extra if e is not None)
 
 
 @torch.compiler.assume_constant_result
