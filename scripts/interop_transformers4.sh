@@ -15,4 +15,4 @@ if [ ! -f "$VENV/.wct-tf4-installed" ] || [ pyproject.toml -nt "$VENV/.wct-tf4-i
   touch "$VENV/.wct-tf4-installed"
 fi
 "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -m "not slow" tests/test_hf_loading.py tests/test_serve_engine.py "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -m "not slow" tests/test_hf_loading.py tests/test_serve_engine.py tests/test_decoding.py "$@"

@@ -126,10 +126,11 @@ INT16_SHAPES = [(None, 67, 72), (None, 200, 200), (64, 67, 128), (64, 200, 192),
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group,n,k", INT16_SHAPES)
 @pytest.mark.parametrize("n_o", [0, 1, 40])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("m", [1, 3, 7])  # every blocking of rows: 1; 2 + 1; 4 + 2 + 1
 def test_int16_gemv_is_within_its_bound_of_float64(bits, group, n, k, n_o, m, monkeypatch):
     """The default GEMV (int16 x, int32 dot products) against float64 within the documented bound, which is tight
-    enough to fail on one wrong code (s·|x_k| ≫ xs/2·Σ|Wq|); rows of x blocked by 4, 2, 1 (M = 7: 4 + 2 + 1)."""
+    enough to fail on one wrong code (s·|x_k| ≫ xs/2·Σ|Wq|); rows of x blocked by 4, 2, 1 (M = 3: 2 + 1, M = 7:
+    4 + 2 + 1)."""
     monkeypatch.delenv("WCT_CPU_GEMV", raising=False)
     assert cpu_backend.extension().gemv_mode().startswith("int16")
     layer, w64 = packed_layer(bits, group, n_o, n=n, k=k, seed=bits * 1000 + n_o * 10 + m)

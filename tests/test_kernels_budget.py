@@ -98,7 +98,7 @@ def test_fast_gemv_m1_has_no_stack_frame_and_no_int_to_float(fast_build):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch", ["90", "80"])
+@pytest.mark.parametrize("arch", ["90", pytest.param("80", marks=pytest.mark.slow)])  # sm_80: with the slow tests
 def test_every_fast_gemv_instantiation_keeps_out_of_local_memory(fast_build, arch):
     """Issue 24: every owq_gemv_fast<BITS, M> the launcher instantiates (bits 2, 3, 4 × M = 1, 2, 4, 8) has no stack
     frame and no spill stores or loads under ptxas -v, not only M = 1."""

@@ -56,6 +56,10 @@ def unsupported_reason(model: nn.Module, length: int) -> str | None:
             return f"its layers hold {odd[0]} modules, which this loop does not compute"
     if next(model.parameters()).device.type != "cpu":
         return "the model is not on the CPU"
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "its parameters are sharded (FSDP): each process holds a part of them"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"hidden_act {cfg.hidden_act!r} is not silu"
     if getattr(cfg, "pretraining_tp", 1) != 1:
