@@ -22,17 +22,17 @@ namespace {
 
 struct Linear {
   std::vector<torch::Tensor> planes;
-  torch::Tensor scales, zeros, idx32, idx, w_o, bias, dense;  // idx int32/int64 [n_o], w_o fp32 [n_o, N]; bias / dense optional
+  torch::Tensor scales, zeros, idx, w_o, bias, dense;  // idx int32 [n_o], w_o fp32 [n_o, N]; bias / dense optional
   int64_t bits = 0;
 
   // y [B, N] = W x for x [B, K] fp32 contiguous.
   torch::Tensor operator()(const torch::Tensor& x) const {
-    torch::Tensor y = dense.defined() ? at::matmul(x, dense.t()) : owq_gemv(x, planes, scales, zeros, idx32, bits);
+    torch::Tensor y = dense.defined() ? at::matmul(x, dense.t()) : owq_gemv(x, planes, scales, zeros, idx, bits);
     const int64_t B = x.size(0), K = x.size(1), N = y.size(1), n_o = idx.defined() ? idx.numel() : 0;
     float* yp = y.data_ptr<float>();
     const float* xp = x.data_ptr<float>();
     for (int64_t j = 0; j < n_o; ++j) {  // the weak columns: y += x[:, idx_j] ⊗ W_o[j]
-      const int64_t k = idx.data_ptr<int64_t>()[j];
+      const int64_t k = idx.data_ptr<int32_t>()[j];
       const float* w = w_o.data_ptr<float>() + j * N;
       for (int64_t b = 0; b < B; ++b) {
         const float xv = xp[b * K + k];
@@ -102,8 +102,7 @@ class DecodeStack {
     std::vector<Linear> ls;
     for (auto& t : linears) {
       Linear l;
-      std::tie(l.planes, l.scales, l.zeros, l.idx32, l.w_o, std::ignore, std::ignore, l.bits) = t;
-      l.idx = l.idx32.to(torch::kLong);
+      std::tie(l.planes, l.scales, l.zeros, l.idx, l.w_o, std::ignore, std::ignore, l.bits) = t;
       if (std::get<5>(t)) l.bias = *std::get<5>(t);
       if (std::get<6>(t)) l.dense = *std::get<6>(t);
       ls.push_back(l);

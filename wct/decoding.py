@@ -13,8 +13,8 @@ into process memory and their mapped pages released: :func:`wct.heap.move_off_fi
   chunks of at most ``GEMV_MAX_M`` rows (written with torch operations);
 - RoPE from the model's own ``rotary_emb`` module (every rope type transformers supports), precomputed for
   max_len positions and applied as q·cos + roll(q)·sin±;
-- OWQLinear layers on the compiled int16 GEMV, the weak columns added in the same compiled call (one ``addmm`` in
-  the torch-written prefill);
+- OWQLinear layers on the compiled int16 GEMV, the weak columns added in the same compiled call (in the
+  torch-written prefill, the CPU backend's product: :func:`wct.kernels.cpu_backend.forward`);
 - the (tied) head read in its stored dtype: an fp16 embedding is multiplied by the compiled fp16 → fp32 GEMV
   (``kernels/owq_cpu.cpp`` ``dense_gemv``), half the bytes of fp32 and exact in fp32 (fp16 → fp32 is exact).
 
@@ -25,23 +25,24 @@ Activations and accumulations are fp32 whatever the model's dtype. Supported: ``
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wct.heap import move_off_file_mappings
-
-log = logging.getLogger("wct.decoding")
+from wct.nn import OWQLinear
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
+def _projections(layer: nn.Module) -> list[nn.Module]:
+    """A decoder layer's seven linears in the order the step takes them: q, k, v, o, gate, up, down."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
 def unsupported_reason(model: nn.Module, length: int) -> str | None:
     """Why :class:`LlamaDecoder` cannot run ``model`` for ``length`` positions; None when it can."""
-    from wct.nn import OWQLinear
-
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in ARCHITECTURES:
         return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {', '.join(ARCHITECTURES)}"
@@ -49,9 +50,7 @@ def unsupported_reason(model: nn.Module, length: int) -> str | None:
     if not hasattr(inner, "layers") or not hasattr(model, "lm_head") or not hasattr(inner, "rotary_emb"):
         return f"{type(model).__name__} is not a plain *ForCausalLM (a wrapped or adapter model)"
     for layer in inner.layers:  # exactly nn.Linear or OWQLinear: a LoRA or bitsandbytes layer computes more
-        mods = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        mods += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-        odd = [type(m).__name__ for m in mods if type(m) not in (nn.Linear, OWQLinear)]
+        odd = [type(m).__name__ for m in _projections(layer) if type(m) not in (nn.Linear, OWQLinear)]
         if odd:
             return f"its layers hold {odd[0]} modules, which this loop does not compute"
     if next(model.parameters()).device.type != "cpu":
@@ -78,7 +77,7 @@ class LlamaDecoder:
         cfg, inner = model.config, model.model
         # weights read from process memory, not the safetensors mapping (faster per token; same values and bytes)
         move_off_file_mappings([*model.parameters(), *model.buffers()])
-        self.model, self.layers = model, list(inner.layers)
+        self.layers = list(inner.layers)
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         attn = self.layers[0].self_attn
@@ -91,9 +90,7 @@ class LlamaDecoder:
                        f32(l.post_attention_layernorm.weight), l.post_attention_layernorm.variance_epsilon)
                       for l in self.layers]
         self.final_norm = (f32(inner.norm.weight), inner.norm.variance_epsilon)
-        self.linears = [[self._linear(getattr(l.self_attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-                        + [self._linear(getattr(l.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
-                        for l in self.layers]
+        self.linears = [[self._linear(m) for m in _projections(l)] for l in self.layers]
         shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
         self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
         with torch.no_grad():  # cos/sin of every position, as the model's rotary module computes them
@@ -114,7 +111,6 @@ class LlamaDecoder:
     def _stack(self, ext, model: nn.Module):
         """The compiled decode step (``kernels/decode_cpu.cpp`` ``DecodeStack``) over the same tensors, or None when a
         layer has a width it does not take (2-bit): the torch step then runs every token."""
-        from wct.nn import OWQLinear
 
         def spec(mod: nn.Module) -> tuple | None:
             bias = None if mod.bias is None else mod.bias.detach().float()
@@ -128,8 +124,7 @@ class LlamaDecoder:
 
         stack = ext.DecodeStack(self.heads, self.kv_heads, self.head_dim, float(self.scaling))
         for layer, (w1, e1, w2, e2) in zip(self.layers, self.norms):
-            mods = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            specs = [spec(m) for m in mods + [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]]
+            specs = [spec(m) for m in _projections(layer)]
             if any(s is None for s in specs):
                 return None
             stack.add_layer(w1, e1, w2, e2, specs)
@@ -138,27 +133,13 @@ class LlamaDecoder:
     @staticmethod
     def _linear(mod: nn.Module):
         """A callable x [M, K] fp32 → [M, N] fp32 for an OWQLinear or nn.Linear ``mod``."""
-        from wct.nn import OWQLinear
 
-        if isinstance(mod, OWQLinear):
+        if isinstance(mod, OWQLinear):  # the CPU backend's product: GEMV up to GEMV_MAX_M rows, else slabs
             import wct.kernels.cpu_backend as cpu
 
-            planes, bits = list(mod.planes.values()), mod.bits
-            idx = mod.weak_idx.long()
-            w_o = mod.weak_weight.detach().float()
-            bias = None if mod.bias is None else mod.bias.float()
-            ext = cpu.extension() if bits in (3, 4) else None
-
-            def owq(x: Tensor) -> Tensor:
-                if ext is not None and x.shape[0] <= cpu.GEMV_MAX_M:
-                    y = ext.owq_gemv(x, planes, mod.scales, mod.zeros, mod.weak_idx, bits)
-                else:
-                    y = cpu.slab_matmul(x, planes, mod.scales, mod.zeros, bits)
-                if idx.numel():
-                    y = torch.addmm(y, x[:, idx], w_o)
-                return y if bias is None else y.add_(bias)
-
-            return owq
+            planes = list(mod.planes.values())
+            return lambda x: cpu.forward(x, mod.weak_weight.detach(), planes, mod.scales, mod.zeros, mod.weak_idx,
+                                         mod.bias, None, mod.bits)
         weight = mod.weight.detach()
         bias = None if mod.bias is None else mod.bias.detach().float()
         if weight.dtype != torch.float32:
@@ -218,8 +199,8 @@ class LlamaDecoder:
                  min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """``ids`` [B, T] followed by up to ``max_new_tokens`` tokens [B, T + n]: greedy, or sampled with
-        ``temperature``, ``top_k`` and nucleus ``top_p`` (as transformers applies them); a sequence that produced EOS continues with EOS, and the loop stops
-        when every sequence has (not before ``min_new_tokens``)."""
+        ``temperature``, ``top_k`` and nucleus ``top_p`` (as transformers applies them); a sequence that produced EOS
+        continues with EOS, and the loop stops when every sequence has (not before ``min_new_tokens``)."""
         self.pos = 0
         eos = torch.tensor([] if eos_token_id is None else
                            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))

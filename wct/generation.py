@@ -12,9 +12,10 @@ from wct.nn.modes import eval_mode
 
 log = logging.getLogger("wct.generation")
 # generation-config settings the wct decode loop does not apply: a model that sets them decodes with model.generate
-_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-               "encoder_repetition_penalty": 1.0, "suppress_tokens": None, "begin_suppress_tokens": None,
-               "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None}
+_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_p": None,
+               "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
+               "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+               "forced_eos_token_id": None, "sequence_bias": None}
 _announced: set = set()
 
 
