@@ -143,44 +143,50 @@ void block64_avx512(const float* x, int64_t ldx, const int32_t* p0, const int32_
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define OWQ_INT16 1
 #define OWQ_UNROLL _Pragma("GCC unroll 16")  // constant shifts and register accumulators need the small loops unrolled
-// The int16 GEMV (docs/kernels.md "CPU backend"). Per row m of x: xs = max_{k∉weak} |x_k| / 16383 and
-// xq_k = round(x_k / xs) (int16, 15-bit range; x at the weak columns is set to 0 first: their codes equal z, so they
-// add exactly 0 either way, and they are the outliers that would waste the range). Per group g and column n, in int32
-// (exact): dot_g = Σ_{k∈g} xq_k·c_k, sx_g = Σ_{k∈g} xq_k; then y_n = xs·Σ_g s_g·(float)(dot_g − z_g·sx_g) in fp32.
-// Error against the fp32 x: |Δy_n| ≤ (xs/2)·Σ_g |s_g|·Σ_{k∈g} |c_k − z_g| plus fp32 rounding (the int16 rounding
-// of x is 2^-15 of the row's largest non-weak |x|, against bf16's 2^-9).
-// The codes are unpacked as int16 pairs inside the 32-bit lanes of a plane word (word_row; 3-bit: c = lo + 4·hi in one
-// accumulator). |c| ≤ 15 and |xq| ≤ 16383, so int32 holds the sums of KCHUNK = 2048 rows exactly
-// (15·16383·2048 < 2^31; also dot − z·sx, whose exact value is Σ xq·(c − z)): longer groups (per-row K = 11008) are
-// flushed to fp32 every 2048 rows.
-constexpr float XQ_MAX = 16383.f;
+// The int16 GEMV (docs/kernels.md "CPU backend"). Per row m of x: xs = max_{k∉weak} |x_k| / XQ_MAX and
+// xq_k = round(x_k / xs) (15-bit; x at the weak columns is set to 0 first: their codes equal z, so they add exactly 0
+// either way, and they are the outliers that would waste the range). Per group g and column n, in int32 (exact):
+// dot_g = Σ_{k∈g} xq_k·c_k, sx_g = Σ_{k∈g} xq_k; then y_n = xs·Σ_g s_g·(float)(dot_g − z_g·sx_g) in fp32.
+// Error against the fp32 x: |Δy_n| ≤ (xs/2)·Σ_g |s_g|·Σ_{k∈g} |c_k − z_g| plus fp32 rounding (the rounding of x is
+// 2^-15 of the row's largest non-weak |x|, against bf16's 2^-9).
+// The products are byte dot products (VNNI vpdpbusd: 4 unsigned bytes × 4 signed bytes into an int32 lane): xq is
+// split as xq = 128·xh + xl with xh ∈ [−127, 127] and xl ∈ [−64, 63] (XQ_MAX = 127·128 + 63), each code set of a
+// plane word is masked into the bytes of its lane (4-bit: the low, then the high nibble of each byte; 3-bit: the
+// 2-bit plane's 4 sets, and the 1-bit plane's 8 sets moved to bit 2 of the byte, weight 4, c = lo + 4·hi in one
+// accumulator), and dot = 128·Σ c·xh + Σ c·xl. A 4-bit word row of 16 lanes (128 weights) costs 3 + 4·MB vector
+// ops. |c| ≤ 15, so the int32 sums of KCHUNK = 2048 rows are exact (128·15·127·2048 < 2^31; also dot − z·sx, whose
+// exact value is Σ xq·(c − z), |·| ≤ 15·16319·2048): longer groups (per-row K = 11008) are flushed to fp32 every
+// 2048 rows.
+constexpr float XQ_MAX = 127.f * 128.f + 63.f;
 constexpr int64_t KCHUNK = 2048;
-// Rows of K per step and int16 pairs per step: 4-bit one word row (pairs (i, i + 4), i < 4); 3-bit the two 2-bit word
-// rows (pairs (16h + j, 16h + j + 8), j < 8) and the 1-bit word row (pairs (j, j + 16), j < 16) of 32 rows.
+// Rows of K per step and byte quads (int32 broadcasts of 4 bytes of xh or xl) per step: 4-bit one word row (2 sets ×
+// xh, xl), 3-bit the two 2-bit word rows (4 sets × 2 each) and the 1-bit word row (8 sets × 2) of 32 rows.
 template <int BITS> constexpr int64_t STEP = BITS == 4 ? 8 : 32;
 template <int BITS> constexpr int PAIRS = BITS == 4 ? 4 : 32;
-template <int BITS> std::pair<int, int> pair_rows(int i) {
-  if (BITS == 4) return {i, i + 4};
-  if (i < 16) return {i / 8 * 16 + i % 8, i / 8 * 16 + i % 8 + 8};
-  return {i - 16, i};
+// The row (within a step) of byte b of quad Q, and whether the quad holds xl (else xh). Quad Q = 2·set + part.
+template <int BITS> std::pair<int, bool> quad_row(int Q, int b) {
+  const bool low = Q % 2;
+  if (BITS == 4) return {Q / 2 + 2 * b, low};           // set j: nibble j of byte b = code 2b + j
+  if (Q < 16) return {16 * (Q / 8) + (Q % 8) / 2 + 4 * b, low};  // 2-bit word Q / 8, set j: code 4b + j
+  return {(Q - 16) / 2 + 8 * b, low};                   // 1-bit word, set j: code 8b + j
 }
 
-struct Seg { int64_t g, t0, t1, off; };  // group g, steps [t0, t1) (≤ KCHUNK rows), offset of its pairs
+struct Seg { int64_t g, t0, t1, off; };  // group g, steps [t0, t1) (≤ KCHUNK rows), offset of its quads
 struct XQ {                              // x as the kernel reads it, built once per call
   std::vector<Seg> segs;
-  std::vector<int32_t> pairs, sx;        // [M, P] broadcast pairs (xq_a | xq_b << 16), [M, segs] Σ xq per segment
+  std::vector<int32_t> pairs, sx;        // [M, P] broadcast byte quads, [M, segs] Σ xq per segment
   std::vector<float> xs;                 // [M]
   int64_t P = 0;
 };
 
 // Segments: the steps covering each group, cut every KCHUNK rows; a step that straddles two groups (G not a multiple
 // of STEP) belongs to both, each with the other group's rows of xq set to 0. Vectorised: 32 rows of xq at a time
-// (masked to the segment's rows), reordered into pairs by one or two permutes. False when a row of x is not finite
-// (the fp32 GEMV then runs, propagating inf/nan).
+// (masked to the segment's rows), split into xh and xl and reordered into quads by one vpermt2w per 32 bytes. False
+// when a row of x is not finite (the fp32 GEMV then runs, propagating inf/nan).
 template <int BITS>
 bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ& q) {
   constexpr int64_t R = STEP<BITS>;
-  constexpr int NV = BITS == 4 ? 1 : 2;  // vectors of 16 pairs per 32 rows
+  constexpr int NG = BITS == 4 ? 2 : 4;  // 32-byte groups of quads per 32 rows
   const int64_t M = x.size(0), K = x.size(1), Kv = (K + 31) / 32 * 32;
   for (int64_t g0 = 0; g0 < K; g0 += G)
     for (int64_t t = g0 / R, t1 = (g0 + G + R - 1) / R; t < t1; t += KCHUNK / R) {
@@ -189,15 +195,15 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
     }
   const int64_t S = q.segs.size();
   q.pairs.resize(M * q.P), q.sx.resize(M * S), q.xs.resize(M);
-  __m512i perm[NV];  // perm[nv][e]: the row (of 32) whose xq is int16 e of pair vector nv (pair 16·nv + e / 2, half e % 2)
-  for (int nv = 0; nv < NV; ++nv) {
+  __m512i perm[NG];  // perm[ng][e]: byte 32·ng + e of the 32 rows' quads, as an index into (xh | xl << 5)
+  for (int ng = 0; ng < NG; ++ng) {
     alignas(64) int16_t idx[32];
     for (int e = 0; e < 32; ++e) {
-      const int p = 16 * nv + e / 2;
-      const auto [a, b] = pair_rows<BITS>(p % PAIRS<BITS>);
-      idx[e] = static_cast<int16_t>(p / PAIRS<BITS> * R + (e % 2 ? b : a));
+      const int byte = 32 * ng + e, Q = byte / 4;
+      const auto [row, low] = quad_row<BITS>(Q % PAIRS<BITS>, byte % 4);
+      idx[e] = static_cast<int16_t>((low ? 32 : 0) + Q / PAIRS<BITS> * R + row);
     }
-    perm[nv] = _mm512_load_si512(idx);
+    perm[ng] = _mm512_load_si512(idx);
   }
   const int32_t* wi = weak.data_ptr<int32_t>();
   std::vector<float> xr(Kv);
@@ -222,15 +228,21 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
     for (int64_t si = 0; si < S; ++si) {
       const Seg& s = q.segs[si];
       const int64_t lo = std::max(s.g * G, s.t0 * R), hi = std::min(s.g * G + G, s.t1 * R), end = s.t1 * R;
-      int32_t* p = q.pairs.data() + m * q.P + s.off;
+      int8_t* p = reinterpret_cast<int8_t*>(q.pairs.data() + m * q.P + s.off);
       __m512i sum = _mm512_setzero_si512();
-      for (int64_t r = s.t0 * R; r < end; r += 32, p += 16 * NV) {
+      for (int64_t r = s.t0 * R; r < end; r += 32, p += 32 * NG) {
         const int64_t a = std::clamp<int64_t>(lo - r, 0, 32), b = std::clamp<int64_t>(hi - r, 0, 32);
         const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(((1ull << b) - 1) & ~((1ull << a) - 1)),
                                                    xq.data() + r);
         sum = _mm512_add_epi32(sum, _mm512_madd_epi16(v, _mm512_set1_epi16(1)));
-        const __mmask16 tail = static_cast<__mmask16>((1u << std::min<int64_t>(16, (end - r) / 2)) - 1);
-        for (int nv = 0; nv < NV; ++nv) _mm512_mask_storeu_epi32(p + 16 * nv, tail, _mm512_permutexvar_epi16(perm[nv], v));
+        const __m512i xh = _mm512_srai_epi16(_mm512_add_epi16(v, _mm512_set1_epi16(64)), 7);
+        const __m512i xl = _mm512_sub_epi16(v, _mm512_slli_epi16(xh, 7));
+        const int64_t bytes = std::min<int64_t>(32 * NG, 4 * (end - r) / R * PAIRS<BITS>);  // quads of rows r .. end
+        for (int ng = 0; ng < NG; ++ng) {
+          const int64_t n = std::clamp<int64_t>(bytes - 32 * ng, 0, 32);
+          _mm256_mask_storeu_epi8(p + 32 * ng, static_cast<__mmask32>((1ull << n) - 1),
+                                  _mm512_cvtepi16_epi8(_mm512_permutex2var_epi16(xh, perm[ng], xl)));
+        }
       }
       q.sx[m * S + si] = _mm512_reduce_add_epi32(sum);
     }
@@ -238,26 +250,30 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
   return true;
 }
 
-// One word row of the 4 vectors into the MB × 4 accumulators: pair j is bits (sh, sh + 16) of each lane, sh = SH0 +
-// DSH·j, moved to bits (0, 16) (the 1-bit plane: to (2, 18), weight 4) and masked; per lane acc += c_a·xq_a + c_b·xq_b
-// with the broadcast pair xp[m·P + j] (VNNI dpwssd, else madd + add).
-template <int MB, int NPW, int SH0, int DSH>
-inline void word_row(__m512i (&acc)[MB][4], const int32_t* row, const __mmask16 (&km)[4], const int32_t* xp, int64_t P,
-                     int32_t mask) {
+// acc += Σ_4 bytes u·s per int32 lane (c: unsigned codes, x: signed bytes), exact (no saturation: |c·x| ≤ 15·128).
+inline __m512i dot_bytes(__m512i acc, __m512i c, __m512i x) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, c, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(c, x), _mm512_set1_epi16(1)));
+#endif
+}
+
+// One word row of the 4 vectors into the MB × 4 accumulators of xh (ah) and xl (al): code set j is the word shifted by
+// SH0 + DSH·j (negative: left) and masked to one field per byte; its quads are xp[m·P + 2j] (xh) and + 1 (xl).
+template <int MB, int NSETS, int SH0, int DSH, bool FULL>
+inline void word_row(__m512i (&ah)[MB][4], __m512i (&al)[MB][4], const int32_t* row, const __mmask16 (&km)[4],
+                     const int32_t* xp, int64_t P, int32_t mask) {
   __m512i w[4];
-  OWQ_UNROLL for (int v = 0; v < 4; ++v) w[v] = _mm512_maskz_loadu_epi32(km[v], row + 16 * v);
-  OWQ_UNROLL for (int j = 0; j < NPW; ++j) {
+  OWQ_UNROLL for (int v = 0; v < 4; ++v) w[v] = FULL ? _mm512_loadu_si512(row + 16 * v) : _mm512_maskz_loadu_epi32(km[v], row + 16 * v);
+  OWQ_UNROLL for (int j = 0; j < NSETS; ++j) {
     const int sh = SH0 + DSH * j;
-    __m512i xb[MB];
-    OWQ_UNROLL for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_epi32(xp[m * P + j]);
+    __m512i xh[MB], xl[MB];
+    OWQ_UNROLL for (int m = 0; m < MB; ++m) xh[m] = _mm512_set1_epi32(xp[m * P + 2 * j]), xl[m] = _mm512_set1_epi32(xp[m * P + 2 * j + 1]);
     OWQ_UNROLL for (int v = 0; v < 4; ++v) {
       const __m512i c = _mm512_and_si512(sh < 0 ? _mm512_slli_epi32(w[v], -sh) : _mm512_srli_epi32(w[v], sh),
                                          _mm512_set1_epi32(mask));
-#ifdef __AVX512VNNI__
-      OWQ_UNROLL for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_dpwssd_epi32(acc[m][v], c, xb[m]);
-#else
-      OWQ_UNROLL for (int m = 0; m < MB; ++m) acc[m][v] = _mm512_add_epi32(acc[m][v], _mm512_madd_epi16(c, xb[m]));
-#endif
+      OWQ_UNROLL for (int m = 0; m < MB; ++m) ah[m][v] = dot_bytes(ah[m][v], c, xh[m]), al[m][v] = dot_bytes(al[m][v], c, xl[m]);
     }
   }
 }
@@ -278,16 +294,16 @@ __m512 load_scales(const T* p, __mmask16 k) {  // 16 scales as fp32, lanes outsi
 }
 
 // The 64-column block's word rows are N·4 bytes apart, a new page each, where the hardware prefetchers stop: the block
-// fetches its words PF_ROWS rows of K ahead itself.
-constexpr int64_t PF_ROWS = 64;
+// fetches its words PF_ROWS rows of K ahead itself (docs/kernels.md "CPU backend": on the 1.5B model's layers from
+// DRAM, 2 threads, the int16 GEMV read 11.4 GB/s at 64 rows ahead, 14.5 at 128 and 13.6 at 256).
+constexpr int64_t PF_ROWS = 128;
 inline void prefetch64(const int32_t* p) {
   OWQ_UNROLL for (int v = 0; v < 4; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
 }
 
 // Rows m0 .. m0 + MB − 1 of x, columns n0 .. n0 + 63 (masked past N): 4 vectors of 16 columns, MB × 4 int32
-// accumulators. Per 16-lane word: a shift and a mask per pair, one dot product per pair and row of x (4-bit: 7 + 4·MB
-// vector ops per 128 weights, against 32 + 8·MB for the fp32 GEMV).
-template <int BITS, int MB, typename scale_t>
+// accumulators each for xh and xl (MB ≤ 2: 16 of the 32 vector registers).
+template <int BITS, int MB, bool FULL, typename scale_t>
 void block64_int16(const XQ& q, int64_t m0, const int32_t* p0, const int32_t* p1, const scale_t* scales,
                    const uint8_t* zeros, float* y, int64_t N, int64_t n0) {
   const int64_t S = q.segs.size(), P = q.P;
@@ -298,21 +314,21 @@ void block64_int16(const XQ& q, int64_t m0, const int32_t* p0, const int32_t* p1
     OWQ_UNROLL for (int v = 0; v < 4; ++v) out[m][v] = _mm512_setzero_ps();
   for (int64_t si = 0; si < S; ++si) {
     const Seg& s = q.segs[si];
-    __m512i acc[MB][4];
+    __m512i ah[MB][4], al[MB][4];
     OWQ_UNROLL for (int m = 0; m < MB; ++m)
-      OWQ_UNROLL for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
+      OWQ_UNROLL for (int v = 0; v < 4; ++v) ah[m][v] = al[m][v] = _mm512_setzero_si512();
     const int32_t* xp = q.pairs.data() + m0 * P + s.off;
     for (int64_t t = s.t0, t1 = s.t1; t < t1; ++t, xp += PAIRS<BITS>) {
       if (const int64_t tp = t + PF_ROWS / STEP<BITS>; tp < t1) {
         if (BITS == 4) prefetch64(p0 + tp * N + n0);
         else prefetch64(p0 + 2 * tp * N + n0), prefetch64(p0 + (2 * tp + 1) * N + n0), prefetch64(p1 + tp * N + n0);
       }
-      if (BITS == 4) {  // pairs (i, i + 4) of word row t
-        word_row<MB, 4, 0, 4>(acc, p0 + t * N + n0, km, xp, P, 0x000F000F);
-      } else {  // 2-bit word rows 2t, 2t + 1: pairs (16h + j, 16h + j + 8); 1-bit word row t: pairs (j, j + 16)
-        word_row<MB, 8, 0, 2>(acc, p0 + 2 * t * N + n0, km, xp, P, 0x00030003);
-        word_row<MB, 8, 0, 2>(acc, p0 + (2 * t + 1) * N + n0, km, xp + 8, P, 0x00030003);
-        word_row<MB, 16, -2, 1>(acc, p1 + t * N + n0, km, xp + 16, P, 0x00040004);
+      if (BITS == 4) {  // nibbles: codes 2b and 2b + 1 of byte b
+        word_row<MB, 2, 0, 4, FULL>(ah, al, p0 + t * N + n0, km, xp, P, 0x0F0F0F0F);
+      } else {  // 2-bit word rows 2t, 2t + 1: codes 4b + j; 1-bit word row t: codes 8b + j at bit 2 (weight 4)
+        word_row<MB, 4, 0, 2, FULL>(ah, al, p0 + 2 * t * N + n0, km, xp, P, 0x03030303);
+        word_row<MB, 4, 0, 2, FULL>(ah, al, p0 + (2 * t + 1) * N + n0, km, xp + 8, P, 0x03030303);
+        word_row<MB, 8, -2, 1, FULL>(ah, al, p1 + t * N + n0, km, xp + 16, P, 0x04040404);
       }
     }
     OWQ_UNROLL for (int v = 0; v < 4; ++v) {  // out += s_g · (dot − z_g·sx): the int32 difference is Σ xq·(c − z), exact
@@ -320,7 +336,8 @@ void block64_int16(const XQ& q, int64_t m0, const int32_t* p0, const int32_t* p1
       const __m512i z = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(km[v], zeros + o));
       const __m512 sc = load_scales(scales + o, km[v]);
       OWQ_UNROLL for (int m = 0; m < MB; ++m) {
-        const __m512i d = _mm512_sub_epi32(acc[m][v], _mm512_mullo_epi32(z, _mm512_set1_epi32(q.sx[(m0 + m) * S + si])));
+        const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(ah[m][v], 7), al[m][v]);
+        const __m512i d = _mm512_sub_epi32(dot, _mm512_mullo_epi32(z, _mm512_set1_epi32(q.sx[(m0 + m) * S + si])));
         out[m][v] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(d), out[m][v]);
       }
     }
@@ -331,16 +348,20 @@ void block64_int16(const XQ& q, int64_t m0, const int32_t* p0, const int32_t* p1
 }
 
 // Parallel over blocks of 64 columns; every row block of x runs inside the column block, so the block's words are
-// read from memory once and from L1/L2 for the next rows (MB = 4, 2, 1).
+// read from memory once and from L1/L2 for the next rows (MB = 2, 1).
 template <int BITS, typename scale_t>
 void run_int16(const XQ& q, const int32_t* p0, const int32_t* p1, const scale_t* s, const uint8_t* z, float* y,
                int64_t M, int64_t N) {
   at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block64_int16<BITS, 4, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
-      for (; m + 2 <= M; m += 2) block64_int16<BITS, 2, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
-      for (; m < M; ++m) block64_int16<BITS, 1, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+      if ((b + 1) * NB <= N) {  // a whole block: plain loads
+        for (; m + 2 <= M; m += 2) block64_int16<BITS, 2, true, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+        for (; m < M; ++m) block64_int16<BITS, 1, true, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+      } else {
+        for (; m + 2 <= M; m += 2) block64_int16<BITS, 2, false, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+        for (; m < M; ++m) block64_int16<BITS, 1, false, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+      }
     }
   });
 }
@@ -461,9 +482,9 @@ bool gemv_int16() {
 
 std::string gemv_mode() {
 #if defined(OWQ_INT16) && defined(__AVX512VNNI__)
-  const char* int16 = "int16 (AVX512-VNNI dpwssd)";
+  const char* int16 = "int16 (AVX512-VNNI dpbusd)";
 #else
-  const char* int16 = "int16 (AVX512BW madd)";
+  const char* int16 = "int16 (AVX512BW maddubs)";
 #endif
 #ifdef __AVX512F__
   const char* fp32 = "fp32 (AVX-512)";

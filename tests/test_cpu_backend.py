@@ -44,7 +44,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def int16_bound(layer: OWQLinear, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """The int16 GEMV's documented bound on |y − y_float64| per output [M, N] (docs/kernels.md "CPU backend"), in
-    float64: (xs/2)·Σ_g |s_{g,n}|·Σ_{k∈g} |c_k − z_g| with xs = max_{k∉weak} |x_k| / 16383 (Wq = s·(c − z) from
+    float64: (xs/2)·Σ_g |s_{g,n}|·Σ_{k∈g} |c_k − z_g| with xs = max_{k∉weak} |x_k| / 16319 (Wq = s·(c − z) from
     dequantize_dense in float64 is 0 at the weak columns, so the double sum is Σ_k |Wq[n, k]|), plus fp32 rounding:
     γ = (groups + n_o + 4)·2^-24 times the magnitudes summed (the quantized terms, the weak product, the bias)."""
     bits, k = layer.bits, layer.in_features
@@ -52,7 +52,7 @@ def int16_bound(layer: OWQLinear, x: torch.Tensor, scales: torch.Tensor | None =
     wq = dequantize_dense(dict(layer.planes), scales, layer.zeros, bits, k, torch.float64)  # [N, K]
     idx = layer.weak_idx.long()
     x64 = x.detach().double().reshape(-1, k)
-    xs = x64.clone().index_fill_(1, idx, 0).abs().amax(1, keepdim=True) / 16383
+    xs = x64.clone().index_fill_(1, idx, 0).abs().amax(1, keepdim=True) / 16319
     quant = xs / 2 * wq.abs().sum(1)
     weak = x64[:, idx].abs() @ layer.weak_weight.detach().double().abs()
     bias = 0 if layer.bias is None else layer.bias.detach().double().abs()

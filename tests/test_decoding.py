@@ -156,6 +156,7 @@ def test_a_loaded_export_decodes_from_process_memory_with_the_same_values(base_d
     inside = lambda t: any(lo <= t.data_ptr() < hi for lo, hi in _file_mappings(".safetensors"))  # noqa: E731
     assert any(inside(t) for t in model.state_dict().values())  # transformers left the weights as views of the file
     before = {k: t.clone() for k, t in model.state_dict().items()}
+    mapped = [k for k, t in model.state_dict().items() if inside(t)]
     ids = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
@@ -166,3 +167,32 @@ def test_a_loaded_export_decodes_from_process_memory_with_the_same_values(base_d
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
     assert torch.equal(dec.generate(ids, 12, min_new_tokens=12), ref)
+    moved = [after[k] for k in mapped]
+    assert all(t.data_ptr() % 64 == 0 for t in moved)
+    assert {_mapping_flags(t.data_ptr()) for t in moved} == {_mapping_flags(moved[0].data_ptr())}  # one arena
+
+
+def _mapping_flags(ptr: int) -> tuple[int, frozenset]:
+    """(start address, VmFlags) of the mapping of this process that holds ``ptr`` (/proc/self/smaps)."""
+    start = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            start = lo if lo <= ptr < hi else None
+        elif head == "VmFlags:" and start is not None:
+            return start, frozenset(line.split()[1:])
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+def test_the_huge_page_arena_is_aligned_private_and_asks_for_huge_pages():
+    from wct.heap import HUGE_PAGE, huge_page_arena
+
+    arena = huge_page_arena(3 * HUGE_PAGE + 100)
+    assert arena.numel() == 3 * HUGE_PAGE + 100 and arena.data_ptr() % HUGE_PAGE == 0
+    start, flags = _mapping_flags(arena.data_ptr())
+    assert "hg" in flags and "sh" not in flags  # madvise(MADV_HUGEPAGE) on a private mapping (shared: shmem, no THP)
+    view = arena[HUGE_PAGE:HUGE_PAGE + 8].view(torch.float64)
+    view.fill_(2.5)
+    del arena  # a view keeps the mapping alive
+    assert view.sum().item() == 2.5 and _mapping_flags(view.data_ptr())[0] == start

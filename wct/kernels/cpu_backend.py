@@ -3,7 +3,7 @@
 - Decode-sized inputs (M ≤ :data:`GEMV_MAX_M` rows, 3- or 4-bit): a compiled GEMV (``kernels/owq_cpu.cpp``, built
   by ``torch.utils.cpp_extension`` with ``-O3 -march=native`` on first use and cached by torch) that unpacks the
   codes in registers and computes Σ_g s_g·Σ_{k∈g} x_k·(q_k − z_g) (docs/kernels.md "CPU backend"). By default
-  (``WCT_CPU_GEMV=int16``, AVX-512) each row of x is rounded to int16 with the scale xs = max_{k∉weak}|x_k| / 16383
+  (``WCT_CPU_GEMV=int16``, AVX-512) each row of x is rounded to 15 bits with the scale xs = max_{k∉weak}|x_k| / 16319
   and the per-group sums are exact int32 dot products (VNNI): |Δy_n| ≤ (xs/2)·Σ_g |s_{g,n}|·Σ_{k∈g} |q_k − z_g|
   plus fp32 rounding, a relative 2^-15 of the row's largest non-weak activation. ``WCT_CPU_GEMV=fp32`` (and CPUs
   without AVX-512) runs the fp32 GEMV, exact up to fp32 rounding.
