@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -174,9 +175,15 @@ template <int BITS> std::pair<int, bool> quad_row(int Q, int b) {
 struct Seg { int64_t g, t0, t1, off; };  // group g, steps [t0, t1) (≤ KCHUNK rows), offset of its quads
 struct XQ {                              // x as the kernel reads it, built once per call
   std::vector<Seg> segs;
-  std::vector<int32_t> pairs, sx;        // [M, P] broadcast byte quads, [M, segs] Σ xq per segment
+  std::vector<int32_t> pairs, sx;        // [M, P] broadcast byte quads, [M, P / PAIRS] Σ xq of each segment's steps
   std::vector<float> xs;                 // [M]
-  int64_t P = 0;
+  int64_t P = 0, T = 0;                  // quads per row of x, steps of K
+  template <int BITS> int32_t sum(int64_t m, const Seg& s, int64_t a, int64_t b) const {  // Σ xq over steps [a, b)
+    const int32_t* p = sx.data() + m * (P / PAIRS<BITS>) + s.off / PAIRS<BITS> - s.t0;
+    int32_t v = 0;
+    for (int64_t t = a; t < b; ++t) v += p[t];
+    return v;
+  }
 };
 
 // Segments: the steps covering each group, cut every KCHUNK rows; a step that straddles two groups (G not a multiple
@@ -192,9 +199,10 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
     for (int64_t t = g0 / R, t1 = (g0 + G + R - 1) / R; t < t1; t += KCHUNK / R) {
       q.segs.push_back({g0 / G, t, std::min(t + KCHUNK / R, t1), q.P});
       q.P += (q.segs.back().t1 - t) * PAIRS<BITS>;
+      q.T = q.segs.back().t1;
     }
   const int64_t S = q.segs.size();
-  q.pairs.resize(M * q.P), q.sx.resize(M * S), q.xs.resize(M);
+  q.pairs.resize(M * q.P), q.sx.resize(M * q.P / PAIRS<BITS>), q.xs.resize(M);
   __m512i perm[NG];  // perm[ng][e]: byte 32·ng + e of the 32 rows' quads, as an index into (xh | xl << 5)
   for (int ng = 0; ng < NG; ++ng) {
     alignas(64) int16_t idx[32];
@@ -229,12 +237,13 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
       const Seg& s = q.segs[si];
       const int64_t lo = std::max(s.g * G, s.t0 * R), hi = std::min(s.g * G + G, s.t1 * R), end = s.t1 * R;
       int8_t* p = reinterpret_cast<int8_t*>(q.pairs.data() + m * q.P + s.off);
-      __m512i sum = _mm512_setzero_si512();
+      for (int64_t t = s.t0; t < s.t1; ++t)  // Σ xq of the segment's rows in each step
+        q.sx[m * (q.P / PAIRS<BITS>) + s.off / PAIRS<BITS> + t - s.t0] =
+            std::accumulate(xq.begin() + std::max(lo, t * R), xq.begin() + std::min(hi, t * R + R), 0);
       for (int64_t r = s.t0 * R; r < end; r += 32, p += 32 * NG) {
         const int64_t a = std::clamp<int64_t>(lo - r, 0, 32), b = std::clamp<int64_t>(hi - r, 0, 32);
         const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(((1ull << b) - 1) & ~((1ull << a) - 1)),
                                                    xq.data() + r);
-        sum = _mm512_add_epi32(sum, _mm512_madd_epi16(v, _mm512_set1_epi16(1)));
         const __m512i xh = _mm512_srai_epi16(_mm512_add_epi16(v, _mm512_set1_epi16(64)), 7);
         const __m512i xl = _mm512_sub_epi16(v, _mm512_slli_epi16(xh, 7));
         const int64_t bytes = std::min<int64_t>(32 * NG, 4 * (end - r) / R * PAIRS<BITS>);  // quads of rows r .. end
@@ -244,7 +253,6 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
                                   _mm512_cvtepi16_epi8(_mm512_permutex2var_epi16(xh, perm[ng], xl)));
         }
       }
-      q.sx[m * S + si] = _mm512_reduce_add_epi32(sum);
     }
   }
   return true;
@@ -259,23 +267,39 @@ inline __m512i dot_bytes(__m512i acc, __m512i c, __m512i x) {
 #endif
 }
 
-// One word row of the 4 vectors into the MB × 4 accumulators of xh (ah) and xl (al): code set j is the word shifted by
+// One 16-lane word w (16 columns) into the MB accumulators of xh (ah) and xl (al): code set j is w shifted by
 // SH0 + DSH·j (negative: left) and masked to one field per byte; its quads are xp[m·P + 2j] (xh) and + 1 (xl).
-template <int MB, int NSETS, int SH0, int DSH, bool FULL>
-inline void word_row(__m512i (&ah)[MB][4], __m512i (&al)[MB][4], const int32_t* row, const __mmask16 (&km)[4],
-                     const int32_t* xp, int64_t P, int32_t mask) {
-  __m512i w[4];
-  OWQ_UNROLL for (int v = 0; v < 4; ++v) w[v] = FULL ? _mm512_loadu_si512(row + 16 * v) : _mm512_maskz_loadu_epi32(km[v], row + 16 * v);
+template <int MB, int NSETS, int SH0, int DSH>
+inline void word16(__m512i* ah, __m512i* al, __m512i w, const int32_t* xp, int64_t P, int32_t mask) {
   OWQ_UNROLL for (int j = 0; j < NSETS; ++j) {
     const int sh = SH0 + DSH * j;
-    __m512i xh[MB], xl[MB];
-    OWQ_UNROLL for (int m = 0; m < MB; ++m) xh[m] = _mm512_set1_epi32(xp[m * P + 2 * j]), xl[m] = _mm512_set1_epi32(xp[m * P + 2 * j + 1]);
-    OWQ_UNROLL for (int v = 0; v < 4; ++v) {
-      const __m512i c = _mm512_and_si512(sh < 0 ? _mm512_slli_epi32(w[v], -sh) : _mm512_srli_epi32(w[v], sh),
-                                         _mm512_set1_epi32(mask));
-      OWQ_UNROLL for (int m = 0; m < MB; ++m) ah[m][v] = dot_bytes(ah[m][v], c, xh[m]), al[m][v] = dot_bytes(al[m][v], c, xl[m]);
+    const __m512i c = _mm512_and_si512(sh < 0 ? _mm512_slli_epi32(w, -sh) : _mm512_srli_epi32(w, sh), _mm512_set1_epi32(mask));
+    OWQ_UNROLL for (int m = 0; m < MB; ++m) {
+      ah[m] = dot_bytes(ah[m], c, _mm512_set1_epi32(xp[m * P + 2 * j]));
+      al[m] = dot_bytes(al[m], c, _mm512_set1_epi32(xp[m * P + 2 * j + 1]));
     }
   }
+}
+
+// Step t of K for the 16 columns from c (lanes in k): 4-bit, word row t (nibbles: codes 2b and 2b + 1 of byte b);
+// 3-bit, the 2-bit word rows 2t and 2t + 1 (codes 4b + j) and the 1-bit word row t (codes 8b + j, moved to bit 2 of
+// the byte: weight 4). xp: the step's quads of the first row of x.
+template <int BITS, int MB>
+inline void step16(__m512i* ah, __m512i* al, const int32_t* p0, const int32_t* p1, int64_t N, int64_t t, int64_t c,
+                   __mmask16 k, const int32_t* xp, int64_t P) {
+  if (BITS == 4) {
+    word16<MB, 2, 0, 4>(ah, al, _mm512_maskz_loadu_epi32(k, p0 + t * N + c), xp, P, 0x0F0F0F0F);
+  } else {
+    word16<MB, 4, 0, 2>(ah, al, _mm512_maskz_loadu_epi32(k, p0 + 2 * t * N + c), xp, P, 0x03030303);
+    word16<MB, 4, 0, 2>(ah, al, _mm512_maskz_loadu_epi32(k, p0 + (2 * t + 1) * N + c), xp + 8, P, 0x03030303);
+    word16<MB, 8, -2, 1>(ah, al, _mm512_maskz_loadu_epi32(k, p1 + t * N + c), xp + 16, P, 0x04040404);
+  }
+}
+
+// s_g·(float)(dot − z_g·sx) for 16 columns, dot = 128·ah + al: the int32 difference is Σ xq·(c − z), exact.
+inline __m512 group_term(__m512i ah, __m512i al, __m512i z, __m512 s, int32_t sx) {
+  const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(ah, 7), al);
+  return _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_mullo_epi32(z, _mm512_set1_epi32(sx)))));
 }
 
 template <typename T>
@@ -301,50 +325,40 @@ inline void prefetch64(const int32_t* p) {
   OWQ_UNROLL for (int v = 0; v < 4; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
 }
 
-// Rows m0 .. m0 + MB − 1 of x, columns n0 .. n0 + 63 (masked past N): 4 vectors of 16 columns, MB × 4 int32
-// accumulators each for xh and xl (MB ≤ 2: 16 of the 32 vector registers).
-template <int BITS, int MB, bool FULL, typename scale_t>
+// Rows m0 .. m0 + MB − 1 of x, columns n0 .. n0 + 63 (masked past N): 4 vectors of 16 columns, MB int32
+// accumulators each for xh and xl per vector (MB ≤ 2: 16 of the 32 vector registers).
+template <int BITS, int MB, typename scale_t>
 void block64_int16(const XQ& q, int64_t m0, const int32_t* p0, const int32_t* p1, const scale_t* scales,
                    const uint8_t* zeros, float* y, int64_t N, int64_t n0) {
-  const int64_t S = q.segs.size(), P = q.P;
+  const int64_t P = q.P;
   __mmask16 km[4];
   OWQ_UNROLL for (int v = 0; v < 4; ++v) km[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(N - n0 - 16 * v, 0, 16)) - 1);
-  __m512 out[MB][4];
-  OWQ_UNROLL for (int m = 0; m < MB; ++m)
-    OWQ_UNROLL for (int v = 0; v < 4; ++v) out[m][v] = _mm512_setzero_ps();
-  for (int64_t si = 0; si < S; ++si) {
-    const Seg& s = q.segs[si];
-    __m512i ah[MB][4], al[MB][4];
-    OWQ_UNROLL for (int m = 0; m < MB; ++m)
-      OWQ_UNROLL for (int v = 0; v < 4; ++v) ah[m][v] = al[m][v] = _mm512_setzero_si512();
+  __m512 out[4][MB];
+  OWQ_UNROLL for (int v = 0; v < 4; ++v)
+    OWQ_UNROLL for (int m = 0; m < MB; ++m) out[v][m] = _mm512_setzero_ps();
+  for (const Seg& s : q.segs) {
+    __m512i ah[4][MB], al[4][MB];
+    OWQ_UNROLL for (int v = 0; v < 4; ++v)
+      OWQ_UNROLL for (int m = 0; m < MB; ++m) ah[v][m] = al[v][m] = _mm512_setzero_si512();
     const int32_t* xp = q.pairs.data() + m0 * P + s.off;
     for (int64_t t = s.t0, t1 = s.t1; t < t1; ++t, xp += PAIRS<BITS>) {
       if (const int64_t tp = t + PF_ROWS / STEP<BITS>; tp < t1) {
         if (BITS == 4) prefetch64(p0 + tp * N + n0);
         else prefetch64(p0 + 2 * tp * N + n0), prefetch64(p0 + (2 * tp + 1) * N + n0), prefetch64(p1 + tp * N + n0);
       }
-      if (BITS == 4) {  // nibbles: codes 2b and 2b + 1 of byte b
-        word_row<MB, 2, 0, 4, FULL>(ah, al, p0 + t * N + n0, km, xp, P, 0x0F0F0F0F);
-      } else {  // 2-bit word rows 2t, 2t + 1: codes 4b + j; 1-bit word row t: codes 8b + j at bit 2 (weight 4)
-        word_row<MB, 4, 0, 2, FULL>(ah, al, p0 + 2 * t * N + n0, km, xp, P, 0x03030303);
-        word_row<MB, 4, 0, 2, FULL>(ah, al, p0 + (2 * t + 1) * N + n0, km, xp + 8, P, 0x03030303);
-        word_row<MB, 8, -2, 1, FULL>(ah, al, p1 + t * N + n0, km, xp + 16, P, 0x04040404);
-      }
+      OWQ_UNROLL for (int v = 0; v < 4; ++v) step16<BITS, MB>(ah[v], al[v], p0, p1, N, t, n0 + 16 * v, km[v], xp, P);
     }
-    OWQ_UNROLL for (int v = 0; v < 4; ++v) {  // out += s_g · (dot − z_g·sx): the int32 difference is Σ xq·(c − z), exact
+    OWQ_UNROLL for (int v = 0; v < 4; ++v) {
       const int64_t o = s.g * N + n0 + 16 * v;
       const __m512i z = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(km[v], zeros + o));
       const __m512 sc = load_scales(scales + o, km[v]);
-      OWQ_UNROLL for (int m = 0; m < MB; ++m) {
-        const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(ah[m][v], 7), al[m][v]);
-        const __m512i d = _mm512_sub_epi32(dot, _mm512_mullo_epi32(z, _mm512_set1_epi32(q.sx[(m0 + m) * S + si])));
-        out[m][v] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(d), out[m][v]);
-      }
+      OWQ_UNROLL for (int m = 0; m < MB; ++m)
+        out[v][m] = _mm512_add_ps(out[v][m], group_term(ah[v][m], al[v][m], z, sc, q.sum<BITS>(m0 + m, s, s.t0, s.t1)));
     }
   }
-  OWQ_UNROLL for (int m = 0; m < MB; ++m)
-    OWQ_UNROLL for (int v = 0; v < 4; ++v)
-      _mm512_mask_storeu_ps(y + (m0 + m) * N + n0 + 16 * v, km[v], _mm512_mul_ps(_mm512_set1_ps(q.xs[m0 + m]), out[m][v]));
+  OWQ_UNROLL for (int v = 0; v < 4; ++v)
+    OWQ_UNROLL for (int m = 0; m < MB; ++m)
+      _mm512_mask_storeu_ps(y + (m0 + m) * N + n0 + 16 * v, km[v], _mm512_mul_ps(_mm512_set1_ps(q.xs[m0 + m]), out[v][m]));
 }
 
 // Parallel over blocks of 64 columns; every row block of x runs inside the column block, so the block's words are
@@ -355,15 +369,94 @@ void run_int16(const XQ& q, const int32_t* p0, const int32_t* p1, const scale_t*
   at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
-      if ((b + 1) * NB <= N) {  // a whole block: plain loads
-        for (; m + 2 <= M; m += 2) block64_int16<BITS, 2, true, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
-        for (; m < M; ++m) block64_int16<BITS, 1, true, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
-      } else {
-        for (; m + 2 <= M; m += 2) block64_int16<BITS, 2, false, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
-        for (; m < M; ++m) block64_int16<BITS, 1, false, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+      for (; m + 2 <= M; m += 2) block64_int16<BITS, 2, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+      for (; m < M; ++m) block64_int16<BITS, 1, scale_t>(q, m, p0, p1, s, z, y, N, b * NB);
+    }
+  });
+}
+
+// The decode GEMV (M ≤ KSPLIT_MAX_M rows, groups of ≥ KSPLIT_MIN_G rows): the threads split K, not N. Each streams
+// its own range of word rows, every row read from its first column to its last (as the hardware prefetchers like;
+// a 64-column block of run_int16 reads 256 bytes per row, then jumps N·4 bytes), TILE_ROWS rows of K at a time,
+// into int32 accumulators for all N columns (2·M·N·4 bytes, L1/L2), flushed at the end of each segment into the
+// thread's fp32 partial y; the partials are summed at the end (docs/kernels.md "CPU backend": the 1.5B model's
+// layers from DRAM, 2 threads, 14.9 -> 21 GB/s).
+// Smaller layers (codes within a core's 2 MiB L2, e.g. all of SmolLM2's) are read from cache, where the column-blocked
+// GEMV measured faster in a model's order of layers (SmolLM2: 3.4 against 5.2 ms for its 210 GEMVs); the threshold is
+// read per call from WCT_CPU_KSPLIT_MIN (weights, K·N; default 2^22).
+constexpr int64_t KSPLIT_MAX_M = 4, KSPLIT_MIN_G = 256, TILE_ROWS = 64;
+int64_t ksplit_min_weights() {
+  const char* env = std::getenv("WCT_CPU_KSPLIT_MIN");
+  return env && *env ? std::atoll(env) : int64_t{1} << 22;
+}
+
+template <int BITS, int MB, int TS>
+void tile16(const XQ& q, int64_t m0, const Seg& s, int64_t t, const int32_t* p0, const int32_t* p1, int64_t N,
+            int32_t* acc, int64_t ld) {  // acc [M][2][ld]: steps t .. t + TS − 1 of segment s, rows m0 .. m0 + MB − 1
+  const int32_t* xp = q.pairs.data() + m0 * q.P + s.off + (t - s.t0) * PAIRS<BITS>;
+  for (int64_t c = 0; c < N; c += 16) {
+    const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - c)) - 1);
+    __m512i ah[MB], al[MB];
+    OWQ_UNROLL for (int m = 0; m < MB; ++m) {
+      ah[m] = _mm512_loadu_si512(acc + (2 * (m0 + m)) * ld + c);
+      al[m] = _mm512_loadu_si512(acc + (2 * (m0 + m) + 1) * ld + c);
+    }
+    OWQ_UNROLL for (int r = 0; r < TS; ++r) step16<BITS, MB>(ah, al, p0, p1, N, t + r, c, k, xp + r * PAIRS<BITS>, q.P);
+    OWQ_UNROLL for (int m = 0; m < MB; ++m) {
+      _mm512_storeu_si512(acc + (2 * (m0 + m)) * ld + c, ah[m]);
+      _mm512_storeu_si512(acc + (2 * (m0 + m) + 1) * ld + c, al[m]);
+    }
+  }
+}
+
+template <int BITS, int TS>
+void tiles(const XQ& q, const Seg& s, int64_t t, const int32_t* p0, const int32_t* p1, int64_t M, int64_t N,
+           int32_t* acc, int64_t ld) {  // every row of x through steps t .. t + TS − 1 (the words stay in L2)
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) tile16<BITS, 2, TS>(q, m, s, t, p0, p1, N, acc, ld);
+  for (; m < M; ++m) tile16<BITS, 1, TS>(q, m, s, t, p0, p1, N, acc, ld);
+}
+
+template <int BITS, typename scale_t>
+void run_ksplit(const XQ& q, const int32_t* p0, const int32_t* p1, const scale_t* scales, const uint8_t* zeros,
+                float* y, int64_t M, int64_t N) {
+  constexpr int64_t TS = TILE_ROWS / STEP<BITS>;
+  const int64_t nt = at::get_num_threads(), ld = (N + 15) / 16 * 16;
+  static thread_local std::vector<float> partials;
+  partials.assign(nt * M * N, 0.f);
+  float* part = partials.data();  // the caller's buffer (a thread_local named in the lambda is each worker's own)
+  at::parallel_for(0, nt, 1, [&](int64_t i0, int64_t i1) {
+    static thread_local std::vector<int32_t> acc;
+    acc.resize(2 * M * ld);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t ta = q.T * i / nt, tb = q.T * (i + 1) / nt;
+      float* out = part + i * M * N;
+      for (const Seg& s : q.segs) {
+        const int64_t a = std::max(s.t0, ta), b = std::min(s.t1, tb);
+        if (a >= b) continue;
+        std::fill(acc.begin(), acc.end(), 0);
+        int64_t t = a;
+        for (; t + TS <= b; t += TS) tiles<BITS, TS>(q, s, t, p0, p1, M, N, acc.data(), ld);
+        for (; t < b; ++t) tiles<BITS, 1>(q, s, t, p0, p1, M, N, acc.data(), ld);
+        for (int64_t c = 0; c < N; c += 16) {  // out += s_g·(dot − z_g·sx) over the piece's rows
+          const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - c)) - 1);
+          const __m512i z = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zeros + s.g * N + c));
+          const __m512 sc = load_scales(scales + s.g * N + c, k);
+          for (int64_t m = 0; m < M; ++m) {
+            const __m512 term = group_term(_mm512_loadu_si512(acc.data() + 2 * m * ld + c),
+                                           _mm512_loadu_si512(acc.data() + (2 * m + 1) * ld + c), z, sc, q.sum<BITS>(m, s, a, b));
+            _mm512_mask_storeu_ps(out + m * N + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, out + m * N + c), term));
+          }
+        }
       }
     }
   });
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float v = 0.f;
+      for (int64_t i = 0; i < nt; ++i) v += part[(i * M + m) * N + n];
+      y[m * N + n] = q.xs[m] * v;
+    }
 }
 #endif
 
@@ -518,6 +611,11 @@ torch::Tensor owq_gemv(torch::Tensor x, std::vector<torch::Tensor> planes, torch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "owq_gemv", [&] {
     const scalar_t* s = scales.data_ptr<scalar_t>();
 #ifdef OWQ_INT16
+    if (int16 && x.size(0) <= KSPLIT_MAX_M && G >= KSPLIT_MIN_G && K * N >= ksplit_min_weights()) {
+      if (bits == 4) run_ksplit<4, scalar_t>(q, p0, p1, s, z, yp, x.size(0), N);
+      else run_ksplit<3, scalar_t>(q, p0, p1, s, z, yp, x.size(0), N);
+      return;
+    }
     if (int16) {
       if (bits == 4) run_int16<4, scalar_t>(q, p0, p1, s, z, yp, x.size(0), N);
       else run_int16<3, scalar_t>(q, p0, p1, s, z, yp, x.size(0), N);

@@ -126,17 +126,45 @@ INT16_SHAPES = [(None, 67, 72), (None, 200, 200), (64, 67, 128), (64, 200, 192),
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group,n,k", INT16_SHAPES)
 @pytest.mark.parametrize("n_o", [0, 1, 40])
-@pytest.mark.parametrize("m", [1, 3, 7])  # every blocking of rows: 1; 2 + 1; 4 + 2 + 1
+@pytest.mark.parametrize("m", [1, 3, 7])  # rows of x blocked by 2, then 1
 def test_int16_gemv_is_within_its_bound_of_float64(bits, group, n, k, n_o, m, monkeypatch):
     """The default GEMV (int16 x, int32 dot products) against float64 within the documented bound, which is tight
-    enough to fail on one wrong code (s·|x_k| ≫ xs/2·Σ|Wq|); rows of x blocked by 4, 2, 1 (M = 3: 2 + 1, M = 7:
-    4 + 2 + 1)."""
+    enough to fail on one wrong code (s·|x_k| ≫ xs/2·Σ|Wq|); rows of x blocked by 2, 1 (M = 3: 2 + 1, M = 7:
+    2 + 2 + 2 + 1). These groups are short (< 256 rows): the column-blocked GEMV."""
     monkeypatch.delenv("WCT_CPU_GEMV", raising=False)
     assert cpu_backend.extension().gemv_mode().startswith("int16")
     layer, w64 = packed_layer(bits, group, n_o, n=n, k=k, seed=bits * 1000 + n_o * 10 + m)
     x = torch.randn(m, k)
     with torch.no_grad(), kernels.use_kernel("cpu"):
         y = layer(x)
+    ref = x.double() @ w64.t() + layer.bias.double()
+    err, bound = (y.double() - ref).abs(), int16_bound(layer, x)
+    assert (err <= bound).all(), (err - bound).max()
+
+
+# (group, N, K) of the K-split GEMV (M ≤ 4, groups of ≥ 256 rows): per-row with a ragged K (a short last tile),
+# per-row past the 2048-row int32 flush, and G = 256 (a flush per group)
+KSPLIT_SHAPES = [(None, 67, 600), (None, 100, 4100), (256, 200, 768)]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group,n,k", KSPLIT_SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 5])  # 5: past the K split, the column-blocked GEMV
+@pytest.mark.parametrize("threads", [1, 3])
+def test_k_split_gemv_is_within_its_bound_of_float64(bits, group, n, k, m, threads, monkeypatch):
+    """The decode GEMV that splits K across threads (each thread's range cuts segments at its ends) within the same
+    bound of float64, for one thread and for three."""
+    monkeypatch.delenv("WCT_CPU_GEMV", raising=False)
+    monkeypatch.setenv("WCT_CPU_KSPLIT_MIN", "0")  # these layers are below the default size (2^22 weights)
+    layer, w64 = packed_layer(bits, group, 40, n=n, k=k, seed=bits * 100 + k + m)
+    x = torch.randn(m, k)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), kernels.use_kernel("cpu"):
+            y = layer(x)
+    finally:
+        torch.set_num_threads(before)
     ref = x.double() @ w64.t() + layer.bias.double()
     err, bound = (y.double() - ref).abs(), int16_bound(layer, x)
     assert (err <= bound).all(), (err - bound).max()
