@@ -14,12 +14,19 @@ dispatch included) separately.
     python scripts/bench_kernels.py [--out results/bench_kernels.json] [--reps 5] [--skip-cpu] [--skip-gpu]
     python scripts/bench_kernels.py --gpu-json OUT.json [--reps 5]   # the GPU table only (GPU validation)
     python scripts/bench_kernels.py --cpu-gemv-json results/bench_cpu_gemv.json [--threads 2]   # GEMV_MAX_M
+    python scripts/bench_kernels.py --cpu-stream-json results/bench_cpu_stream.json   # the decode GEMV from DRAM
 
 CPU GEMV vs slab (``--cpu-gemv-json``): SmolLM2's layer shapes (576×576, 576×192, 576×1536, 1536×576), 3/4-bit
 per-row, fp32, M ∈ {1, 2, 4, 8, 12, 16, 24, 32, 64, 96, 128}: µs per call of the compiled GEMVs (int16, fp32), of
 the slab path (compiled dequantization + BLAS) and of fp32 F.linear, each over a rotation of 64 MiB of weight copies;
 per decoder block the largest M at which the (int16) GEMV still wins, which sets
 ``wct.kernels.cpu_backend.GEMV_MAX_M``.
+
+CPU decode GEMV from DRAM (``--cpu-stream-json``): the layers of the 1.5B synthetic model (27 blocks of 2048×2048 ×4,
+2048×5632 ×2, 5632×2048; 0.69 GB of 4-bit codes, per-row scales) in one huge-page arena as the decode loop holds them
+(wct.heap), called in the model's order at M = 1 as one decode step does: ms per pass and GB/s of codes for the K-split
+GEMV (the default at these sizes) and the column-blocked one (``WCT_CPU_KSPLIT_MIN`` above every layer), against fp32
+``F.linear`` over 8 blocks of the same shapes (1.6 GB) as the yardstick of what the memory streams.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K = in, N = out): 
 GPU_M = [1, 4, 16]
 GPU_N_WEAK = [0, 8, 64]
 CPU_M = [1, 2, 4, 8, 12, 16, 24, 32, 64, 96, 128]
+SYNTH_1_5B_SHAPES = {(2048, 2048): 4, (2048, 5632): 2, (5632, 2048): 1}  # (K, N): per block of the 1.5B model
 SMOLLM2_SHAPES = {(576, 576): 2, (576, 192): 2, (576, 1536): 2, (1536, 576): 1}  # (K, N): count per decoder block
 
 
@@ -158,6 +166,61 @@ def bench_cpu_gemv(reps: int, ms=CPU_M, shapes=SMOLLM2_SHAPES, bits_list=(4, 3),
         crossover[bits] = max(slower) if slower else 0  # the largest M at which the GEMV still wins
     return {"threads": threads, "loadavg": os.getloadavg(), "gemv_mode": ext.gemv_mode(), "rows": rows, "blocks": blocks,
             "gemv_wins_up_to_M": crossover, "GEMV_MAX_M": cpu_backend.GEMV_MAX_M}
+
+
+@torch.no_grad()
+def bench_cpu_stream(reps: int, blocks: int = 27, threads: int = 2, shapes=SYNTH_1_5B_SHAPES) -> dict:
+    """The int16 decode GEMV over a model's worth of 4-bit layers from DRAM (module docstring): K-split against
+    column-blocked, and fp32 ``F.linear`` as the memory's yardstick."""
+    from wct.heap import huge_page_arena
+    from wct.kernels import cpu_backend
+
+    torch.set_num_threads(threads)
+    ext = cpu_backend.extension()
+    if ext is None:
+        raise WCTError("the CPU kernels did not build (see the error line above); the stream table needs them")
+    layers = [(k, n) for _ in range(blocks) for (k, n), count in shapes.items() for _ in range(count)]
+    nbytes = sum(k * n // 2 for k, n in layers)
+    arena, off, calls = huge_page_arena(nbytes), 0, []
+    gen = torch.Generator().manual_seed(0)
+    for k, n in layers:
+        codes = arena[off:off + k * n // 2].view(torch.int32).view(k // 8, n)
+        codes.copy_(torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen))
+        off += k * n // 2
+        calls.append((torch.randn(1, k, generator=gen), [codes], torch.rand(1, n, generator=gen).half(),
+                      torch.randint(0, 16, (1, n), dtype=torch.uint8, generator=gen), torch.zeros(0, dtype=torch.int32)))
+
+    def one_pass() -> None:
+        for x, planes, scales, zeros, idx in calls:
+            ext.owq_gemv(x, planes, scales, zeros, idx, 4)
+
+    rows = []
+    for name, ksplit_min in (("k-split", None), ("column-blocked", str(1 << 62))):
+        saved = os.environ.pop("WCT_CPU_KSPLIT_MIN", None)
+        if ksplit_min is not None:
+            os.environ["WCT_CPU_KSPLIT_MIN"] = ksplit_min
+        try:
+            one_pass()
+            t = min(_wall(one_pass) for _ in range(reps))
+        finally:
+            os.environ.pop("WCT_CPU_KSPLIT_MIN", None)
+            if saved is not None:
+                os.environ["WCT_CPU_KSPLIT_MIN"] = saved
+        rows.append({"gemv": name, "pass_ms": t * 1e3, "gb_s": nbytes / t / 1e9, "bytes": nbytes})
+    fp32 = [torch.randn(n, k, generator=gen) for _ in range(8) for (k, n), count in shapes.items() for _ in range(count)]
+    xs = {k: torch.randn(1, k) for k, _ in shapes}
+    t = min(_wall(lambda: [F.linear(xs[w.shape[1]], w) for w in fp32]) for _ in range(reps))
+    fp32_bytes = sum(w.nbytes for w in fp32)
+    rows.append({"gemv": "fp32 F.linear (8 blocks)", "pass_ms": t * 1e3, "gb_s": fp32_bytes / t / 1e9, "bytes": fp32_bytes})
+    for r in rows:
+        print(f"  {r['gemv']:26s} {r['pass_ms']:8.1f} ms per pass  {r['gb_s']:6.1f} GB/s", flush=True)
+    return {"threads": threads, "loadavg": os.getloadavg(), "gemv_mode": ext.gemv_mode(), "blocks": blocks, "rows": rows}
+
+
+def _wall(fn) -> float:
+    s = time.perf_counter()
+    fn()
+    return time.perf_counter() - s
 
 
 def _gemv_time(ext, mode: str, x, packs, idx, bits: int, reps: int) -> float:
@@ -322,7 +385,8 @@ def main() -> None:
     parser.add_argument("--skip-gpu", action="store_true")
     parser.add_argument("--gpu-json", help="run only the GPU table and write it to this JSON file")
     parser.add_argument("--cpu-gemv-json", help="run only the CPU GEMV-vs-slab table (GEMV_MAX_M) into this JSON")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the CPU GEMV-vs-slab table")
+    parser.add_argument("--cpu-stream-json", help="run only the CPU decode GEMV from DRAM (1.5B layers) into this JSON")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the CPU GEMV tables")
     args = parser.parse_args()
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.cpu_gemv_json:
@@ -333,6 +397,13 @@ def main() -> None:
         with atomic_file(args.cpu_gemv_json, "w") as fh:
             json.dump(result, fh, indent=1)
         print(f"wrote {args.cpu_gemv_json}")
+        return
+    if args.cpu_stream_json:
+        print(f"CPU decode GEMV from DRAM, 1.5B layer shapes, 4-bit, {args.threads} threads, load {os.getloadavg()}")
+        result["cpu_stream"] = bench_cpu_stream(args.reps, threads=args.threads)
+        with atomic_file(args.cpu_stream_json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.cpu_stream_json}; load {os.getloadavg()}")
         return
     if args.gpu_json:
         if not torch.cuda.is_available():
