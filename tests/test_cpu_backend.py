@@ -15,6 +15,7 @@ import torch
 
 import wct.kernels as kernels
 from wct.kernels import cpu_backend, dispatch
+from wct.kernels.sources import source_dir
 from wct.nn.owq_linear import OWQLinear
 from wct.format.layout import dequantize_dense, pack_linear
 
@@ -373,3 +374,24 @@ def test_build_cpu_compiles_ahead_and_a_failed_build_is_one_error_line(tmp_path)
     assert bad.returncode != 0 and len(errors) == 2, bad.stderr[-2000:]
     assert "could not be built" in errors[0] and "were not built" in errors[1]
     assert "Traceback" not in bad.stderr
+
+
+def test_the_extension_sources_are_staged_by_content_so_every_copy_shares_one_build(tmp_path, monkeypatch):
+    """A checkout and an installed wheel hold the same sources at different paths; torch rebuilds whenever the
+    ninja command (which names the paths) changes. Staged under a digest of their contents, equal sources get equal
+    paths (one build), and an edited source gets its own folder."""
+    import shutil
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    first = cpu_backend.staged_sources()
+    assert [p.name for p in first] == list(cpu_backend.SOURCES)
+    assert all(p.read_bytes() == (source_dir() / p.name).read_bytes() for p in first)
+    assert first[0].parent.parent == tmp_path / "ext" / "wct_owq_cpu_src"
+    copy = tmp_path / "wheel_copy"
+    shutil.copytree(source_dir(), copy)
+    monkeypatch.setattr(cpu_backend, "source_dir", lambda: copy)
+    assert cpu_backend.staged_sources() == first  # another location, the same contents: the same build
+    (copy / cpu_backend.SOURCES[0]).write_text((copy / cpu_backend.SOURCES[0]).read_text() + "\n// edited\n")
+    edited = cpu_backend.staged_sources()
+    assert edited[0].parent != first[0].parent and edited[0].read_text().endswith("// edited\n")
+    assert first[0].read_bytes() == (source_dir() / first[0].name).read_bytes()  # the first stage is untouched

@@ -22,13 +22,16 @@ dequantization for every M).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from wct.kernels.reference import add_weak, add_weak_dx
+from wct.io import atomic_file
 from wct.kernels.sources import source_dir
 from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
 
@@ -57,7 +60,7 @@ def extension():
         from torch.utils.cpp_extension import load
 
         _ext["mod"] = load(
-            name="wct_owq_cpu", sources=[str(source_dir() / f) for f in SOURCES],
+            name="wct_owq_cpu", sources=[str(p) for p in staged_sources()],
             # -fopenmp: at::parallel_for is header code that runs serially unless the extension itself is built
             # with OpenMP (it then shares torch's libgomp, already loaded under the same soname)
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
@@ -70,6 +73,25 @@ def extension():
     if _ext["mod"] is not None:
         log.info("owq_linear cpu backend: decode GEMV %s (WCT_CPU_GEMV=int16|fp32)", _ext["mod"].gemv_mode())
     return _ext["mod"]
+
+
+def staged_sources() -> list[Path]:
+    """The extension's sources, copied (once, atomically) to ``<torch's extension root: $TORCH_EXTENSIONS_DIR or
+    ~/.cache/torch_extensions>/wct_owq_cpu_src/<sha256 of their contents>/``. torch rebuilds an extension whenever its ninja command changes, and the command names the
+    source paths: a checkout's ``kernels/`` and an installed wheel's ``wct/kernels_src`` would rebuild each other's
+    build (about 40 s each time). Staged by content, every copy of the same sources compiles once."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    texts = {name: (source_dir() / name).read_bytes() for name in SOURCES}
+    digest = hashlib.sha256(b"".join(hashlib.sha256(t).digest() for t in texts.values())).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where torch builds (its own rule)
+    folder = Path(root) / "wct_owq_cpu_src" / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        if not (folder / name).is_file() or (folder / name).read_bytes() != text:
+            with atomic_file(folder / name, "wb") as fh:
+                fh.write(text)
+    return [folder / name for name in SOURCES]
 
 
 def _slabs(planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int, in_features: int, dtype: torch.dtype):
