@@ -163,7 +163,7 @@ constexpr int64_t KCHUNK = 2048;
 // Rows of K per step and byte quads (int32 broadcasts of 4 bytes of xh or xl) per step: 4-bit one word row (2 sets ×
 // xh, xl), 3-bit the two 2-bit word rows (4 sets × 2 each) and the 1-bit word row (8 sets × 2) of 32 rows.
 template <int BITS> constexpr int64_t STEP = BITS == 4 ? 8 : 32;
-template <int BITS> constexpr int PAIRS = BITS == 4 ? 4 : 32;
+template <int BITS> constexpr int QUADS = BITS == 4 ? 4 : 32;
 // The row (within a step) of byte b of quad Q, and whether the quad holds xl (else xh). Quad Q = 2·set + part.
 template <int BITS> std::pair<int, bool> quad_row(int Q, int b) {
   const bool low = Q % 2;
@@ -175,11 +175,11 @@ template <int BITS> std::pair<int, bool> quad_row(int Q, int b) {
 struct Seg { int64_t g, t0, t1, off; };  // group g, steps [t0, t1) (≤ KCHUNK rows), offset of its quads
 struct XQ {                              // x as the kernel reads it, built once per call
   std::vector<Seg> segs;
-  std::vector<int32_t> pairs, sx;        // [M, P] broadcast byte quads, [M, P / PAIRS] Σ xq of each segment's steps
+  std::vector<int32_t> quads, sx;        // [M, P] broadcast byte quads, [M, P / QUADS] Σ xq of each segment's steps
   std::vector<float> xs;                 // [M]
   int64_t P = 0, T = 0;                  // quads per row of x, steps of K
   template <int BITS> int32_t sum(int64_t m, const Seg& s, int64_t a, int64_t b) const {  // Σ xq over steps [a, b)
-    const int32_t* p = sx.data() + m * (P / PAIRS<BITS>) + s.off / PAIRS<BITS> - s.t0;
+    const int32_t* p = sx.data() + m * (P / QUADS<BITS>) + s.off / QUADS<BITS> - s.t0;
     int32_t v = 0;
     for (int64_t t = a; t < b; ++t) v += p[t];
     return v;
@@ -198,18 +198,18 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
   for (int64_t g0 = 0; g0 < K; g0 += G)
     for (int64_t t = g0 / R, t1 = (g0 + G + R - 1) / R; t < t1; t += KCHUNK / R) {
       q.segs.push_back({g0 / G, t, std::min(t + KCHUNK / R, t1), q.P});
-      q.P += (q.segs.back().t1 - t) * PAIRS<BITS>;
+      q.P += (q.segs.back().t1 - t) * QUADS<BITS>;
       q.T = q.segs.back().t1;
     }
   const int64_t S = q.segs.size();
-  q.pairs.resize(M * q.P), q.sx.resize(M * q.P / PAIRS<BITS>), q.xs.resize(M);
+  q.quads.resize(M * q.P), q.sx.resize(M * q.P / QUADS<BITS>), q.xs.resize(M);
   __m512i perm[NG];  // perm[ng][e]: byte 32·ng + e of the 32 rows' quads, as an index into (xh | xl << 5)
   for (int ng = 0; ng < NG; ++ng) {
     alignas(64) int16_t idx[32];
     for (int e = 0; e < 32; ++e) {
       const int byte = 32 * ng + e, Q = byte / 4;
-      const auto [row, low] = quad_row<BITS>(Q % PAIRS<BITS>, byte % 4);
-      idx[e] = static_cast<int16_t>((low ? 32 : 0) + Q / PAIRS<BITS> * R + row);
+      const auto [row, low] = quad_row<BITS>(Q % QUADS<BITS>, byte % 4);
+      idx[e] = static_cast<int16_t>((low ? 32 : 0) + Q / QUADS<BITS> * R + row);
     }
     perm[ng] = _mm512_load_si512(idx);
   }
@@ -236,9 +236,9 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
     for (int64_t si = 0; si < S; ++si) {
       const Seg& s = q.segs[si];
       const int64_t lo = std::max(s.g * G, s.t0 * R), hi = std::min(s.g * G + G, s.t1 * R), end = s.t1 * R;
-      int8_t* p = reinterpret_cast<int8_t*>(q.pairs.data() + m * q.P + s.off);
+      int8_t* p = reinterpret_cast<int8_t*>(q.quads.data() + m * q.P + s.off);
       for (int64_t t = s.t0; t < s.t1; ++t)  // Σ xq of the segment's rows in each step
-        q.sx[m * (q.P / PAIRS<BITS>) + s.off / PAIRS<BITS> + t - s.t0] =
+        q.sx[m * (q.P / QUADS<BITS>) + s.off / QUADS<BITS> + t - s.t0] =
             std::accumulate(xq.begin() + std::max(lo, t * R), xq.begin() + std::min(hi, t * R + R), 0);
       for (int64_t r = s.t0 * R; r < end; r += 32, p += 32 * NG) {
         const int64_t a = std::clamp<int64_t>(lo - r, 0, 32), b = std::clamp<int64_t>(hi - r, 0, 32);
@@ -246,7 +246,7 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
                                                    xq.data() + r);
         const __m512i xh = _mm512_srai_epi16(_mm512_add_epi16(v, _mm512_set1_epi16(64)), 7);
         const __m512i xl = _mm512_sub_epi16(v, _mm512_slli_epi16(xh, 7));
-        const int64_t bytes = std::min<int64_t>(32 * NG, 4 * (end - r) / R * PAIRS<BITS>);  // quads of rows r .. end
+        const int64_t bytes = std::min<int64_t>(32 * NG, 4 * (end - r) / R * QUADS<BITS>);  // quads of rows r .. end
         for (int ng = 0; ng < NG; ++ng) {
           const int64_t n = std::clamp<int64_t>(bytes - 32 * ng, 0, 32);
           _mm256_mask_storeu_epi8(p + 32 * ng, static_cast<__mmask32>((1ull << n) - 1),
@@ -340,8 +340,8 @@ void block64_int16(const XQ& q, int64_t m0, const int32_t* p0, const int32_t* p1
     __m512i ah[4][MB], al[4][MB];
     OWQ_UNROLL for (int v = 0; v < 4; ++v)
       OWQ_UNROLL for (int m = 0; m < MB; ++m) ah[v][m] = al[v][m] = _mm512_setzero_si512();
-    const int32_t* xp = q.pairs.data() + m0 * P + s.off;
-    for (int64_t t = s.t0, t1 = s.t1; t < t1; ++t, xp += PAIRS<BITS>) {
+    const int32_t* xp = q.quads.data() + m0 * P + s.off;
+    for (int64_t t = s.t0, t1 = s.t1; t < t1; ++t, xp += QUADS<BITS>) {
       if (const int64_t tp = t + PF_ROWS / STEP<BITS>; tp < t1) {
         if (BITS == 4) prefetch64(p0 + tp * N + n0);
         else prefetch64(p0 + 2 * tp * N + n0), prefetch64(p0 + (2 * tp + 1) * N + n0), prefetch64(p1 + tp * N + n0);
@@ -393,7 +393,7 @@ int64_t ksplit_min_weights() {
 template <int BITS, int MB, int TS>
 void tile16(const XQ& q, int64_t m0, const Seg& s, int64_t t, const int32_t* p0, const int32_t* p1, int64_t N,
             int32_t* acc, int64_t ld) {  // acc [M][2][ld]: steps t .. t + TS − 1 of segment s, rows m0 .. m0 + MB − 1
-  const int32_t* xp = q.pairs.data() + m0 * q.P + s.off + (t - s.t0) * PAIRS<BITS>;
+  const int32_t* xp = q.quads.data() + m0 * q.P + s.off + (t - s.t0) * QUADS<BITS>;
   for (int64_t c = 0; c < N; c += 16) {
     const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - c)) - 1);
     __m512i ah[MB], al[MB];
@@ -401,7 +401,7 @@ void tile16(const XQ& q, int64_t m0, const Seg& s, int64_t t, const int32_t* p0,
       ah[m] = _mm512_loadu_si512(acc + (2 * (m0 + m)) * ld + c);
       al[m] = _mm512_loadu_si512(acc + (2 * (m0 + m) + 1) * ld + c);
     }
-    OWQ_UNROLL for (int r = 0; r < TS; ++r) step16<BITS, MB>(ah, al, p0, p1, N, t + r, c, k, xp + r * PAIRS<BITS>, q.P);
+    OWQ_UNROLL for (int r = 0; r < TS; ++r) step16<BITS, MB>(ah, al, p0, p1, N, t + r, c, k, xp + r * QUADS<BITS>, q.P);
     OWQ_UNROLL for (int m = 0; m < MB; ++m) {
       _mm512_storeu_si512(acc + (2 * (m0 + m)) * ld + c, ah[m]);
       _mm512_storeu_si512(acc + (2 * (m0 + m) + 1) * ld + c, al[m]);
