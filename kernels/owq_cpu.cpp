@@ -9,8 +9,8 @@
 // (bit 2). Dequantisation per group g = k / G: w[k, n] = s[g, n] * (code[k, n] - z[g, n]); the product of the
 // small integer (code - z) with x is accumulated per group, then scaled: y = Σ_g s_g · Σ_{k∈g} x_k (q - z).
 //
-// Two GEMVs (WCT_CPU_GEMV, read per call): "int16" (the default on AVX-512) rounds x to int16 per row and takes
-// exact int32 dot products with the codes (block64_int16); "fp32" (block64_avx512, and the portable `block`
+// Two GEMVs (WCT_CPU_GEMV, read per call): "int16" (the default on AVX-512) rounds x to 15 bits per row and takes
+// exact int32 dot products with the codes (block64_int16, run_ksplit); "fp32" (block64_avx512, and the portable `block`
 // everywhere else) multiplies the codes with x in fp32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
