@@ -175,14 +175,12 @@ template <int BITS> std::pair<int, bool> quad_row(int Q, int b) {
 struct Seg { int64_t g, t0, t1, off; };  // group g, steps [t0, t1) (≤ KCHUNK rows), offset of its quads
 struct XQ {                              // x as the kernel reads it, built once per call
   std::vector<Seg> segs;
-  std::vector<int32_t> quads, sx;        // [M, P] broadcast byte quads, [M, P / QUADS] Σ xq of each segment's steps
-  std::vector<float> xs;                 // [M]
+  std::vector<int32_t> quads, sx;        // [M, P] broadcast byte quads, [M, P / QUADS] Σ xq of a segment's steps
+  std::vector<float> xs;                 // [M]                             from its first through each step
   int64_t P = 0, T = 0;                  // quads per row of x, steps of K
   template <int BITS> int32_t sum(int64_t m, const Seg& s, int64_t a, int64_t b) const {  // Σ xq over steps [a, b)
     const int32_t* p = sx.data() + m * (P / QUADS<BITS>) + s.off / QUADS<BITS> - s.t0;
-    int32_t v = 0;
-    for (int64_t t = a; t < b; ++t) v += p[t];
-    return v;
+    return p[b - 1] - (a > s.t0 ? p[a - 1] : 0);
   }
 };
 
@@ -237,9 +235,10 @@ bool quantize_x(const torch::Tensor& x, const torch::Tensor& weak, int64_t G, XQ
       const Seg& s = q.segs[si];
       const int64_t lo = std::max(s.g * G, s.t0 * R), hi = std::min(s.g * G + G, s.t1 * R), end = s.t1 * R;
       int8_t* p = reinterpret_cast<int8_t*>(q.quads.data() + m * q.P + s.off);
-      for (int64_t t = s.t0; t < s.t1; ++t)  // Σ xq of the segment's rows in each step
-        q.sx[m * (q.P / QUADS<BITS>) + s.off / QUADS<BITS> + t - s.t0] =
-            std::accumulate(xq.begin() + std::max(lo, t * R), xq.begin() + std::min(hi, t * R + R), 0);
+      int32_t* cum = q.sx.data() + m * (q.P / QUADS<BITS>) + s.off / QUADS<BITS>;
+      for (int64_t t = s.t0, run = 0; t < s.t1; ++t)  // Σ xq of the segment's rows through step t (≤ 16319·2048)
+        cum[t - s.t0] = static_cast<int32_t>(
+            run = std::accumulate(xq.begin() + std::max(lo, t * R), xq.begin() + std::min(hi, t * R + R), run));
       for (int64_t r = s.t0 * R; r < end; r += 32, p += 32 * NG) {
         const int64_t a = std::clamp<int64_t>(lo - r, 0, 32), b = std::clamp<int64_t>(hi - r, 0, 32);
         const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(((1ull << b) - 1) & ~((1ull << a) - 1)),

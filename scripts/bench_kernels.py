@@ -32,11 +32,13 @@ GEMV (the default at these sizes) and the column-blocked one (``WCT_CPU_KSPLIT_M
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -196,16 +198,9 @@ def bench_cpu_stream(reps: int, blocks: int = 27, threads: int = 2, shapes=SYNTH
 
     rows = []
     for name, ksplit_min in (("k-split", None), ("column-blocked", str(1 << 62))):
-        saved = os.environ.pop("WCT_CPU_KSPLIT_MIN", None)
-        if ksplit_min is not None:
-            os.environ["WCT_CPU_KSPLIT_MIN"] = ksplit_min
-        try:
+        with _env("WCT_CPU_KSPLIT_MIN", ksplit_min):
             one_pass()
             t = min(_wall(one_pass) for _ in range(reps))
-        finally:
-            os.environ.pop("WCT_CPU_KSPLIT_MIN", None)
-            if saved is not None:
-                os.environ["WCT_CPU_KSPLIT_MIN"] = saved
         rows.append({"gemv": name, "pass_ms": t * 1e3, "gb_s": nbytes / t / 1e9, "bytes": nbytes})
     fp32 = [torch.randn(n, k, generator=gen) for _ in range(8) for (k, n), count in shapes.items() for _ in range(count)]
     xs = {k: torch.randn(1, k) for k, _ in shapes}
@@ -223,17 +218,24 @@ def _wall(fn) -> float:
     return time.perf_counter() - s
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` (unset for None) inside the block, restored after."""
+    saved = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
+
+
 def _gemv_time(ext, mode: str, x, packs, idx, bits: int, reps: int) -> float:
     """:func:`_cpu_time` of ``owq_gemv`` over the rotation ``packs`` with ``WCT_CPU_GEMV=mode``."""
-    saved = os.environ.get("WCT_CPU_GEMV")
-    os.environ["WCT_CPU_GEMV"] = mode
-    try:
+    with _env("WCT_CPU_GEMV", mode):
         return _cpu_time([lambda p=p: ext.owq_gemv(x, p[0], p[1], p[2], idx, bits) for p in packs], reps)
-    finally:
-        if saved is None:
-            del os.environ["WCT_CPU_GEMV"]
-        else:
-            os.environ["WCT_CPU_GEMV"] = saved
 
 
 def _random_layer(k: int, n: int, bits: int, n_o: int, device: str) -> OWQLinear:

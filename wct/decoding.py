@@ -133,7 +133,6 @@ class LlamaDecoder:
     @staticmethod
     def _linear(mod: nn.Module):
         """A callable x [M, K] fp32 → [M, N] fp32 for an OWQLinear or nn.Linear ``mod``."""
-
         if isinstance(mod, OWQLinear):  # the CPU backend's product: GEMV up to GEMV_MAX_M rows, else slabs
             import wct.kernels.cpu_backend as cpu
 

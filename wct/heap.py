@@ -83,24 +83,21 @@ def move_off_file_mappings(tensors: list, suffix: str = ".safetensors") -> int:
     if libc is None or not maps:
         return 0
     mapped = [t for t in tensors if t.numel() and t.is_contiguous()
-              and any(lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi for lo, hi in maps)]
-    # offsets: one slot per distinct (address, dtype, shape), each rounded up to ALIGN bytes
-    offsets, total = {}, 0
+              and any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in maps)]
+    offsets, total = {}, 0  # one slot per distinct (address, dtype, shape), each rounded up to ALIGN bytes
     for t in mapped:
-        key = (t.data_ptr(), t.dtype, t.shape)
-        if key not in offsets:
+        if (key := (t.data_ptr(), t.dtype, t.shape)) not in offsets:
             offsets[key] = total
-            total += -(-(t.numel() * t.element_size()) // ALIGN) * ALIGN
+            total += -(-t.nbytes // ALIGN) * ALIGN
     if not offsets:
         return 0
     arena, page, done = huge_page_arena(total), 4096, {}
     for t in mapped:
-        key = (t.data_ptr(), t.dtype, t.shape)
-        ptr, size = t.data_ptr(), t.numel() * t.element_size()
+        key, ptr, size = (t.data_ptr(), t.dtype, t.shape), t.data_ptr(), t.nbytes
         if key not in done:
             done[key] = arena[offsets[key]:offsets[key] + size].view(t.dtype).view(t.shape).copy_(t.data)
             start, end = -(-ptr // page) * page, (ptr + size) // page * page
             if end > start:
                 libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
         t.data = done[key]
-    return sum(t.numel() * t.element_size() for t in done.values())
+    return sum(t.nbytes for t in done.values())

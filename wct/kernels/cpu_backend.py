@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from wct.kernels.reference import add_weak, add_weak_dx
 from wct.io import atomic_file
+from wct.kernels.reference import add_weak, add_weak_dx
 from wct.kernels.sources import source_dir
 from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
 
@@ -77,16 +77,15 @@ def extension():
 
 def staged_sources() -> list[Path]:
     """The extension's sources, copied (once, atomically) to ``<torch's extension root: $TORCH_EXTENSIONS_DIR or
-    ~/.cache/torch_extensions>/wct_owq_cpu_src/<sha256 of their contents>/``. torch rebuilds an extension whenever its ninja command changes, and the command names the
-    source paths: a checkout's ``kernels/`` and an installed wheel's ``wct/kernels_src`` would rebuild each other's
-    build (about 40 s each time). Staged by content, every copy of the same sources compiles once."""
+    ~/.cache/torch_extensions>/wct_owq_cpu_src/<sha256 of their contents>/``. torch rebuilds an extension whenever
+    its ninja command changes, and the command names the source paths: a checkout's ``kernels/`` and an installed
+    wheel's ``wct/kernels_src`` would rebuild each other's build (about 40 s each time). Staged by content, every copy of the same sources compiles once."""
     from torch.utils.cpp_extension import get_default_build_root
 
     texts = {name: (source_dir() / name).read_bytes() for name in SOURCES}
     digest = hashlib.sha256(b"".join(hashlib.sha256(t).digest() for t in texts.values())).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where torch builds (its own rule)
     folder = Path(root) / "wct_owq_cpu_src" / digest
-    folder.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         if not (folder / name).is_file() or (folder / name).read_bytes() != text:
             with atomic_file(folder / name, "wb") as fh:
