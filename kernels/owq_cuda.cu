@@ -7,7 +7,8 @@
 //               __threadfence + atomicAdd ticket) sums the partials in split order, adds the bias and casts.
 //   fast    : fp16 activations and scales, N % 4 == 0, 16-byte aligned planes: 4 columns per thread from 128-bit
 //             loads, LOP3/0x6400 fp16x2 decode, HSUB2 zero, HFMA2 with x staged as half2 in pair order; at 3 bits
-//             it reads the 3-bit words pw (wct.format.layout.kernel_words3) the caller converted once per layer.
+//             it reads the 3-bit kernel words pw (wct.format.layout.kernel_words3), the layout a 3-bit layer
+//             holds on this backend (general and dequant read them too when pw is given).
 //   general : every other case (fp32/bf16, ragged N, unaligned): one column per thread, exponent-trick decode.
 // owq_dequant : deq(W_q) with the weak rows of W_o scattered in, as a scratch [K, N] for one GEMM (large M, dX).
 // Launchers return the cudaError_t of the launch (0 = success). dtype codes: 0 float, 1 half, 2 bfloat16.
@@ -116,7 +117,8 @@ __global__ void __launch_bounds__(OWQ_FAST_THREADS, owq_fast_min_blocks<BITS, M>
 template <int BITS, int M, typename T, typename S>
 __global__ void __launch_bounds__(OWQ_THREADS)
     owq_gemv_general(const T* __restrict__ x, int64_t stride_x, const int32_t* __restrict__ pa,
-                     const int32_t* __restrict__ pb, const S* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                     const int32_t* __restrict__ pb, const int32_t* __restrict__ pw, const S* __restrict__ scales,
+                     const uint8_t* __restrict__ zeros,
                      const int32_t* __restrict__ idx, const T* __restrict__ wo, const T* __restrict__ bias,
                      float* __restrict__ ws, int* __restrict__ counters, T* __restrict__ y, int M_rows, int N, int K,
                      int n_o, int group, int k_per_split, int o_per_split) {
@@ -135,8 +137,13 @@ __global__ void __launch_bounds__(OWQ_THREADS)
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float acc[1][M] = {};
   if (n < N) {
-    owq_general_column<BITS, M>(pa, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group,
-                                OwqStagedF32{xs, k_per_split}, acc);
+    const OwqStagedF32 xs32{xs, k_per_split};
+    if constexpr (BITS == 3) {
+      if (pw) owq_general_column<BITS, M, true>(pw, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group, xs32, acc);
+      else owq_general_column<BITS, M>(pa, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group, xs32, acc);
+    } else {
+      owq_general_column<BITS, M>(pa, pb, scales, zeros, N, n, k_lo, k_lo + len_pad, group, xs32, acc);
+    }
     owq_weak_columns<M, 1>(wo, N, n, o_lo, o_hi, xo, o_per_split, acc);
   }
   owq_finish<M, 1>(acc, M_rows, n, N, bias, ws, counters, y);
@@ -144,10 +151,14 @@ __global__ void __launch_bounds__(OWQ_THREADS)
 
 template <int BITS, typename T, typename S>
 __global__ void owq_dequant_kernel(const int32_t* __restrict__ pa, const int32_t* __restrict__ pb,
-                                   const S* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                                   T* __restrict__ out, int N, int K, int group) {
+                                   const int32_t* __restrict__ pw, const S* __restrict__ scales,
+                                   const uint8_t* __restrict__ zeros, T* __restrict__ out, int N, int K, int group) {
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n < N) owq_dequant_block<BITS>(pa, pb, scales, zeros, N, n, blockIdx.y * 32, K, group, out);
+  if (n >= N) return;
+  if constexpr (BITS == 3) {
+    if (pw) return owq_dequant_block<BITS, true>(pw, pb, scales, zeros, N, n, blockIdx.y * 32, K, group, out);
+  }
+  owq_dequant_block<BITS>(pa, pb, scales, zeros, N, n, blockIdx.y * 32, K, group, out);
 }
 
 template <typename T>
@@ -218,7 +229,7 @@ static int launch_general(const OwqGemvArgs& a) {
   const dim3 grid((a.N + OWQ_THREADS - 1) / OWQ_THREADS, a.splits);
   owq_gemv_general<BITS, M, T, S><<<grid, OWQ_THREADS, smem, a.stream>>>(
       static_cast<const T*>(a.x), a.stride_x, static_cast<const int32_t*>(a.pa), static_cast<const int32_t*>(a.pb),
-      static_cast<const S*>(a.scales), static_cast<const uint8_t*>(a.zeros), static_cast<const int32_t*>(a.idx),
+      static_cast<const int32_t*>(a.pw), static_cast<const S*>(a.scales), static_cast<const uint8_t*>(a.zeros), static_cast<const int32_t*>(a.idx),
       static_cast<const T*>(a.wo), static_cast<const T*>(a.bias), static_cast<float*>(a.ws),
       static_cast<int*>(a.counters), static_cast<T*>(a.y), a.M, a.N, a.K, a.n_o, a.group, a.k_per_split, o_per);
   return cudaGetLastError();
@@ -250,12 +261,13 @@ static int gemv_general(const OwqGemvArgs& a) {
 }
 
 template <typename T, typename S>
-static int dequant(const void* pa, const void* pb, const void* scales, const void* zeros, const void* idx,
-                   const void* wo, void* out, int N, int K, int n_o, int group, int bits, cudaStream_t stream) {
+static int dequant(const void* pa, const void* pb, const void* pw, const void* scales, const void* zeros,
+                   const void* idx, const void* wo, void* out, int N, int K, int n_o, int group, int bits,
+                   cudaStream_t stream) {
   const dim3 grid((N + OWQ_THREADS - 1) / OWQ_THREADS, (K + 31) / 32);
   const auto args = [&](auto kernel) {
     kernel<<<grid, OWQ_THREADS, 0, stream>>>(static_cast<const int32_t*>(pa), static_cast<const int32_t*>(pb),
-                                             static_cast<const S*>(scales), static_cast<const uint8_t*>(zeros),
+                                             static_cast<const int32_t*>(pw), static_cast<const S*>(scales), static_cast<const uint8_t*>(zeros),
                                              static_cast<T*>(out), N, K, group);
   };
   switch (bits) {
@@ -285,9 +297,10 @@ extern "C" {
 
 // y [M, N] = x [M, K] (row stride stride_x) · W_fullᵀ + bias. `group` is the group size (>= the padded K for one
 // group). ws holds [splits, M, N] fp32 partials when splits > 1; counters (int32, zero before the first launch,
-// left zero by every launch) one entry per column tile: ceil(N / 256) suffice. pw: the 3-bit words
-// (wct.format.layout.kernel_words3) or null (3 bits then take the general kernel). path: 0 fastest that applies,
-// 1 the general kernel. Returns a cudaError_t.
+// left zero by every launch) one entry per column tile: ceil(N / 256) suffice. pw: at 3 bits the 3-bit kernel
+// words (wct.format.layout.kernel_words3), which every path then reads (pa, pb unused), or null: the v1 planes
+// pa, pb, which only the general kernel reads. path: 0 fastest that applies, 1 the general kernel. Returns a
+// cudaError_t.
 int owq_gemv(int act, int scale_is_float, const void* x, int64_t stride_x, const void* pa, const void* pb,
              const void* pw, const void* scales, const void* zeros, const void* idx, const void* wo, const void* bias, void* ws,
              void* counters, void* y, int M, int N, int K, int n_o, int group, int bits, int splits, int k_per_split,
@@ -308,10 +321,13 @@ int owq_gemv(int act, int scale_is_float, const void* x, int64_t stride_x, const
   OWQ_DISPATCH(gemv_general, a)
 }
 
-int owq_dequant(int act, int scale_is_float, const void* pa, const void* pb, const void* scales, const void* zeros,
-                const void* idx, const void* wo, void* out, int N, int K, int n_o, int group, int bits, void* stream) {
+// out [K, N] = W_fullᵀ (the GEMM scratch); pw as for owq_gemv.
+int owq_dequant(int act, int scale_is_float, const void* pa, const void* pb, const void* pw, const void* scales,
+                const void* zeros, const void* idx, const void* wo, void* out, int N, int K, int n_o, int group,
+                int bits, void* stream) {
   if (group % 32) return cudaErrorInvalidValue;
-  OWQ_DISPATCH(dequant, pa, pb, scales, zeros, idx, wo, out, N, K, n_o, group, bits, static_cast<cudaStream_t>(stream))
+  OWQ_DISPATCH(dequant, pa, pb, pw, scales, zeros, idx, wo, out, N, K, n_o, group, bits,
+               static_cast<cudaStream_t>(stream))
 }
 
 int owq_gemv_max_m() { return OWQ_GEMV_MAX_M; }

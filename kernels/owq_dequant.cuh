@@ -10,8 +10,9 @@
 //   0x6400 magic number ((code | 0x6400) is the half 1024 + code), the zero point (as 1024 + z, built the same
 //   way once per group) is removed by one exact HSUB2, and HFMA2 multiplies by x staged in shared memory as half2
 //   in the same pair order (owq_slot), so the stored format is unchanged. Pairs: 4 bits (k, k+4), 2 bits (k, k+8),
-//   3 bits (k, k+16) from the kernels' 3-bit words (3 per 32 rows, codes contiguous in each 16-bit half),
-//   converted from the v1 planes once per layer by the backend (wct.format.layout.kernel_words3; never stored).
+//   3 bits (k, k+16) from the kernels' 3-bit words (3 per 32 rows, codes contiguous in each 16-bit half): the
+//   layout a 3-bit layer holds, in place of the v1 planes, on the cuda backend (wct.format.layout.kernel_words3,
+//   wct.kernels.dispatch.hold_kernel_layout; a save writes the planes). Every path here also reads it (W3).
 // - general path (any dtype, any width): codes to fp32 by the exponent trick, (code | 0x4B000000) as a float is
 //   2^23 + code, minus (2^23 + z): exact, with no int→float conversion.
 #pragma once
@@ -271,10 +272,17 @@ OWQ_HD float owq_magic_zero(uint32_t z) {  // 2^23 + z, the same trick
   return owq_code_minus_zero(z, 0.f);
 }
 
-// Code j (0 <= j < 32) of a 32-row block from its words (a0, a1: the 2-bit or 4-bit words in order; b: 1-bit).
-template <int BITS>
+// Code j (0 <= j < 32) of a 32-row block from its words (a0, a1: the 2-bit or 4-bit words in order; b: 1-bit). W3:
+// the block's three 3-bit kernel words (wct.format.layout.kernel_words3): lane l = j / 16 of word p / 5 holds row
+// p = j % 16 < 15 at bit 16l + 3(p % 5); row 15's bit i sits in word i at bit 16l + 15.
+template <int BITS, bool W3 = false>
 OWQ_HD uint32_t owq_code32(const uint32_t (&w)[BITS == 3 ? 3 : BITS], int j) {
-  if constexpr (BITS == 3) {
+  if constexpr (W3) {
+    static_assert(BITS == 3, "the kernel words hold 3-bit codes");
+    const int l = 16 * (j >> 4), p = j & 15;
+    if (p < 15) return (w[p / 5] >> (l + 3 * (p % 5))) & 7u;
+    return ((w[0] >> (l + 15)) & 1u) | (((w[1] >> (l + 15)) & 1u) << 1) | (((w[2] >> (l + 15)) & 1u) << 2);
+  } else if constexpr (BITS == 3) {
     return ((w[j >> 4] >> ((j & 15) * 2)) & 3u) | (((w[2] >> j) & 1u) << 2);
   } else {
     constexpr int P = 32 / BITS;
@@ -282,10 +290,15 @@ OWQ_HD uint32_t owq_code32(const uint32_t (&w)[BITS == 3 ? 3 : BITS], int j) {
   }
 }
 
-// The words holding rows k0 .. k0 + 31 (k0 % 32 == 0) of column n.
-template <int BITS>
+// The words holding rows k0 .. k0 + 31 (k0 % 32 == 0) of column n; W3: a is the 3-bit kernel words (b unused).
+template <int BITS, bool W3 = false>
 OWQ_HD void owq_load32(const int32_t* a, const int32_t* b, int64_t n_cols, int64_t k0, int64_t n,
                        uint32_t (&w)[BITS == 3 ? 3 : BITS]) {
+  if constexpr (W3) {
+#pragma unroll
+    for (int i = 0; i < 3; ++i) w[i] = static_cast<uint32_t>(a[((k0 >> 5) * 3 + i) * n_cols + n]);
+    return;
+  }
   constexpr int A = BITS == 3 ? 2 : BITS;
   constexpr int P = BITS == 3 ? 16 : 32 / BITS;
 #pragma unroll
@@ -293,18 +306,20 @@ OWQ_HD void owq_load32(const int32_t* a, const int32_t* b, int64_t n_cols, int64
   if constexpr (BITS == 3) w[2] = static_cast<uint32_t>(b[(k0 >> 5) * n_cols + n]);
 }
 
-// Dequantize rows k0..k0+31 (k0 % 32 == 0, clipped at K) of column n into out [K, N] (the GEMM scratch).
-template <int BITS, typename T, typename S>
+// Dequantize rows k0..k0+31 (k0 % 32 == 0, clipped at K) of column n into out [K, N] (the GEMM scratch); W3: from
+// the 3-bit kernel words in a.
+template <int BITS, bool W3 = false, typename T, typename S>
 OWQ_HD void owq_dequant_block(const int32_t* a, const int32_t* b, const S* scales, const uint8_t* zeros,
                               int64_t n_cols, int64_t n, int k0, int K, int group, T* out) {
   uint32_t w[BITS == 3 ? 3 : BITS];
-  owq_load32<BITS>(a, b, n_cols, k0, n, w);
+  owq_load32<BITS, W3>(a, b, n_cols, k0, n, w);
   const int64_t g = k0 / group;
   const float s = owq_to_float(scales[g * n_cols + n]);
   const float mz = owq_magic_zero(zeros[g * n_cols + n]);
 #pragma unroll
   for (int j = 0; j < 32; ++j)
-    if (k0 + j < K) out[(k0 + j) * n_cols + n] = owq_from_float<T>(owq_code_minus_zero(owq_code32<BITS>(w, j), mz) * s);
+    if (k0 + j < K)
+      out[(k0 + j) * n_cols + n] = owq_from_float<T>(owq_code_minus_zero(owq_code32<BITS, W3>(w, j), mz) * s);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -342,19 +357,20 @@ OWQ_HD uint32_t owq_lane(const uint4& v, int c) { return c == 0 ? v.x : c == 1 ?
 // General path: acc[0][m] += sum_k W[n, k] * xs(m, k - k_lo) over rows [k_lo, k_hi) (multiples of 32, groups
 // a multiple of 32 or group >= k_hi); 32 rows per iteration, fully unrolled. xs reads the split's staged x:
 // OwqStagedF32 (the general kernel's fp32 copy) or OwqStagedPairs (the fast path's half2 copy, for its fallback).
-template <int BITS, int M, typename S, typename X>
+// W3: the codes are the 3-bit kernel words in a.
+template <int BITS, int M, bool W3 = false, typename S, typename X>
 OWQ_HD void owq_general_column(const int32_t* a, const int32_t* b, const S* scales, const uint8_t* zeros, int64_t N,
                                int64_t n, int k_lo, int k_hi, int group, const X& xs, float acc[1][M]) {
   for (int k0 = k_lo; k0 < k_hi; k0 += 32) {
     uint32_t w[BITS == 3 ? 3 : BITS];
-    owq_load32<BITS>(a, b, N, k0, n, w);
+    owq_load32<BITS, W3>(a, b, N, k0, n, w);
     const int64_t g = k0 / group;
     const float s = owq_to_float(scales[g * N + n]);
     const float mz = owq_magic_zero(zeros[g * N + n]);
     float part[M] = {};
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
-      const float v = owq_code_minus_zero(owq_code32<BITS>(w, j), mz);
+      const float v = owq_code_minus_zero(owq_code32<BITS, W3>(w, j), mz);
 #pragma unroll
       for (int m = 0; m < M; ++m) part[m] = fmaf(v, xs(m, k0 - k_lo + j), part[m]);
     }
@@ -366,7 +382,7 @@ OWQ_HD void owq_general_column(const int32_t* a, const int32_t* b, const S* scal
 // Fast path: acc[c][m] = sum_k W[n0 + c, k] * x[m, k] for the OWQ_COLS columns n0.. (n0 % 4 == 0, N % 4 == 0) over
 // rows [k_lo, k_hi) (k_lo % 32 == 0, k_hi - k_lo a multiple of the step; groups multiples of 32, or group >= k_hi
 // for one group). x is staged in xs [M][ld] in pair order from k_lo. Scales and 1024 + z are read once per group.
-// The loop reads plane a (2, 4 bits) or the 3-bit words w3 (3 bits; a and b are the v1 planes the fallback reads).
+// The loop reads plane a (2, 4 bits) or the 3-bit kernel words w3 (3 bits, for the fallback too; a, b unused).
 // A step whose fp16x2 partial overflows (|partial| > 65504: |x| in the hundreds on quantized columns) leaves inf or
 // NaN in acc, and inf/NaN absorb every later fma: so one test per output after the loop finds every overflow, and
 // only those outputs are recomputed with the general path's fp32 arithmetic (rare; the others keep their bits).
@@ -423,8 +439,9 @@ OWQ_HD void owq_fast_columns(const int32_t* a, const int32_t* b, const int32_t* 
     for (int m = 0; m < M; ++m) finite &= fabsf(acc[c][m]) <= FLT_MAX;  // NaN compares false
     if (!finite) {
       float f[1][M] = {};
-      owq_general_column<BITS, M>(a, b, scales, zeros, N, n0 + c, k_lo, k_lo + (k_hi - k_lo + 31) / 32 * 32, group,
-                                  OwqStagedPairs<BITS>{xs, ld, k_hi - k_lo}, f);
+      owq_general_column<BITS, M, BITS == 3>(BITS == 3 ? w3 : a, b, scales, zeros, N, n0 + c, k_lo,
+                                             k_lo + (k_hi - k_lo + 31) / 32 * 32, group,
+                                             OwqStagedPairs<BITS>{xs, ld, k_hi - k_lo}, f);
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[c][m] = fabsf(acc[c][m]) <= FLT_MAX ? acc[c][m] : f[0][m];
     }

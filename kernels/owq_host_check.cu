@@ -1,7 +1,10 @@
 // Host-run check of owq_dequant.cuh (built with nvcc and run on the CPU by tests/test_kernels_cuda.py): the kernels'
 // own decode and GEMV bodies, run on the CPU.
 //
-// usage: owq_host_check dequant|decode|general|fast < input
+// usage: owq_host_check dequant|decode|general|fast [words] < input
+//        words (3 bits): dequant and general read the 3-bit words instead of the v1 planes, as they do for a layer
+//        holding them (the fast path reads them always); general and fast then get the planes overwritten with
+//        garbage, so a read of them would show.
 // input : bits K N groups M n_o splits, then as whitespace-separated numbers: plane a words, plane b words (3-bit
 //         only), the 3-bit words of wct.format.layout.kernel_words3 [Kp/32*3, N] (3-bit only), scales as fp16 bit patterns [groups, N], zero-points [groups, N], weak indices [n_o], W_o [n_o, N]
 //         and x [M, K] as floats.
@@ -62,20 +65,27 @@ static void print_matrix(const std::vector<float>& v, int rows, int cols) {
   }
 }
 
-template <int BITS>
+// Overwrite the v1 planes: the paths that read the 3-bit words must not touch them.
+static void poison_planes(Layer& L) {
+  for (auto& v : L.a) v = 0x5A5A5A5A;
+  for (auto& v : L.b) v = static_cast<int32_t>(0xA5A5A5A5u);
+}
+
+template <int BITS, bool W3>
 static int dequant(const Layer& L) {
   const int kp = (L.K + 31) / 32 * 32;
   std::vector<float> out(static_cast<size_t>(L.K) * L.N);
   for (int n = 0; n < L.N; ++n)
     for (int k0 = 0; k0 < kp; k0 += 32) {
       uint32_t w[BITS == 3 ? 3 : BITS];
-      owq_load32<BITS>(L.a.data(), L.b.data(), L.N, k0, n, w);
+      const int32_t* a = W3 ? L.w3.data() : L.a.data();
+      owq_load32<BITS, W3>(a, L.b.data(), L.N, k0, n, w);
       for (int j = 0; j < 32; ++j)
-        if (owq_code32<BITS>(w, j) != owq_code(L.a.data(), L.b.data(), L.N, k0 + j, n, BITS)) {
+        if (owq_code32<BITS, W3>(w, j) != owq_code(L.a.data(), L.b.data(), L.N, k0 + j, n, BITS)) {
           fprintf(stderr, "owq_code32 != owq_code at k=%d n=%d\n", k0 + j, n);
           return 1;
         }
-      owq_dequant_block<BITS>(L.a.data(), L.b.data(), L.s.data(), L.z.data(), L.N, n, k0, L.K, L.group, out.data());
+      owq_dequant_block<BITS, W3>(a, L.b.data(), L.s.data(), L.z.data(), L.N, n, k0, L.K, L.group, out.data());
     }
   print_matrix(out, L.K, L.N);
   return 0;
@@ -111,7 +121,7 @@ static int decode(const Layer& L) {
 
 // The launch of owq_gemv_{fast,general} on the CPU: per split, stage x, run each thread's body, write partials;
 // then the ordered sum of the last block.
-template <int BITS, int M, bool FAST>
+template <int BITS, int M, bool FAST, bool W3>
 static int gemv(const Layer& L) {
   constexpr int COLS = FAST ? OWQ_COLS : 1;
   const int R = FAST ? OwqStep<BITS>::ROWS : 32;
@@ -140,8 +150,8 @@ static int gemv(const Layer& L) {
         owq_fast_columns<BITS, M>(L.a.data(), L.b.data(), L.w3.data(), L.s.data(), L.z.data(), N, n0, k_lo,
                                   k_lo + len_pad, L.group, xs16.data(), kps, acc);
       else
-        owq_general_column<BITS, M>(L.a.data(), L.b.data(), L.s.data(), L.z.data(), N, n0, k_lo, k_lo + len_pad,
-                                    L.group, OwqStagedF32{xs32.data(), kps}, acc);
+        owq_general_column<BITS, M, W3>(W3 ? L.w3.data() : L.a.data(), L.b.data(), L.s.data(), L.z.data(), N, n0,
+                                        k_lo, k_lo + len_pad, L.group, OwqStagedF32{xs32.data(), kps}, acc);
       if constexpr (FAST)
         owq_weak_columns<M, COLS>(L.wo16.data(), N, n0, o_lo, o_hi, xo.data(), o_per, acc);
       else
@@ -161,32 +171,34 @@ static int gemv(const Layer& L) {
   return 0;
 }
 
-template <int BITS, bool FAST>
+template <int BITS, bool FAST, bool W3>
 static int gemv_m(const Layer& L) {
   switch (L.M) {
-    case 1: return gemv<BITS, 1, FAST>(L);
-    case 2: return gemv<BITS, 2, FAST>(L);
-    case 8: return gemv<BITS, 8, FAST>(L);
+    case 1: return gemv<BITS, 1, FAST, W3>(L);
+    case 2: return gemv<BITS, 2, FAST, W3>(L);
+    case 8: return gemv<BITS, 8, FAST, W3>(L);
     default: return 2;
   }
 }
 
-template <int BITS>
-static int run(const char* mode, const Layer& L) {
-  if (!strcmp(mode, "dequant")) return dequant<BITS>(L);
+template <int BITS, bool W3>
+static int run(const char* mode, Layer& L) {
+  if (!strcmp(mode, "dequant")) return dequant<BITS, W3>(L);
   if (!strcmp(mode, "decode")) return decode<BITS>(L);
-  if (!strcmp(mode, "general")) return gemv_m<BITS, false>(L);
-  if (!strcmp(mode, "fast")) return gemv_m<BITS, true>(L);
+  if (BITS == 3 && (W3 || !strcmp(mode, "fast"))) poison_planes(L);
+  if (!strcmp(mode, "general")) return gemv_m<BITS, false, W3>(L);
+  if (!strcmp(mode, "fast")) return gemv_m<BITS, true, false>(L);
   return 2;
 }
 
 int main(int argc, char** argv) {
   Layer L;
   if (argc < 2 || !read_layer(L)) return 2;
+  const bool words = argc > 2 && !strcmp(argv[2], "words");
   switch (L.bits) {
-    case 2: return run<2>(argv[1], L);
-    case 3: return run<3>(argv[1], L);
-    case 4: return run<4>(argv[1], L);
+    case 2: return words ? 2 : run<2, false>(argv[1], L);
+    case 3: return words ? run<3, true>(argv[1], L) : run<3, false>(argv[1], L);
+    case 4: return words ? 2 : run<4, false>(argv[1], L);
     default: return 2;
   }
 }

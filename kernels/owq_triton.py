@@ -1,7 +1,9 @@
 """Triton kernels for owq-pack v1 layers (imported by path from wct.kernels.triton_backend).
 
 Layout (docs/owq-pack.md §3): codes packed along K in int32 bit planes [K*w/32, N], N contiguous;
-a 3-bit code is a 2-bit plane (bits 0-1) and a 1-bit plane (bit 2); 2- and 4-bit codes are one plane.
+a 3-bit code is a 2-bit plane (bits 0-1) and a 1-bit plane (bit 2); 2- and 4-bit codes are one plane. WORDS (3 bits):
+plane_a is instead the layer's 3-bit kernel words [K/32*3, N] (wct.format.layout.kernel_words3, docs/kernels.md
+"3-bit words"), the one layout a 3-bit layer holds on the triton backend; every kernel here reads it.
 Dequantization W[n, k] = s[g, n] * (code[k, n] - z[g, n]), g = k // group_size; it is exactly 0 at the weak columns.
 
 owq_fwd: y = x·deq(W_q)ᵀ + x[:, idx]·W_o (+ b). Tiles (BLOCK_M, BLOCK_N), split-K over grid axis 2 into a fp32
@@ -17,8 +19,8 @@ an atomic ticket per (row, column tile) elects the last program, which sums the 
 bias and casts. The weak columns are spread over the splits. Offsets that can pass 2^31 are int64.
 HALF2 (fp16 activations and scales, K and the group multiples of 32, x rows 16-byte aligned) is owq_gemv's fp16x2
 path, the CUDA fast path's arithmetic: one column per tensor element, a loop over groups (scale and zero constants
-once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits: from plane_w, the 3-bit words of
-wct.format.layout.kernel_words3 that the backend converts from the v1 planes once per layer) rows; per step and column one asm call
+once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits: from plane_w, the 3-bit kernel words of
+wct.format.layout.kernel_words3 that a 3-bit layer holds on this backend) rows; per step and column one asm call
 decodes code pairs into fp16x2 by LOP3 with the 0x6400 magic number, removes the zero exactly (HSUB2, or HFMA2 by
 1/16 for the high nibbles), HFMA2s them against x read as half2 pairs in the same order, and the step's fp16x2
 partial is flushed into the fp32 accumulator with the scale (error bound: docs/kernels.md); columns whose sum is
@@ -35,9 +37,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _codes(plane_a, plane_b, k, n, stride_a, stride_b, mask, BITS: tl.constexpr):
-    """Integer codes at (k, n) (broadcastable index tensors)."""
-    if BITS == 3:
+def _codes(plane_a, plane_b, k, n, stride_a, stride_b, mask, BITS: tl.constexpr, WORDS: tl.constexpr):
+    """Integer codes at (k, n) (broadcastable index tensors). WORDS: plane_a holds the 3-bit kernel words
+    (wct.format.layout.kernel_words3): row p = k % 16 of lane l = (k % 32) // 16 of 32-row block b sits in word
+    3b + p // 5 at bit 16l + 3(p % 5) for p < 15; row 15's bit j in word 3b + j at bit 16l + 15."""
+    if WORDS:
+        base = plane_a + (k // 32) * 3 * stride_a + n
+        p = k % 16
+        sh = (k % 32) // 16 * 16
+        last = p == 15
+        w = tl.load(base + tl.where(last, 0, p // 5) * stride_a, mask=mask, other=0)
+        w1 = tl.load(base + stride_a, mask=mask & last, other=0)
+        w2 = tl.load(base + 2 * stride_a, mask=mask & last, other=0)
+        spare = ((w >> (sh + 15)) & 1) | (((w1 >> (sh + 15)) & 1) << 1) | (((w2 >> (sh + 15)) & 1) << 2)
+        return tl.where(last, spare, (w >> (sh + (p % 5) * 3)) & 0x7)
+    elif BITS == 3:
         lo = tl.load(plane_a + (k // 16) * stride_a + n, mask=mask, other=0)
         hi = tl.load(plane_b + (k // 32) * stride_b + n, mask=mask, other=0)
         return ((lo >> ((k % 16) * 2)) & 0x3) | (((hi >> (k % 32)) & 0x1) << 2)
@@ -47,9 +61,10 @@ def _codes(plane_a, plane_b, k, n, stride_a, stride_b, mask, BITS: tl.constexpr)
 
 
 @triton.jit
-def _dequant(plane_a, plane_b, scales, zeros, k, n, stride_a, stride_b, stride_g, group_size, mask, BITS: tl.constexpr):
+def _dequant(plane_a, plane_b, scales, zeros, k, n, stride_a, stride_b, stride_g, group_size, mask, BITS: tl.constexpr,
+             WORDS: tl.constexpr):
     """fp32 weights W[n, k] at (k, n)."""
-    code = _codes(plane_a, plane_b, k, n, stride_a, stride_b, mask, BITS)
+    code = _codes(plane_a, plane_b, k, n, stride_a, stride_b, mask, BITS, WORDS)
     g = k // group_size
     s = tl.load(scales + g * stride_g + n, mask=mask, other=0).to(tl.float32)
     z = tl.load(zeros + g * stride_g + n, mask=mask, other=0).to(tl.float32)
@@ -76,6 +91,7 @@ def owq_fwd(
     stride_xm, stride_a, stride_b, stride_g, stride_wo, stride_om, stride_os,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,7 +105,7 @@ def owq_fwd(
         mk = rk < k_hi
         a = tl.load(x + rm[:, None] * stride_xm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         w = _dequant(plane_a, plane_b, scales, zeros, rk[:, None], rn[None, :], stride_a, stride_b, stride_g,
-                     group_size, mk[:, None] & mn[None, :], BITS)
+                     group_size, mk[:, None] & mn[None, :], BITS, WORDS)
         acc = _mac(acc, a, w, USE_DOT, UPCAST)
     if pid_s == tl.num_programs(2) - 1:  # the weak columns: a K-tail over gathered activations
         for o0 in range(0, n_o, BLOCK_O):
@@ -111,7 +127,7 @@ def owq_dx(
     M, N, K, group_size,
     stride_dym, stride_a, stride_b, stride_g, stride_dxm,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, WORDS: tl.constexpr = False,
 ):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -123,7 +139,7 @@ def owq_dx(
         mn = rn < N
         g = tl.load(dy + rm[:, None] * stride_dym + rn[None, :], mask=mm[:, None] & mn[None, :], other=0.0)
         w = _dequant(plane_a, plane_b, scales, zeros, rk[None, :], rn[:, None], stride_a, stride_b, stride_g,
-                     group_size, mn[:, None] & mk[None, :], BITS)  # [BLOCK_N, BLOCK_K] = W[n, k]
+                     group_size, mn[:, None] & mk[None, :], BITS, WORDS)  # [BLOCK_N, BLOCK_K] = W[n, k]
         acc = _mac(acc, g, w, USE_DOT, UPCAST)
     tl.store(dx + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx.dtype.element_ty), mask=mm[:, None] & mk[None, :])
 
@@ -155,20 +171,53 @@ def _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride
 
 
 @triton.jit
+def _gemv_tile_words(x_row, words, k0, k_hi, rn64, mn, mz, stride_w, BLOCK_K: tl.constexpr):
+    """_gemv_tile from the 3-bit kernel words: a [W, BLOCK_N] tile over W = BLOCK_K / 32 blocks of 32 rows (k0 % 32
+    == 0), each block's three words loaded once as [W, BLOCK_N] tiles. Lane l of word j holds rows 16l + 5j + i at
+    bits 16l + 3i (i < 5), and bit j of row 16l + 15 at bit 16l + 15."""
+    W: tl.constexpr = BLOCK_K // 32
+    rw = tl.arange(0, W)
+    mask = ((k0 + rw * 32) < k_hi)[:, None] & mn[None, :]
+    row3 = ((k0 // 32 + rw) * 3).to(tl.int64)
+    w0 = tl.load(words + (row3 * stride_w)[:, None] + rn64[None, :], mask=mask, other=0)
+    w1 = tl.load(words + ((row3 + 1) * stride_w)[:, None] + rn64[None, :], mask=mask, other=0)
+    w2 = tl.load(words + ((row3 + 2) * stride_w)[:, None] + rn64[None, :], mask=mask, other=0)
+    t = tl.zeros((W, rn64.shape[0]), dtype=tl.float32)
+    for lane in tl.static_range(2):
+        for r in tl.static_range(16):
+            if r < 5:
+                code = (w0 >> (16 * lane + 3 * r)) & 0x7
+            elif r < 10:
+                code = (w1 >> (16 * lane + 3 * (r - 5))) & 0x7
+            elif r < 15:
+                code = (w2 >> (16 * lane + 3 * (r - 10))) & 0x7
+            else:
+                code = (((w0 >> (16 * lane + 15)) & 1) | (((w1 >> (16 * lane + 15)) & 1) << 1)
+                        | (((w2 >> (16 * lane + 15)) & 1) << 2))
+            row = k0 + rw * 32 + 16 * lane + r
+            xv = tl.load(x_row + row, mask=row < k_hi, other=0.0).to(tl.float32)
+            t += ((code | 0x4B000000).to(tl.float32, bitcast=True) - mz[None, :]) * xv[:, None]
+    return t
+
+
+@triton.jit
 def _split_fp32(x_row, plane_a, plane_b, scales, zeros, k_lo, k_hi, rn64, mn, group_size, stride_a, stride_b,
-                stride_g, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+                stride_g, BITS: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
     """sum over rows [k_lo, k_hi) of W[n, k]·x_k for the columns rn64 in fp32 (owq_gemv's fp32 path, and the fp16x2
-    path's fallback): BLOCK_K-row tiles (_gemv_tile), the scale applied once per word, a [words, BLOCK_N]
-    accumulator reduced once at the end."""
-    C: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    path's fallback): BLOCK_K-row tiles (_gemv_tile, or _gemv_tile_words with WORDS), the scale applied once per
+    word, a [words, BLOCK_N] accumulator reduced once at the end."""
+    C: tl.constexpr = 32 if WORDS else (16 if BITS == 3 else 32 // BITS)
     acc = tl.zeros((BLOCK_K // C, rn64.shape[0]), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         g = (k0 // group_size).to(tl.int64) * stride_g
         s = tl.load(scales + g + rn64, mask=mn, other=0).to(tl.float32)
         z = tl.load(zeros + g + rn64, mask=mn, other=0)
         mz = (z.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + z
-        acc += _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride_b, BITS,
-                          BLOCK_K) * s[None, :]
+        if WORDS:
+            acc += _gemv_tile_words(x_row, plane_a, k0, k_hi, rn64, mn, mz, stride_a, BLOCK_K) * s[None, :]
+        else:
+            acc += _gemv_tile(x_row, plane_a, plane_b, k0, k_hi, rn64, mn, mz, stride_a, stride_b, BITS,
+                              BLOCK_K) * s[None, :]
     return tl.sum(acc, axis=0)
 
 
@@ -409,6 +458,7 @@ def owq_gemv(
     stride_xm, stride_a, stride_b, stride_w, stride_g, stride_wo,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     HAS_BIAS: tl.constexpr, HALF2: tl.constexpr = False, ASM: tl.constexpr = False, EVEN_N: tl.constexpr = False,
+    WORDS: tl.constexpr = False,
 ):
     pid_n, pid_s, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
@@ -444,12 +494,12 @@ def owq_gemv(
         # hundreds on quantized columns) take this split again in fp32; the others keep their bits.
         ok = tl.abs(out) <= 3.4028234663852886e38  # finite (NaN compares false)
         if tl.min(ok.to(tl.int32)) == 0:
-            C: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # one word per column per iteration: few registers
+            C: tl.constexpr = 32 if WORDS else (16 if BITS == 3 else 32 // BITS)  # one word per column per step
             out = tl.where(ok, out, _split_fp32(x_row, plane_a, plane_b, scales, zeros, k_lo, k_hi, rn64, mn,
-                                                group_size, stride_a, stride_b, stride_g, BITS, C))
+                                                group_size, stride_a, stride_b, stride_g, BITS, C, WORDS))
     else:
         out = _split_fp32(x_row, plane_a, plane_b, scales, zeros, k_lo, k_hi, rn64, mn, group_size, stride_a,
-                          stride_b, stride_g, BITS, BLOCK_K)
+                          stride_b, stride_g, BITS, BLOCK_K, WORDS)
     o_lo = (n_o * pid_s) // splits
     o_hi = (n_o * (pid_s + 1)) // splits
     for o0 in range(o_lo, o_hi, BLOCK_O):  # this split's share of the weak columns

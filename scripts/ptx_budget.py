@@ -393,6 +393,8 @@ def triton_specs(bits: int) -> list[tuple]:
         block_n, block_k, warps = TRITON_HALF2_TILE
         const = dict(BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_O=16, HAS_BIAS=True, HALF2=True, ASM=True,
                      EVEN_N=True)
+        if "WORDS" in fn.arg_names:  # a 3-bit layer holds the kernel words on the triton backend
+            const["WORDS"] = bits == 3
         sig = {a: "constexpr" if a in const else types.get(a, "*fp16" if a in ("x", "wo", "bias", "y") else "i32")
                for a in fn.arg_names}
         aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)

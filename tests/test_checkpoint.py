@@ -51,6 +51,29 @@ def test_roundtrip_bit_exact(tmp_path, bits, group, rtn_pack):
     assert tok2("abc").input_ids == tok("abc").input_ids
 
 
+def test_a_model_holding_3bit_kernel_words_saves_owq_pack_v1_bit_for_bit(tmp_path, rtn_pack):
+    """Layers converted to the triton/cuda kernel words (wct.kernels.hold_kernel_layouts) compute the same logits and
+    save the same model.safetensors, byte for byte, as the v1 planes they came from; loading it into the converted
+    model goes back to the planes."""
+    from wct.kernels import hold_kernel_layouts, use_kernel
+
+    model, tok = tiny_llama()
+    rtn_pack(model, 3, 32)
+    first = save_quantized(model, tok, tmp_path / "planes")
+    with use_kernel("torch"):  # the torch backend reads either layout and converts nothing
+        before = logits(model)
+        assert hold_kernel_layouts(model, "triton") == 14
+        assert {m.layout for m in owq_layers(model).values()} == {"words3"}
+        assert torch.equal(logits(model), before)
+    second = save_quantized(model, tok, tmp_path / "words")
+    assert (second / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    reloaded, _ = load_quantized(second)
+    model.load_state_dict(reloaded.state_dict())
+    assert {m.layout for m in owq_layers(model).values()} == {"v1"}
+    with use_kernel("torch"):
+        assert torch.equal(logits(model), before)
+
+
 def test_fp16_storage_when_lossless(tmp_path, rtn_pack):
     model, tok = tiny_llama()
     rtn_pack(model, 4)

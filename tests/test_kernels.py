@@ -98,6 +98,28 @@ def test_triton_gemv_split_k_matches_float64(bits, group, k, n_o, splits):
         assert rel_err(y, x.double() @ w64.t() + layer.bias.double()) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("layout", ["v1", "words3"])
+@pytest.mark.parametrize("group,k,n_o", [(None, 200, 40), (64, 256, 1)])  # 200: ragged K (codes padded to 224)
+def test_triton_reads_both_3bit_layouts(layout, group, k, n_o):
+    """Every triton kernel on a 3-bit layer's codes in either layout (the v1 planes, which sharded or compiled layers
+    keep, and the kernel words the backend converts to): the GEMV's fp32 path with forced splits (M = 1, 4), the
+    tl.dot GEMM (M = 33) and dX, against float64."""
+    layer, w64 = make_layer(3, group, n_o, n=40, k=k, device=DEVICE)
+    layer.to_layout(layout)
+    planes = list(layer.planes.values())
+    assert len(planes) == (1 if layout == "words3" else 2)
+    args = (layer.weak_weight, planes, layer.scales, layer.zeros, layer.weak_idx, layer.bias)
+    bias = layer.bias.double()
+    for m in (1, 4, 33):
+        x = torch.randn(m, k, device=DEVICE)
+        assert rel_err(triton_backend.forward(x, *args, None, 3), x.double() @ w64.t() + bias) < TOL[torch.float32]
+        dy = torch.randn(m, 40, device=DEVICE)
+        dx = triton_backend.grad_input(dy, *args[:-1], None, 3, k)
+        assert rel_err(dx, dy.double() @ w64) < TOL[torch.float32]
+    x = torch.randn(2, k, device=DEVICE)
+    assert rel_err(triton_backend.gemv(x, *args, 3, split_k=3), x.double() @ w64.t() + bias) < TOL[torch.float32]
+
+
 def test_triton_gemv_fused_split_k_is_deterministic():
     layer, _ = make_layer(3, None, 7, torch.float16, n=40, k=512, device=DEVICE)
     args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, 3)
@@ -164,22 +186,33 @@ def test_dense_cache_reuse_invalidation_and_live_weak_columns(monkeypatch):
     assert kernels.cached_dense(layer, torch.float32) is None
 
 
-def test_kernel_planes_caches_the_3bit_words_per_layer():
-    """dispatch.kernel_planes: the v1 planes for the torch backend and 4 bits; at 3 bits on triton/cuda also the 3-bit
-    words, built once (the same tensor on the next call) and rebuilt when the planes change."""
+def test_hold_kernel_layout_converts_3bit_layers_in_place(monkeypatch):
+    """dispatch.hold_kernel_layout: a 3-bit layer holds the kernel words in place of the v1 planes on triton and
+    cuda (the same tensor on the next call, nothing kept beside it), the planes again on cpu; 4-bit layers and the
+    torch backend are left alone; nothing is replaced while torch.compile traces. Each conversion is bit-exact."""
     layer, _ = make_layer(3, None, 7)
-    assert [p.data_ptr() for p in kernels.kernel_planes(layer, "torch")] == [layer.qweight_lo.data_ptr(),
-                                                                             layer.qweight_hi.data_ptr()]
-    assert len(kernels.kernel_planes(make_layer(4, None, 7)[0], "triton")) == 1
-    words = kernels.kernel_planes(layer, "triton")[2]
-    assert torch.equal(words, kernel_words3(layer.qweight_lo, layer.qweight_hi))
-    assert kernels.kernel_planes(layer, "cuda")[2] is words
-    other, _ = make_layer(3, None, 7, seed=1)
-    layer.load_state_dict(other.state_dict())  # new codes: the cache must not serve the old words
-    fresh = kernels.kernel_planes(layer, "triton")[2]
-    assert fresh is not words and torch.equal(fresh, kernel_words3(other.qweight_lo, other.qweight_hi))
-    kernels.clear_cache()
-    assert kernels.kernel_planes(layer, "triton")[2] is not fresh
+    lo, hi = layer.qweight_lo.clone(), layer.qweight_hi.clone()
+    kernels.hold_kernel_layout(layer, "torch")
+    assert layer.layout == "v1"
+    kernels.hold_kernel_layout(layer, "triton")
+    assert layer.layout == "words3" and set(layer.planes) == {"qweight_w3"}
+    assert not hasattr(layer, "qweight_lo") and not layer.qweight_w3.requires_grad
+    words = layer.qweight_w3
+    assert torch.equal(words, kernel_words3(lo, hi))
+    kernels.hold_kernel_layout(layer, "cuda")
+    assert layer.qweight_w3 is words
+    kernels.hold_kernel_layout(layer, "cpu")
+    assert layer.layout == "v1" and torch.equal(layer.qweight_lo, lo) and torch.equal(layer.qweight_hi, hi)
+    four, _ = make_layer(4, None, 7)
+    kernels.hold_kernel_layout(four, "triton")
+    assert four.layout == "v1"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    kernels.hold_kernel_layout(layer, "triton")
+    assert layer.layout == "v1"
+    monkeypatch.undo()
+    model = torch.nn.Sequential(make_layer(3, None, 7)[0], four, make_layer(3, 128, 0)[0])
+    assert kernels.hold_kernel_layouts(model, "triton") == 2
+    assert [m.layout for m in model] == ["words3", "v1", "words3"]
 
 
 def test_dispatch_messages_and_log(caplog, monkeypatch):
@@ -211,14 +244,19 @@ from triton.backends.compiler import GPUTarget
 from wct.kernels.sources import load_module
 
 mod = load_module("owq_triton.py", "owq_triton_aot")
-types = {"plane_a": "*i32", "plane_b": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "out": "*fp32"}
+types = {"plane_a": "*i32", "plane_b": "*i32", "plane_w": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32",
+         "out": "*fp32", "ws": "*fp32", "counters": "*i32"}
 for case in sys.argv[1:]:
-    arch, kernel, bits, dtype, block_m, use_dot = case.split(",")
-    fn = mod.owq_fwd if kernel == "fwd" else mod.owq_dx
-    const = dict(BITS=int(bits), BLOCK_M=int(block_m), BLOCK_N=64, BLOCK_K=64, USE_DOT=use_dot == "1", UPCAST=False)
-    if kernel == "fwd":
+    arch, kernel, bits, dtype, block_m, use_dot, words = case.split(",")
+    fn = {"fwd": mod.owq_fwd, "dx": mod.owq_dx, "gemv": mod.owq_gemv}[kernel]
+    const = dict(BITS=int(bits), BLOCK_N=64, BLOCK_K=64, WORDS=words == "1")
+    if kernel == "gemv":  # its fp32 path
+        const.update(HALF2=False, ASM=False, EVEN_N=False)
+    else:
+        const.update(BLOCK_M=int(block_m), USE_DOT=use_dot == "1", UPCAST=False)
+    if kernel != "dx":
         const.update(BLOCK_O=16, HAS_BIAS=True)
-    act = {"x", "wo", "bias", "dy", "dx"}
+    act = {"x", "wo", "bias", "dy", "dx", "y"}
     sig = {a: "constexpr" if a in const else types.get(a, f"*{dtype}" if a in act else "i32") for a in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", int(arch), 32))
     assert ("mma" in k.asm["ptx"]) == (use_dot == "1"), f"{case}: tensor cores expected exactly when USE_DOT"
@@ -226,12 +264,14 @@ for case in sys.argv[1:]:
 
 
 def test_triton_kernels_aot_compile_for_sm80_sm90():
-    """Compile to PTX/cubin without a GPU (docs/kernels.md): tile-shape and layout rules the interpreter skips.
-    A subprocess, because kernels decorated under TRITON_INTERPRET=1 cannot be compiled."""
+    """Compile to PTX/cubin without a GPU (docs/kernels.md): tile-shape and layout rules the interpreter skips, for
+    the v1 planes and the 3-bit kernel words. A subprocess, because kernels decorated under TRITON_INTERPRET=1 cannot be compiled."""
     import subprocess
     import sys
 
-    cases = [f"{arch},{c}" for arch in (80, 90) for c in ("fwd,3,fp16,1,0", "fwd,3,bf16,16,1", "fwd,4,fp16,64,1", "dx,3,bf16,16,1")]
+    cases = [f"{arch},{c}" for arch in (80, 90) for c in (
+        "fwd,3,fp16,1,0,0", "fwd,3,bf16,16,1,0", "fwd,4,fp16,64,1,0", "dx,3,bf16,16,1,0",  # the v1 planes
+        "fwd,3,fp16,16,1,1", "dx,3,bf16,16,1,1", "gemv,3,fp32,1,0,1")]  # the 3-bit kernel words
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *cases], env=env, capture_output=True, text=True)

@@ -39,9 +39,10 @@ def host_check(tmp_path_factory) -> str:
     return str(exe)
 
 
-def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
-    """Feed a packed layer (and x) to owq_host_check; returns its output matrix. At 3 bits the fast path's 3-bit
-    words come from the converter (wct.format.layout.kernel_words3), so decode and GEMV checks test it too."""
+def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, splits: int = 1, words: bool = False) -> torch.Tensor:
+    """Feed a packed layer (and x) to owq_host_check; returns its output matrix. At 3 bits the 3-bit words come from
+    the converter (wct.format.layout.kernel_words3), so decode and GEMV checks test it too; ``words``: dequant and
+    general read them instead of the planes (the layout a 3-bit layer holds on the cuda backend)."""
     n_o, n = layer.weak_weight.shape
     numbers = [layer.bits, layer.in_features, n, layer.scales.shape[0], x.shape[0], n_o, splits]
     numbers += [w for p in layer.planes.values() for w in p.flatten().tolist()]
@@ -50,16 +51,16 @@ def run_host_check(exe: str, mode: str, layer, x: torch.Tensor, splits: int = 1)
     numbers += layer.scales.half().view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).flatten().tolist()
     numbers += layer.zeros.flatten().tolist() + layer.weak_idx.tolist()
     numbers += [repr(v) for v in layer.weak_weight.float().flatten().tolist() + x.flatten().tolist()]
-    proc = subprocess.run([exe, mode], input=" ".join(map(str, numbers)), capture_output=True, text=True)
+    proc = subprocess.run([exe, mode] + (["words"] if words else []), input=" ".join(map(str, numbers)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return torch.tensor([[float(v) for v in line.split()] for line in proc.stdout.splitlines()], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits,words", [(2, False), (3, False), (3, True), (4, False)])
 @pytest.mark.parametrize("k,group", [(200, None), (256, 128)])
-def test_host_dequant_matches_python_packer(host_check, bits, k, group):
+def test_host_dequant_matches_python_packer(host_check, bits, words, k, group):
     layer, _ = make_layer(bits, group, 7, n=13, k=k, sym=bits == 2)
-    got = run_host_check(host_check, "dequant", layer, torch.zeros(0, k))
+    got = run_host_check(host_check, "dequant", layer, torch.zeros(0, k), words=words)
     want = dequantize_dense(layer.planes, layer.scales, layer.zeros, bits, k).t()  # [K, N], 0 at weak columns
     torch.testing.assert_close(got.float(), want, rtol=0, atol=0)  # %.9g round-trips fp32 exactly
 
@@ -78,19 +79,19 @@ def test_host_fast_decode_is_bit_exact(host_check, bits, k, group):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("path", ["fast", "general"])
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("path,bits", [("fast", 3), ("fast", 4), ("general", 3), ("general", 4), ("words", 3)])
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("n_o", [0, 1, 40])
 @pytest.mark.parametrize("m,splits", [(1, 1), (1, 2), (8, 3), (2, 7)])
 def test_host_gemv_matches_float64(host_check, path, bits, group, n_o, m, splits):
-    """Each GEMV body with split-K staging, weak columns spread over the splits and the ordered reduction."""
+    """Each GEMV body with split-K staging, weak columns spread over the splits and the ordered reduction
+    (``words``: the general body reading the 3-bit kernel words, the planes overwritten)."""
     k = 1024 if group else 1000  # 1000: ragged K (planes padded to 1024), a ragged last split
     layer, w64 = make_layer(bits, group, n_o, n=36, k=k)
     x = torch.randn(m, k)
-    got = run_host_check(host_check, path, layer, x, splits)
+    got = run_host_check(host_check, "general" if path == "words" else path, layer, x, splits, words=path == "words")
     assert got.shape == (m, 36)
-    tol = 2e-5 if path == "general" else 2e-3  # fast: x and the per-step partials in fp16
+    tol = 2e-3 if path == "fast" else 2e-5  # fast: x and the per-step partials in fp16
     assert rel_err(got, x.double() @ w64.t()) < tol
 
 
@@ -155,7 +156,8 @@ def test_cuda_matches_float64(bits, group, n_o, dtype):
 def test_cuda_fast_and_general_paths_agree(bits, n, group):
     """The fast kernel (fp16, N % 4 == 0) against the general one and float64, forced splits 1, 3, 7."""
     layer, w64 = make_layer(bits, group, 40, torch.float16, n=n, k=11008 if group is None else 4096, device="cuda")
-    args = (layer.weak_weight, kernels.kernel_planes(layer, "cuda"), layer.scales, layer.zeros, layer.weak_idx,
+    layer.to_layout("words3" if bits == 3 else "v1")  # the layout a 3-bit layer holds on this backend
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx,
             layer.bias, bits)
     for m in (1, 3, 8):
         x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.float16)

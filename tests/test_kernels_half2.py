@@ -19,9 +19,9 @@ import triton.language as tl
 import wct.format.layout
 from ptx_emulator import run as run_ptx
 from kernel_helpers import ROWS, U, half2_bound, make_layer, overflowing_x, pair_rows
-from wct.kernels import kernel_planes, triton_backend
+from wct.kernels import triton_backend
 from wct.kernels.sources import load_module
-from wct.format.layout import kernel_words3, pack_codes, padded_k
+from wct.format.layout import kernel_words3, pack_codes, padded_k, planes_from_words3, words3_codes
 
 SRC = load_module("owq_triton.py", "wct_kernels_src_owq_triton")
 _step3, _step4, _zero_consts = SRC._step3, SRC._step4, SRC._zero_consts
@@ -55,7 +55,8 @@ def random_step(bits: int, n: int, seed: int):
 @pytest.mark.parametrize("chunk", [None, 64])  # 64: one column per conversion chunk
 def test_kernel_words3_converter_follows_the_layout(k, n, chunk, monkeypatch):
     """wct.format.layout.kernel_words3 from the owq-pack v1 planes gives the words of the definition for every 32-row
-    block, and every code reads back from them (at the documented bits) as the code that was packed."""
+    block, and every code reads back from them (at the documented bits) as the code that was packed; the inverse
+    converters give the codes and the v1 planes back bit for bit."""
     if chunk:
         monkeypatch.setattr(wct.format.layout, "KERNEL3_CHUNK", chunk)
     codes = torch.randint(0, 8, (k, n), generator=torch.Generator().manual_seed(k + n))
@@ -77,6 +78,9 @@ def test_kernel_words3_converter_follows_the_layout(k, n, chunk, monkeypatch):
                     back[32 * b + 16 * lane + 5 * j + i] = (w[j] >> np.uint32(16 * lane + 3 * i)) & 7
                 back[32 * b + 16 * lane + 15] |= ((w[j] >> np.uint32(16 * lane + 15)) & 1) << np.uint32(j)
     np.testing.assert_array_equal(back, c)
+    assert torch.equal(words3_codes(words, k), codes.to(torch.int32))
+    again = planes_from_words3(words)
+    assert again.keys() == planes.keys() and all(torch.equal(again[name], planes[name]) for name in planes)
 
 
 def zero_args(bits: int, z: np.ndarray) -> list[np.ndarray]:
@@ -167,8 +171,9 @@ def test_tl_form_is_bit_identical_to_the_assembly(bits):
 def test_half2_gemv_within_its_error_bound(bits, group, n_o, splits, n):
     """owq_gemv's fp16x2 path (forced splits, weak columns, N on and off the tile grid) against float64."""
     layer, w64 = make_layer(bits, group, n_o, torch.float16, n=n, k=256)
-    planes = kernel_planes(layer, "triton")  # 3 bits: with the 3-bit words, which the fp16x2 path reads
-    assert len(planes) == (3 if bits == 3 else 1)
+    layer.to_layout("words3" if bits == 3 else "v1")  # 3 bits: the kernel words, which the fp16x2 path reads
+    planes = list(layer.planes.values())
+    assert len(planes) == 1
     args = (layer.weak_weight, planes, layer.scales, layer.zeros, layer.weak_idx, layer.bias, bits)
     x = (torch.randn(2, 256) * 2).half()
     assert triton_backend.half2_path(x, layer.scales, 256, group or 256)
@@ -185,7 +190,8 @@ def test_half2_gemv_overflowing_step_falls_back_to_fp32(bits, group, splits):
     finite and within the documented bound, and the overflowed ones within the fp32 path's (docs/kernels.md)."""
     k = 256
     layer, w64 = make_layer(bits, group, 40, torch.float16, n=64, k=k)
-    args = (layer.weak_weight, kernel_planes(layer, "triton"), layer.scales, layer.zeros, layer.weak_idx, layer.bias,
+    layer.to_layout("words3" if bits == 3 else "v1")
+    args = (layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias,
             bits)
     x, over = overflowing_x(bits, layer, w64, k)
     assert over.any() and not over.all()  # some steps overflow in fp16, some outputs do not

@@ -248,6 +248,9 @@ def load_quantized(
         from wct.delta import apply_delta
 
         apply_delta(model, delta)
+    from wct.kernels import hold_kernel_layouts
+
+    hold_kernel_layouts(model)  # 3-bit layers in the layout their backend reads (on a GPU the kernel words)
     tokenizer = AutoTokenizer.from_pretrained(path)
     release_freed_memory()  # loading leaves ~30 MiB of freed heap (the tokenizer's); docs/kernels.md "Decode loop"
     return model, tokenizer

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wct.heap import move_off_file_mappings
+from wct.kernels.dispatch import hold_kernel_layouts
 from wct.nn import OWQLinear
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -75,6 +76,7 @@ class LlamaDecoder:
 
     def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
         cfg, inner = model.config, model.model
+        hold_kernel_layouts(model, "cpu")  # 3-bit layers in the v1 planes the compiled step reads
         # weights read from process memory, not the safetensors mapping (faster per token; same values and bytes)
         move_off_file_mappings([*model.parameters(), *model.buffers()])
         self.layers = list(inner.layers)

@@ -70,7 +70,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
 
 
 def unpack_codes(planes: dict[str, torch.Tensor], bits: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 codes [K, N]."""
+    """Inverse of :func:`pack_codes`: int32 codes [K, N]; also from the 3-bit kernel words (``{WORDS3: words}``, the
+    layout a 3-bit layer holds on the triton and cuda backends, :func:`kernel_words3`)."""
+    if WORDS3 in planes:
+        return words3_codes(planes[WORDS3], k)
     codes = None
     for name, width, offset in plane_layout(bits):
         words = planes[name]
@@ -175,6 +178,29 @@ def stored_bits(n: int, k: int, bits: int, groups: int, n_o: int, weak_bits: int
 
 
 KERNEL3_CHUNK = 1 << 22  # codes converted at a time by kernel_words3 (bounds its temporaries: ~100 MB)
+WORDS3 = "qweight_w3"  # a 3-bit layer's tensor of kernel words when it holds them in place of the v1 planes
+LAYOUTS = ("v1", "words3")  # how a layer holds its codes: the owq-pack v1 planes, or (3 bits) the kernel words
+
+
+def code_names(bits: int, layout: str = "v1") -> tuple[str, ...]:
+    """The names of the code tensors of a ``bits``-bit layer held in ``layout``, in order."""
+    if layout == "words3":
+        if bits != 3:
+            raise ValueError(f"the words3 layout holds 3-bit codes, not {bits}-bit ones")
+        return (WORDS3,)
+    if layout != "v1":
+        raise ValueError(f"layout={layout!r} is not a code layout; choose one of {', '.join(LAYOUTS)}")
+    return tuple(name for name, _, _ in plane_layout(bits))
+
+
+def named_codes(tensors: list[torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """The code tensors a backend gets (a list) by name: one tensor at 3 bits is the kernel words, two the planes."""
+    return dict(zip(code_names(bits, "words3" if holds_words3(tensors, bits) else "v1"), tensors))
+
+
+def holds_words3(tensors: list[torch.Tensor], bits: int) -> bool:
+    """Whether a backend's code tensors are the 3-bit kernel words (one tensor) rather than the v1 planes (two)."""
+    return bits == 3 and len(tensors) == 1
 
 
 def kernel_words3(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -199,4 +225,33 @@ def kernel_words3(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         spare = ((c[:, :, 15].unsqueeze(2) >> bit) & 1) << 15
         half = main | spare
         out[:, cols] = _to_int32(half[:, 0] | (half[:, 1] << 16)).reshape(kp // 32 * 3, -1)
+    return out
+
+
+def words3_codes(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`kernel_words3` as codes: int32 [K, N] from the words [Kp/32 · 3, N] (rows past ``k`` are
+    padding and dropped). Lane l of word j holds rows 16l + 5j + i at bits 16l + 3i (i < 5), and bit j of row
+    16l + 15 at bit 16l + 15."""
+    n = words.shape[1]
+    w = words.view(-1, 3, n)  # [block, word, column]
+    lanes = []
+    for lane in range(2):
+        half = (w >> (16 * lane)) & 0xFFFF
+        main = (half.unsqueeze(2) >> (torch.arange(5, device=w.device) * 3).view(1, 1, 5, 1)) & 7  # [b, 3, 5, N]
+        spare = (((half >> 15) & 1) << torch.arange(3, device=w.device).view(1, 3, 1)).sum(1, keepdim=True)
+        lanes.append(torch.cat([main.reshape(-1, 15, n), spare.to(main.dtype)], dim=1))  # rows 0-15 of the lane
+    return torch.stack(lanes, dim=1).reshape(-1, n)[:k]
+
+
+def planes_from_words3(words: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The owq-pack v1 planes ``qweight_lo`` and ``qweight_hi`` of the 3-bit kernel words (inverse of
+    :func:`kernel_words3`, bit for bit), converted ``KERNEL3_CHUNK`` codes at a time."""
+    kp, n = words.shape[0] // 3 * 32, words.shape[1]
+    out = {"qweight_lo": torch.empty(kp // 16, n, dtype=torch.int32, device=words.device),
+           "qweight_hi": torch.empty(kp // 32, n, dtype=torch.int32, device=words.device)}
+    step = max(1, KERNEL3_CHUNK // max(kp, 1))
+    for n0 in range(0, n, step):
+        cols = slice(n0, n0 + step)
+        for name, plane in pack_codes(words3_codes(words[:, cols], kp), 3).items():
+            out[name][:, cols] = plane
     return out

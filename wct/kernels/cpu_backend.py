@@ -33,7 +33,7 @@ from torch import Tensor
 from wct.io import atomic_file
 from wct.kernels.reference import add_weak, add_weak_dx
 from wct.kernels.sources import source_dir
-from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, plane_layout
+from wct.format.layout import DEQUANT_CHUNK_ELEMS, dequantize_dense, holds_words3, named_codes
 
 log = logging.getLogger("wct.kernels")
 
@@ -98,19 +98,19 @@ def _slabs(planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int, in_fe
     ``DEQUANT_CHUNK_ELEMS`` weights: the workspace of the slab path.
 
     3/4-bit with the extension: the compiled ``owq_dequant`` writes the slab contiguous [K, n] in fp32 (bit-identical
-    to :func:`wct.format.layout.dequantize_dense`). Otherwise (2-bit, ``WCT_CPU_KERNEL=0``, no compiler) the torch ops of
-    :func:`wct.format.layout.dequantize_dense`, transposed as a view."""
+    to :func:`wct.format.layout.dequantize_dense`). Otherwise (2-bit, the 3-bit kernel words, ``WCT_CPU_KERNEL=0``,
+    no compiler) the torch ops of :func:`wct.format.layout.dequantize_dense`, transposed as a view."""
     n_out = scales.shape[1]
     step = max(1, DEQUANT_CHUNK_ELEMS // max(1, in_features))
-    ext = extension() if bits in (3, 4) else None
-    names = [name for name, _, _ in plane_layout(bits)]
+    ext = extension() if bits in (3, 4) and not holds_words3(planes, bits) else None
+    names = named_codes(planes, bits)
     for n in range(0, n_out, step):
         sl = slice(n, min(n + step, n_out))
         if ext is not None:
             w = ext.owq_dequant(planes, scales, zeros, bits, in_features, sl.start, sl.stop)
             yield sl, (w if dtype == torch.float32 else w.to(dtype))
         else:
-            yield sl, dequantize_dense({k: p[:, sl] for k, p in zip(names, planes)}, scales[:, sl], zeros[:, sl],
+            yield sl, dequantize_dense({k: p[:, sl] for k, p in names.items()}, scales[:, sl], zeros[:, sl],
                                        bits, in_features, dtype).t()
 
 
@@ -130,7 +130,7 @@ def forward(
     bias: Tensor | None, dense: Tensor | None, bits: int,
 ) -> Tensor:
     """y [M, N] for x [M, K] (``dense`` is unused: this backend keeps no dense copy)."""
-    ext = extension() if x.shape[0] <= GEMV_MAX_M and bits in (3, 4) else None
+    ext = extension() if x.shape[0] <= GEMV_MAX_M and bits in (3, 4) and not holds_words3(planes, bits) else None
     if ext is not None:
         y = ext.owq_gemv(x.float().contiguous(), planes, scales, zeros, weak_idx, bits).to(x.dtype)
     else:

@@ -26,7 +26,7 @@ from torch import Tensor
 from wct.errors import WCTError
 from wct.kernels.sources import source_dir
 from wct.kernels.workspace import tile_counters
-from wct.format.layout import kernel_words3
+from wct.format.layout import holds_words3, kernel_words3
 
 ARCHS = ("80", "90")
 SOURCES = ("owq_cuda.cu", "owq_dequant.cuh")
@@ -97,7 +97,7 @@ def load(path: Path | None = None) -> ctypes.CDLL:
         build(out=path)
     lib = ctypes.CDLL(str(path))
     lib.owq_gemv.argtypes = [_I, _I, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, *[_I] * 9, _P]
-    lib.owq_dequant.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P]
+    lib.owq_dequant.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P]
     return lib
 
 
@@ -121,7 +121,8 @@ def _check(err: int, what: str, device: torch.device) -> None:
 
 def _common(x, planes, scales, weak_weight, in_features: int):
     """(dtype code, scales-are-float flag, scales, planes a/b, W_o in x's dtype, group size) for the launchers; one
-    group is passed as the padded K (a multiple of 32, never exceeded)."""
+    group is passed as the padded K (a multiple of 32, never exceeded). The 3-bit kernel words come as a = b (the
+    launchers get them as pw: :func:`_words_ptr`)."""
     if x.dtype not in _DTYPES:
         raise WCTError(f"kernel=cuda supports float32/float16/bfloat16 activations, got {x.dtype}; use kernel=torch")
     group = in_features // scales.shape[0] if scales.shape[0] > 1 else _cdiv(in_features, 32) * 32
@@ -132,6 +133,12 @@ def _common(x, planes, scales, weak_weight, in_features: int):
     b = planes[1].contiguous() if len(planes) > 1 else a
     scale_is_float = int(scales.dtype == torch.float32)
     return _DTYPES[x.dtype], scale_is_float, scales, a, b, weak_weight.to(x.dtype).contiguous(), group
+
+
+def _words_ptr(planes: list[Tensor], bits: int, a: Tensor) -> int | None:
+    """The launchers' pw: the address of the 3-bit kernel words when the layer holds them (``a`` is then the words,
+    made contiguous), else null (the v1 planes)."""
+    return a.data_ptr() if holds_words3(planes, bits) else None
 
 
 def _stream(device: torch.device) -> int:
@@ -148,7 +155,8 @@ def dequantize(
     n = scales.shape[1]
     out = torch.empty(in_features, n, dtype=dtype, device=scales.device)
     idx = weak_idx.contiguous()
-    _check(load().owq_dequant(act, sf, a.data_ptr(), b.data_ptr(), scales.data_ptr(), zeros.contiguous().data_ptr(),
+    _check(load().owq_dequant(act, sf, a.data_ptr(), b.data_ptr(), _words_ptr(planes, bits, a), scales.data_ptr(),
+                              zeros.contiguous().data_ptr(),
                               idx.data_ptr(), wo.data_ptr(), out.data_ptr(), n, in_features, idx.numel(), group, bits,
                               _stream(scales.device)), "owq_dequant", scales.device)
     return out
@@ -175,8 +183,9 @@ def split_plan(m: int, n: int, k: int, n_o: int, group: int | None, sms: int) ->
 def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
          bias: Tensor | None, bits: int, splits: int | None = None, path: int = 0) -> Tensor:
     """y [M, N] for x [M, K] (M ≤ 8) by the GEMV; ``splits`` forces the K split count, ``path`` 1 forces the
-    general kernel (tests compare it with the fast one). At 3 bits the fast kernel reads ``planes[2]``, the 3-bit
-    words of :func:`wct.format.layout.kernel_words3` (wct.kernels.dispatch adds them); without them 3 bits take the general
+    general kernel (tests compare it with the fast one). At 3 bits the fast kernel reads the 3-bit kernel words
+    (``planes`` = [words], :func:`wct.format.layout.kernel_words3`: the layout wct.kernels.dispatch holds a 3-bit
+    layer in on this backend; the general kernel reads them too); from the v1 planes 3 bits take the general
     kernel."""
     m, k = x.shape
     lib = load()
@@ -194,8 +203,8 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bias_c = bias.to(x.dtype).contiguous() if bias is not None else None
     idx = weak_idx.contiguous()
-    w3 = planes[2].contiguous().data_ptr() if bits == 3 and len(planes) > 2 else None
-    err = lib.owq_gemv(act, sf, x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), w3, scales_c.data_ptr(),
+    err = lib.owq_gemv(act, sf, x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), _words_ptr(planes, bits, a),
+                       scales_c.data_ptr(),
                        zeros.contiguous().data_ptr(), idx.data_ptr(), wo.data_ptr(),
                        bias_c.data_ptr() if bias_c is not None else None, ws.data_ptr(),
                        tile_counters(x.device, _cdiv(n, 256)).data_ptr(), y.data_ptr(), m, n, k, idx.numel(), group, bits, splits,
@@ -227,9 +236,8 @@ def probe(device: torch.device) -> str | None:
         load()
     except (WCTError, OSError) as e:
         return str(e)
-    planes = [torch.full((4, 4), 0x55555555, dtype=torch.int32, device=device),  # low bits 1 in every code
-              torch.zeros(2, 4, dtype=torch.int32, device=device)]
-    planes.append(kernel_words3(*planes))
+    planes = [kernel_words3(torch.full((4, 4), 0x55555555, dtype=torch.int32, device=device),  # every code 1
+                            torch.zeros(2, 4, dtype=torch.int32, device=device))]
     scales = torch.ones(1, 4, dtype=torch.float16, device=device)
     zeros = torch.zeros(1, 4, dtype=torch.uint8, device=device)
     x = torch.ones(1, 64, dtype=torch.float16, device=device)

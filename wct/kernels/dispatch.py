@@ -35,7 +35,6 @@ import wct.kernels.reference as reference
 from wct.device import KERNELS
 from wct.errors import WCTError
 from wct.kernels.op import owq_linear_op
-from wct.format.layout import kernel_words3, padded_k
 
 log = logging.getLogger("wct.kernels")
 
@@ -48,7 +47,6 @@ _config: dict = {
 }
 _resolved: dict[tuple, str] = {}
 _dense_cache: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_words_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def configure(kernel: str | None = None, cache_dense: str | bool | None = None, cache_budget_bytes: int | None = None) -> None:
@@ -92,9 +90,8 @@ def no_dense_cache() -> Iterator[None]:
 
 
 def clear_cache() -> None:
-    """Drop every cached dense weight and 3-bit kernel layout."""
+    """Drop every cached dense weight."""
     _dense_cache.clear()
-    _words_cache.clear()
 
 
 def triton_available(device: torch.device) -> bool:
@@ -174,44 +171,47 @@ def cached_dense(layer, dtype: torch.dtype) -> torch.Tensor | None:
     return dense
 
 
-def kernel_planes(layer, backend: str) -> list[torch.Tensor]:
-    """The code planes ``backend`` gets for ``layer``: the owq-pack v1 planes, and at 3 bits on the triton and cuda
-    backends also the 3-bit words their fast GEMVs read (:func:`wct.format.layout.kernel_words3`), converted on the
-    device once per layer and cached like the dense weight (keyed by the planes' storage and version counters).
-    The copy is as large as the v1 planes (3/8 byte per weight; docs/kernels.md "3-bit words"); owq_linear asks
-    for it only for decode-sized inputs (at most CUDA_GEMV_MAX_M rows), which the GEMVs take. Not built while
-    torch.compile traces or a CUDA graph captures (nothing may allocate or be cached there): a 3-bit layer then
-    runs the general (CUDA) or fp32 (Triton) GEMV, with the same results to fp32 rounding."""
-    planes = list(layer.planes.values())
-    if layer.bits != 3 or backend not in ("triton", "cuda") or torch.compiler.is_compiling():
-        return planes
-    key = tuple((t.device, t.data_ptr(), t._version) for t in planes)
-    hit = _words_cache.get(layer)
-    if hit is not None and hit[0] == key:
-        return planes + [hit[1]]
-    if planes[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return planes
-    with torch.inference_mode(False), torch.no_grad():  # an inference tensor could not be saved for a backward
-        words = kernel_words3(*planes)
-    _words_cache[layer] = (key, words)
-    return planes + [words]
+def kernel_layout(backend: str) -> str:
+    """The code layout ``backend`` reads at 3 bits: the kernel words on triton and cuda (their fast GEMVs decode
+    them; every other path of theirs reads them too), the v1 planes on cpu; torch reads either (``v1`` here)."""
+    return "words3" if backend in ("triton", "cuda") else "v1"
 
 
-def words3_bytes(in_features: int, out_features: int, bits: int, backend: str) -> int:
-    """Bytes the ``backend`` keeps for a layer beside its stored tensors once it has decoded with it: the 3-bit
-    words of the triton and cuda GEMVs (:func:`kernel_planes`, 3/8 byte per weight, as large as the v1 planes);
-    0 for every other backend or width."""
-    if bits != 3 or backend not in ("triton", "cuda"):
-        return 0
-    return padded_k(in_features) // 32 * 3 * out_features * 4
+def hold_kernel_layout(layer, backend: str) -> None:
+    """Convert a 3-bit ``layer`` in place to the layout ``backend`` reads (:func:`kernel_layout`; the torch backend
+    reads both and converts nothing): one resident copy of the codes, 3/8 byte per weight in either layout
+    (docs/kernels.md "3-bit words"). Not while torch.compile traces or a CUDA graph captures (nothing may be
+    replaced there; the kernels read the layout held), nor on sharded (DTensor) codes, which belong to FSDP."""
+    if layer.bits != 3 or backend == "torch" or torch.compiler.is_compiling() or layer.layout == kernel_layout(backend):
+        return
+    codes = list(layer.planes.values())
+    if any(type(t.data) is not torch.Tensor for t in codes):
+        return
+    if codes[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    layer.to_layout(kernel_layout(backend))
+
+
+def hold_kernel_layouts(model: torch.nn.Module, kernel: str | None = None) -> int:
+    """:func:`hold_kernel_layout` for every 3-bit OWQLinear of ``model`` on the backend ``kernel`` (default: the
+    configured one) resolves to on the layer's device; the number of layers converted. Loaders call it after
+    placing a model, so a model is compiled or graph-captured in the layout its kernels read."""
+    kernel = kernel or _config["kernel"]
+    done = 0
+    for layer in model.modules():
+        if getattr(layer, "bits", None) == 3 and hasattr(layer, "to_layout"):
+            before = layer.layout
+            hold_kernel_layout(layer, resolve_backend(kernel, layer.scales.device, 1))
+            done += layer.layout != before
+    return done
 
 
 def resident_bytes(layer) -> int:
-    """Bytes held for an OWQLinear ``layer`` now: its stored tensors plus the per-layer copies the dispatcher keeps
-    (the opt-in dense cache of the torch backend, the 3-bit words of the triton/cuda GEMVs)."""
-    own = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-    extra = [_dense_cache.get(layer), _words_cache.get(layer)]
-    return own + sum(e[1].numel() * e[1].element_size() for e in extra if e is not None)
+    """Bytes held for an OWQLinear ``layer`` now: its parameters and buffers (the codes in the layout held, the
+    same bytes in both) plus the torch backend's opt-in dense cache."""
+    own = sum(t.numel() * t.element_size() for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)])
+    hit = _dense_cache.get(layer)
+    return own + (0 if hit is None else hit[1].numel() * hit[1].element_size())
 
 
 @torch.compiler.assume_constant_result
@@ -229,6 +229,7 @@ def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = deq(W_q)·x + W_o·x[idx] + b for an :class:`wct.nn.OWQLinear` ``layer`` on the configured backend."""
     decode = x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1]
     backend = _backend_for(_config["kernel"], x.device, decode)
+    hold_kernel_layout(layer, backend)
     if backend == "cpu" and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (x.requires_grad or layer.weak_weight.requires_grad)
     ):  # no autograd, no tracing: skip the custom op's Python dispatch (a large share of a CPU decode step)
@@ -238,8 +239,6 @@ def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     dense = None
     if backend == "torch" and not torch.compiler.is_compiling():  # eager-only state; compiled graphs dequantize
         dense = cached_dense(layer, x.dtype)
-    # the 3-bit words serve only the GEMVs (decode-sized M): a training step's GEMM never builds them
-    planes = kernel_planes(layer, backend) if decode else list(layer.planes.values())
     return owq_linear_op(
-        x, layer.weak_weight, planes, layer.scales, layer.zeros, layer.weak_idx, layer.bias, dense, layer.bits, backend,
+        x, layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, dense, layer.bits, backend,
     )

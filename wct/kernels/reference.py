@@ -11,18 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wct.format.layout import dequantize_dense, plane_layout
-
-
-def _planes(planes: list[torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
-    return {name: p for (name, _, _), p in zip(plane_layout(bits), planes)}
+from wct.format.layout import dequantize_dense, named_codes
 
 
 def dense_weight(
     planes: list[Tensor], scales: Tensor, zeros: Tensor, bits: int, in_features: int, dtype: torch.dtype
 ) -> Tensor:
     """deq(W_q) as a contiguous [N, K] tensor in ``dtype`` (what the dense cache holds)."""
-    return dequantize_dense(_planes(planes, bits), scales, zeros, bits, in_features, dtype)
+    return dequantize_dense(named_codes(planes, bits), scales, zeros, bits, in_features, dtype)
 
 
 def forward(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 import triton
 
+from wct.format.layout import holds_words3
 from wct.kernels.sources import load_module
 from wct.kernels.workspace import tile_counters
 
@@ -60,7 +61,7 @@ def _gemv_kernel():
         return mod.owq_gemv
     cfg = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3) for bn, bk, w in _GEMV_CONFIGS]
     even = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(mod.owq_gemv)
-    return triton.autotune(cfg, key=["M", "N", "K", "BITS", "group_size", "HALF2"],
+    return triton.autotune(cfg, key=["M", "N", "K", "BITS", "group_size", "HALF2", "WORDS"],
                            prune_configs_by={"early_config_prune": _gemv_prune})(even)
 
 
@@ -75,8 +76,9 @@ def gemv_splits(m: int, n: int, k: int, block_n: int, block_k: int, device: torc
 def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, zeros: Tensor, weak_idx: Tensor,
          bias: Tensor | None, bits: int, split_k: int | None = None) -> Tensor:
     """y [M, N] for x [M, K], M ≤ GEMV_MAX_M, by ``owq_gemv``; ``split_k`` forces the split count. At 3 bits the
-    fp16x2 path reads ``planes[2]``, the 3-bit words of :func:`wct.format.layout.kernel_words3` (wct.kernels.dispatch adds
-    them); without them 3 bits take the fp32 path."""
+    fp16x2 path reads the 3-bit kernel words (``planes`` = [words], :func:`wct.format.layout.kernel_words3`: the
+    layout wct.kernels.dispatch holds a 3-bit layer in on this backend); from the v1 planes 3 bits take the fp32
+    path."""
     m, k = x.shape
     n = scales.shape[1]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -84,11 +86,12 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
     ws = torch.empty(most if most > 1 else 0, m, n, dtype=torch.float32, device=x.device)
     counters = tile_counters(x.device, m * triton.cdiv(n, 32))
     a, b = _plane_args(planes)
-    w3 = planes[2].contiguous() if bits == 3 and len(planes) > 2 else a
+    words = holds_words3(planes, bits)
     group = k // scales.shape[0] if scales.shape[0] > 1 else k
     # the fp16x2 decode is written for 4 bits and for 3 bits in the kernel words
-    half2 = (bits == 4 or w3 is not a) and half2_path(x, scales, k, group)
-    meta = dict(BITS=bits, BLOCK_O=BLOCK_O, HAS_BIAS=bias is not None, HALF2=half2, ASM=half2 and not interpreting())
+    half2 = (bits == 4 or words) and half2_path(x, scales, k, group)
+    meta = dict(BITS=bits, BLOCK_O=BLOCK_O, HAS_BIAS=bias is not None, HALF2=half2, ASM=half2 and not interpreting(),
+                WORDS=words)
     if interpreting():  # fixed tiles (_fixed), so EVEN_N is known here
         meta["EVEN_N"] = n % 32 == 0
 
@@ -97,10 +100,10 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
         return triton.cdiv(n, meta["BLOCK_N"]), splits, m
 
     _gemv_kernel()[grid](
-        x, a, b, w3, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), weak_weight.contiguous(),
+        x, a, b, a, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), weak_weight.contiguous(),
         bias if bias is not None else y, ws, counters, y,
         m, n, k, weak_idx.numel(), group,
-        x.stride(0), a.stride(0), b.stride(0), w3.stride(0), scales.stride(0), n,
+        x.stride(0), a.stride(0), b.stride(0), a.stride(0), scales.stride(0), n,
         **_fixed(meta),
     )
     return y
@@ -117,11 +120,11 @@ def _kernels():
         for bn, bk, w, s in [(32, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
                              (64, 128, 4, 4), (256, 32, 8, 3)]
     ]
-    fwd = triton.autotune(cfg, key=["N", "K", "BLOCK_M", "USE_DOT", "BITS"])(mod.owq_fwd)
+    fwd = triton.autotune(cfg, key=["N", "K", "BLOCK_M", "USE_DOT", "BITS", "WORDS"])(mod.owq_fwd)
     # dX walks N as its reduction axis: the same tile shapes with the roles of BLOCK_N and BLOCK_K swapped
     dcfg = [triton.Config({"BLOCK_N": c.kwargs["BLOCK_K"], "BLOCK_K": c.kwargs["BLOCK_N"]}, num_warps=c.num_warps,
                           num_stages=c.num_stages) for c in cfg]
-    dx = triton.autotune(dcfg, key=["N", "K", "BLOCK_M", "USE_DOT", "BITS"])(mod.owq_dx)
+    dx = triton.autotune(dcfg, key=["N", "K", "BLOCK_M", "USE_DOT", "BITS", "WORDS"])(mod.owq_dx)
     return fwd, dx
 
 
@@ -145,6 +148,8 @@ def _split_k(m_tiles: int, n: int, k: int, device: torch.device) -> int:
 
 
 def _plane_args(planes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plane_a, plane_b) of the kernels: the two 3-bit planes, else the one code tensor twice (2/4-bit plane, or
+    the 3-bit kernel words, which the kernels read with WORDS)."""
     a = planes[0].contiguous()
     b = planes[1].contiguous() if len(planes) > 1 else a
     return a, b
@@ -177,7 +182,8 @@ def forward(
         m, n, k, weak_idx.numel(), k // scales.shape[0], k_per_split,
         x.stride(0), a.stride(0), b.stride(0), scales.stride(0), n, n, m * n if split > 1 else 0,
         **_fixed(dict(BITS=bits, BLOCK_M=block_m, BLOCK_O=BLOCK_O, USE_DOT=use_dot,
-                      HAS_BIAS=bias is not None and split == 1, UPCAST=interpreting() and x.dtype == torch.bfloat16)),
+                      HAS_BIAS=bias is not None and split == 1, UPCAST=interpreting() and x.dtype == torch.bfloat16,
+                      WORDS=holds_words3(planes, bits))),
     )
     if split == 1:
         return y
@@ -202,7 +208,7 @@ def grad_input(
         m, n, k, k // scales.shape[0],
         dy.stride(0), a.stride(0), b.stride(0), scales.stride(0), dx.stride(0),
         **_fixed(dict(BITS=bits, BLOCK_M=block_m, USE_DOT=use_dot,
-                      UPCAST=interpreting() and dy.dtype == torch.bfloat16)),
+                      UPCAST=interpreting() and dy.dtype == torch.bfloat16, WORDS=holds_words3(planes, bits))),
     )
     if weak_idx.numel():
         dx.index_add_(1, weak_idx.long(), dy @ weak_weight.to(dy.dtype).t())

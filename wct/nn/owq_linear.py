@@ -8,6 +8,11 @@ parameters (``requires_grad=False``; integer planes and zeros cannot require a g
 parallelism (FSDP2 ``fully_shard``, :mod:`wct.training.sharding`) shards them instead of replicating them as it
 does buffers; the weak-column indices and the bias are buffers. The state_dict keys are the same either way. The
 product is computed by :func:`wct.kernels.owq_linear`, which dispatches to a backend.
+
+A 3-bit layer holds its codes in one of two layouts (``layout``, :meth:`OWQLinear.to_layout`): the v1 planes
+``qweight_lo``/``qweight_hi``, or the kernel words ``qweight_w3`` that the triton and cuda GEMVs read
+(docs/kernels.md "3-bit words"), which the dispatcher converts to in place of the planes. Both are 3/8 byte per
+weight. The state_dict always holds the v1 planes (converted back for the call), so a save is owq-pack v1, bit for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wct.format.layout import dequantize_full, padded_k, plane_layout
+from wct.format.layout import (
+    LAYOUTS, WORDS3, code_names, dequantize_full, kernel_words3, padded_k, plane_layout, planes_from_words3,
+)
 
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
@@ -88,8 +95,50 @@ class OWQLinear(nn.Module):
             self._buffers[name] = t
 
     @property
+    def layout(self) -> str:
+        """How the codes are held: ``v1`` (the owq-pack planes) or ``words3`` (3 bits: the kernel words)."""
+        return "words3" if WORDS3 in self._parameters else "v1"
+
+    @property
     def planes(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name, _, _ in plane_layout(self.bits)}
+        """The code tensors in the layout held (the v1 planes, or ``{qweight_w3: words}``)."""
+        return {name: getattr(self, name) for name in code_names(self.bits, self.layout)}
+
+    def to_layout(self, layout: str) -> None:
+        """Hold the codes in ``layout`` (one of ``LAYOUTS``) in place of the current one: the new tensors are built,
+        then the old ones dropped, so one layer's codes are held twice only during the call. Bit-exact both ways."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not a code layout; choose one of {', '.join(LAYOUTS)}")
+        if layout == self.layout:
+            return
+        with torch.no_grad():
+            if layout == "words3":
+                code_names(self.bits, layout)  # refuses widths other than 3
+                new = {WORDS3: kernel_words3(self.qweight_lo, self.qweight_hi)}
+            else:
+                new = planes_from_words3(getattr(self, WORDS3))
+        rest = {k: v for k, v in self._parameters.items() if k not in self.planes}
+        self._parameters.clear()  # the codes first, as the constructor registers them
+        self._parameters.update({k: frozen(v) for k, v in new.items()})
+        self._parameters.update(rest)
+
+    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+        """The state_dict holds the v1 planes in either layout (a save stays owq-pack v1)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "words3":
+            return
+        keys = list(destination)
+        at = keys.index(prefix + WORDS3)
+        tail = [(k, destination.pop(k)) for k in keys[at:]]
+        destination.update({prefix + k: v for k, v in planes_from_words3(tail[0][1].detach()).items()})
+        destination.update(tail[1:])
+
+    def _load_from_state_dict(self, state_dict, prefix: str, *args) -> None:
+        """A v1 state_dict loads into a layer holding the kernel words by going back to the planes first (the
+        dispatcher converts again on its next decode)."""
+        if self.layout == "words3" and prefix + "qweight_lo" in state_dict:
+            self.to_layout("v1")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
     def packed(self) -> list[nn.Parameter]:

@@ -205,10 +205,8 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
     scales, zeros, indices of every OWQLinear), other weights (embeddings, head, norms), weak columns (``master``
     dtype), their gradient + optimizer state (AdamW: two fp32 moments; 8-bit: two bytes), the torch backend's
     dense-weight cache (the blocks' linears dequantized in ``dtype``, up to ``cache_budget`` bytes:
-    :func:`wct.kernels.dispatch.cache_budget`, 0 unless forced with WCT_CACHE_DENSE=1), the 3-bit words the
-    triton/cuda GEMVs keep beside a 3-bit layer's planes once it decodes on a GPU
-    (:func:`wct.kernels.dispatch.words3_bytes`),
-    the torch kernel's dequantization workspace (``torch_kernel``: :data:`DEQUANT_BYTES` per weight of the largest
+    :func:`wct.kernels.dispatch.cache_budget`, 0 unless forced with WCT_CACHE_DENSE=1; a 3-bit layer's codes
+    count once in either layout it holds, :func:`wct.kernels.dispatch.hold_kernel_layout`), the torch kernel's dequantization workspace (``torch_kernel``: :data:`DEQUANT_BYTES` per weight of the largest
     linear), activations (:func:`_activations`)
     and the logits (fp32 copy, its log-softmax and gradient).
 
@@ -226,9 +224,7 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
     size = torch.empty(0, dtype=dtype).element_size()
     ws = torch.empty(0, dtype=master).element_size()
     compute = 2 if precision.startswith(("bf16", "16")) else size
-    from wct.kernels.dispatch import words3_bytes
-
-    shardable = replicated = weak = dense = largest = words = 0
+    shardable = replicated = weak = dense = largest = 0
     block_shardable, block_weak = [0] * len(blocks), [0] * len(blocks)
     for name, n in n_weak.items():
         lin = model.get_submodule(name)
@@ -240,8 +236,6 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
         replicated += sum(stored.values()) - codes  # weak-column indices and bias: buffers, on every rank
         weak += n * lin.out_features
         dense += lin.in_features * lin.out_features
-        if device == "cuda" and not torch_kernel:  # the triton / cuda GEMVs' 3-bit words, built on a decode
-            words += words3_bytes(lin.in_features, lin.out_features, bits, "triton")
         largest = max(largest, lin.in_features * lin.out_features)
         if name.startswith(f"{prefix}."):
             b = int(name.removeprefix(f"{prefix}.").split(".")[0])
@@ -262,7 +256,6 @@ def train_memory(config: dict, quant: QuantConfig, dtype: torch.dtype, precision
     rows = {"runtime (Python, torch)": same(RUNTIME if device == "cpu" else 0), "packed weights": same(packed),
             "other weights (embeddings, head, norms)": same(other * size), "weak columns": same(weak_bytes),
             "gradients + optimizer state": same(state), "dense-weight cache (torch kernel)": same(cache),
-            "3-bit kernel words (triton/cuda decode)": same(words),
             "dequantization workspace (torch kernel)": same(DEQUANT_BYTES * largest if torch_kernel else 0),
             f"activations ({micro} x {seq} tokens)": acts, "logits": same(logits)}
     return TrainMemory(sum(p.numel() for p in model.parameters()), weak, tokens, rows, ranks)
