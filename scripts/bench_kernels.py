@@ -339,6 +339,8 @@ def bench_gpu(reps: int, shapes=GPU_SHAPES, ms=GPU_M, n_weak=GPU_N_WEAK, bits_li
                     with kernels.use_kernel("torch"):
                         ref = layers[0](x).float()
                     for backend in backends:
+                        for layer in layers:  # a 3-bit layer holds the kernel words there (before any capture)
+                            kernels.hold_kernel_layout(layer, backend)
                         with kernels.use_kernel(backend):
                             err = (layers[0](x).float() - ref).abs().max().item()
                             fns = [lambda l=l: l(x) for l in layers]

@@ -181,7 +181,9 @@ def hold_kernel_layout(layer, backend: str) -> None:
     """Convert a 3-bit ``layer`` in place to the layout ``backend`` reads (:func:`kernel_layout`; the torch backend
     reads both and converts nothing): one resident copy of the codes, 3/8 byte per weight in either layout
     (docs/kernels.md "3-bit words"). Not while torch.compile traces or a CUDA graph captures (nothing may be
-    replaced there; the kernels read the layout held), nor on sharded (DTensor) codes, which belong to FSDP."""
+    replaced there; the kernels read the layout held), nor on sharded (DTensor) codes, which belong to FSDP;
+    :func:`owq_linear` calls it on every product except in a distributed run (DDP and FSDP hold references to the
+    parameters: call :func:`hold_kernel_layouts` before wrapping the model)."""
     if layer.bits != 3 or backend == "torch" or torch.compiler.is_compiling() or layer.layout == kernel_layout(backend):
         return
     codes = list(layer.planes.values())
@@ -229,7 +231,8 @@ def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = deq(W_q)·x + W_o·x[idx] + b for an :class:`wct.nn.OWQLinear` ``layer`` on the configured backend."""
     decode = x.numel() <= CUDA_GEMV_MAX_M * x.shape[-1]
     backend = _backend_for(_config["kernel"], x.device, decode)
-    hold_kernel_layout(layer, backend)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        hold_kernel_layout(layer, backend)  # under DDP/FSDP the wrapper owns the parameters: convert before wrapping
     if backend == "cpu" and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (x.requires_grad or layer.weak_weight.requires_grad)
     ):  # no autograd, no tracing: skip the custom op's Python dispatch (a large share of a CPU decode step)
