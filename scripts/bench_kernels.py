@@ -15,6 +15,11 @@ dispatch included) separately.
     python scripts/bench_kernels.py --gpu-json OUT.json [--reps 5]   # the GPU table only (GPU validation)
     python scripts/bench_kernels.py --cpu-gemv-json results/bench_cpu_gemv.json [--threads 2]   # GEMV_MAX_M
     python scripts/bench_kernels.py --cpu-stream-json results/bench_cpu_stream.json   # the decode GEMV from DRAM
+    TRITON_INTERPRET=1 python scripts/bench_kernels.py --resident-json results/bench_resident.json   # bytes held
+
+Resident bytes (``--resident-json``): per SmolLM2 layer shape, 3/4 bits and backend, the bytes one OWQLinear holds
+after a decode-sized forward and a training step against its stored bytes, and the code layout it holds
+(docs/kernels.md "3-bit words"; bench_resident).
 
 CPU GEMV vs slab (``--cpu-gemv-json``): SmolLM2's layer shapes (576×576, 576×192, 576×1536, 1536×576), 3/4-bit
 per-row, fp32, M ∈ {1, 2, 4, 8, 12, 16, 24, 32, 64, 96, 128}: µs per call of the compiled GEMVs (int16, fp32), of
@@ -238,6 +243,40 @@ def _gemv_time(ext, mode: str, x, packs, idx, bits: int, reps: int) -> float:
         return _cpu_time([lambda p=p: ext.owq_gemv(x, p[0], p[1], p[2], idx, bits) for p in packs], reps)
 
 
+def bench_resident(shapes=tuple(SMOLLM2_SHAPES), bits_list=(3, 4), n_o: int = 8) -> list[dict]:
+    """Resident bytes of one OWQLinear per backend and bit width (``--resident-json``): the bytes it holds
+    (:func:`wct.kernels.resident_bytes`) after a decode-sized forward (M = 1, no grad) and a training step (M = 33,
+    forward and backward), against its stored bytes (the state_dict), and the layout it then holds. Backends: those
+    that run here (torch and cpu on a CPU, triton too under ``TRITON_INTERPRET=1``; torch, triton and cuda on a GPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    candidates = ("torch", "cpu", "triton") if device.type == "cpu" else ("torch", "triton", "cuda")
+    backends = []
+    for backend in candidates:
+        try:
+            kernels.resolve_backend(backend, device, 1)
+            backends.append(backend)
+        except WCTError as e:
+            print(f"{backend}: not run ({e})")
+    rows = []
+    for k, n in shapes:
+        for bits in bits_list:
+            for backend in backends:
+                layer = _random_layer(k, n, bits, n_o, device.type)
+                stored = sum(t.nbytes for t in layer.state_dict().values())
+                with kernels.use_kernel(backend), kernels.no_dense_cache():
+                    with torch.no_grad():
+                        layer(torch.randn(1, k, device=device))
+                    decode = kernels.resident_bytes(layer)
+                    layer.weak_weight.requires_grad_(True)
+                    layer(torch.randn(33, k, device=device, requires_grad=True)).sum().backward()
+                    layer.weak_weight.grad = None  # the gradient is the optimizer's, not the layer's weights
+                    train = kernels.resident_bytes(layer)
+                rows.append({"K": k, "N": n, "bits": bits, "backend": backend, "stored_B": stored,
+                             "decode_B": decode, "train_B": train, "ratio": max(decode, train) / stored,
+                             "B/weight": max(decode, train) / (k * n), "layout": layer.layout})
+    return rows
+
+
 def _random_layer(k: int, n: int, bits: int, n_o: int, device: str) -> OWQLinear:
     g = torch.Generator().manual_seed(k + n + bits + n_o)
     scales = torch.rand(1, n, generator=g) * 0.01 + 1e-3
@@ -391,6 +430,7 @@ def main() -> None:
     parser.add_argument("--cpu-gemv-json", help="run only the CPU GEMV-vs-slab table (GEMV_MAX_M) into this JSON")
     parser.add_argument("--cpu-stream-json", help="run only the CPU decode GEMV from DRAM (1.5B layers) into this JSON")
     parser.add_argument("--threads", type=int, default=2, help="threads of the CPU GEMV tables")
+    parser.add_argument("--resident-json", help="run only the resident-bytes table (backend × bits) into this JSON")
     args = parser.parse_args()
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.cpu_gemv_json:
@@ -408,6 +448,13 @@ def main() -> None:
         with atomic_file(args.cpu_stream_json, "w") as fh:
             json.dump(result, fh, indent=1)
         print(f"wrote {args.cpu_stream_json}; load {os.getloadavg()}")
+        return
+    if args.resident_json:
+        result["resident"] = bench_resident()
+        print_table(result["resident"])
+        with atomic_file(args.resident_json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.resident_json}")
         return
     if args.gpu_json:
         if not torch.cuda.is_available():

@@ -4,8 +4,9 @@
 
 Three phases, each in a fresh process so its peak resident memory (ru_maxrss of that process, from wait4) is its
 own: (1) streaming quantization (wct.quant.stream; few calibration windows: the point is memory and time per
-block, not quality), (2) loading the packed result (wct.checkpoint.load_quantized), (3) one WCT training
-step (forward, backward, AdamW on the weak columns). Prints the model's fp16 size, the packed size, each phase's
+block, not quality), (2) loading the packed result (wct.checkpoint.load_quantized) and the OWQ layers' resident
+weight bytes after one token on every backend the device runs (torch, cpu; or torch, triton, cuda), (3) one WCT
+training step (forward, backward, AdamW on the weak columns). Prints the model's fp16 size, the packed size, each phase's
 peak RSS (and peak GPU memory on CUDA), seconds per block and weights per block, and the memory estimate of
 wct.training.memory from config.json alone next to the measured peaks.
 """
@@ -67,7 +68,38 @@ def phase_load(args) -> dict:
     seconds, loaded = time.time() - start, _rss()
     with torch.no_grad(), kernels.no_dense_cache(), kernels.use_kernel("torch"):
         model(torch.zeros(1, 1, dtype=torch.long))
-    return {"seconds": seconds, "runtime_rss": runtime, "rss_after_load": loaded, "rss_after_forward": _rss()}
+    after = _rss()
+    return {"seconds": seconds, "runtime_rss": runtime, "rss_after_load": loaded, "rss_after_forward": after,
+            "resident": resident_per_backend(model, args.device)}
+
+
+def resident_per_backend(model, device_name: str) -> dict:
+    """Resident weight bytes of the OWQ layers (:func:`wct.kernels.resident_bytes`: their tensors in the layout held,
+    plus any per-layer copy) after a one-token forward on each backend that runs on the device, against the bytes
+    they were loaded with (the stored tensors): the total and the largest per-layer ratio."""
+    import torch
+
+    from wct import kernels
+    from wct.checkpoint import owq_layers
+    from wct.device import resolve_device
+
+    device = resolve_device(device_name)
+    model.to(device)
+    layers = owq_layers(model)
+    stored = {name: kernels.resident_bytes(m) for name, m in layers.items()}  # as loaded: the file's tensors
+    out = {"stored": sum(stored.values())}
+    for backend in ("torch", "cpu") if device.type == "cpu" else ("torch", "triton", "cuda"):
+        try:
+            kernels.resolve_backend(backend, device, 1)
+        except WCTError as e:
+            out[backend] = str(e)
+            continue
+        with torch.no_grad(), kernels.no_dense_cache(), kernels.use_kernel(backend):
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        held = {name: kernels.resident_bytes(m) for name, m in layers.items()}
+        out[backend] = {"bytes": sum(held.values()), "max_layer_ratio": max(held[n] / stored[n] for n in held),
+                        "words3_layers": sum(m.layout == "words3" for m in layers.values())}
+    return out
 
 
 def phase_train(args) -> dict:
@@ -194,6 +226,11 @@ def main() -> None:
         print(f"load packed + one token: peak RSS {gib(ld['peak_rss'])} = {ld['peak_rss'] / res['packed_bytes']:.2f}x "
               f"the packed size ({gib(above)} = {above / res['packed_bytes']:.2f}x above the runtime's "
               f"{gib(ld['runtime_rss'])}); RSS after load {gib(ld['rss_after_load'])}; {ld['seconds']:.1f} s")
+        r = ld["resident"]
+        print(f"resident OWQ weight bytes after one token (stored {gib(r['stored'])}): " + "; ".join(
+            f"{b} {v['bytes'] / r['stored']:.3f}x (largest layer {v['max_layer_ratio']:.3f}x, "
+            f"{v['words3_layers']} layers in 3-bit words)" if isinstance(v, dict) else f"{b}: not run ({v})"
+            for b, v in r.items() if b != "stored"))
     if "train" in res:
         packed_config = config_dict(args.packed)  # the guarded owq-pack config.json, read as its base architecture
         device = resolve_device(args.device)

@@ -99,6 +99,12 @@ def test_bench_scale_measures_the_three_phases(synth, tmp_path):
     assert res["estimate"]["fp16"] == summary["params"] * 2
     assert abs(res["estimate"]["packed"] / res["packed_bytes"] - 1) < 0.01
     assert "quantize (streaming): peak RSS" in p.stdout and "load packed + one token: peak RSS" in p.stdout
+    # resident OWQ weight bytes after one token: the stored tensors on every backend the CPU runs, no copy beside
+    r = ld["resident"]
+    assert 0 < r["stored"] < res["packed_bytes"]
+    for backend in ("torch", "cpu"):
+        assert r[backend]["bytes"] == r["stored"] and r[backend]["max_layer_ratio"] == 1.0
+    assert "resident OWQ weight bytes after one token" in p.stdout
 
 
 @pytest.mark.slow  # bench_scale.py phases in subprocesses
