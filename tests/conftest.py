@@ -34,6 +34,22 @@ from wct.format.layout import pack_linear  # noqa: E402
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make ``--dist loadgroup`` (make test-slow) keep each ``xdist_group`` on one worker. pytest-xdist 3.8 marks a
+    grouped test by appending ``@group`` to ``item._nodeid``, which pytest 9 no longer reads (a node id comes from
+    ``Node._id``), so the groups were silently ignored and both workers built the SmolLM2 fixture (4 min each)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodes import coerce_node_id
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the checkout; tests that need it skip when it is absent (a user's fresh clone)."""
