@@ -202,6 +202,11 @@ def test_hold_kernel_layout_converts_3bit_layers_in_place(monkeypatch):
     kernels.hold_kernel_layout(layer, "cuda")
     assert layer.qweight_w3 is words
     kernels.hold_kernel_layout(layer, "cpu")
+    with torch.inference_mode():  # a conversion during generation must still serve a later training step
+        kernels.hold_kernel_layout(layer, "triton")
+    assert layer.layout == "words3" and not layer.qweight_w3.is_inference()
+    assert torch.equal(layer.qweight_w3, words)
+    kernels.hold_kernel_layout(layer, "cpu")
     assert layer.layout == "v1" and torch.equal(layer.qweight_lo, lo) and torch.equal(layer.qweight_hi, hi)
     four, _ = make_layer(4, None, 7)
     kernels.hold_kernel_layout(four, "triton")

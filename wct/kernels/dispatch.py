@@ -242,6 +242,5 @@ def owq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     dense = None
     if backend == "torch" and not torch.compiler.is_compiling():  # eager-only state; compiled graphs dequantize
         dense = cached_dense(layer, x.dtype)
-    return owq_linear_op(
-        x, layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx, layer.bias, dense, layer.bits, backend,
-    )
+    return owq_linear_op(x, layer.weak_weight, list(layer.planes.values()), layer.scales, layer.zeros, layer.weak_idx,
+                         layer.bias, dense, layer.bits, backend)

@@ -111,7 +111,7 @@ class OWQLinear(nn.Module):
             raise ValueError(f"layout={layout!r} is not a code layout; choose one of {', '.join(LAYOUTS)}")
         if layout == self.layout:
             return
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # an inference tensor could not be saved for a backward
             if layout == "words3":
                 code_names(self.bits, layout)  # refuses widths other than 3
                 new = {WORDS3: kernel_words3(self.qweight_lo, self.qweight_hi)}
