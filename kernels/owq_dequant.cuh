@@ -297,13 +297,13 @@ OWQ_HD void owq_load32(const int32_t* a, const int32_t* b, int64_t n_cols, int64
   if constexpr (W3) {
 #pragma unroll
     for (int i = 0; i < 3; ++i) w[i] = static_cast<uint32_t>(a[((k0 >> 5) * 3 + i) * n_cols + n]);
-    return;
-  }
-  constexpr int A = BITS == 3 ? 2 : BITS;
-  constexpr int P = BITS == 3 ? 16 : 32 / BITS;
+  } else {
+    constexpr int A = BITS == 3 ? 2 : BITS;
+    constexpr int P = BITS == 3 ? 16 : 32 / BITS;
 #pragma unroll
-  for (int i = 0; i < A; ++i) w[i] = static_cast<uint32_t>(a[(k0 / P + i) * n_cols + n]);
-  if constexpr (BITS == 3) w[2] = static_cast<uint32_t>(b[(k0 >> 5) * n_cols + n]);
+    for (int i = 0; i < A; ++i) w[i] = static_cast<uint32_t>(a[(k0 / P + i) * n_cols + n]);
+    if constexpr (BITS == 3) w[2] = static_cast<uint32_t>(b[(k0 >> 5) * n_cols + n]);
+  }
 }
 
 // Dequantize rows k0..k0+31 (k0 % 32 == 0, clipped at K) of column n into out [K, N] (the GEMM scratch); W3: from

@@ -19,7 +19,7 @@ an atomic ticket per (row, column tile) elects the last program, which sums the 
 bias and casts. The weak columns are spread over the splits. Offsets that can pass 2^31 are int64.
 HALF2 (fp16 activations and scales, K and the group multiples of 32, x rows 16-byte aligned) is owq_gemv's fp16x2
 path, the CUDA fast path's arithmetic: one column per tensor element, a loop over groups (scale and zero constants
-once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits: from plane_w, the 3-bit kernel words of
+once per group) around a loop over steps of 16 (4 bits) or 32 (3 bits: from plane_a, the 3-bit kernel words of
 wct.format.layout.kernel_words3 that a 3-bit layer holds on this backend) rows; per step and column one asm call
 decodes code pairs into fp16x2 by LOP3 with the 0x6400 magic number, removes the zero exactly (HSUB2, or HFMA2 by
 1/16 for the high nibbles), HFMA2s them against x read as half2 pairs in the same order, and the step's fp16x2
@@ -453,9 +453,9 @@ def _zero_consts(z, BITS: tl.constexpr):
 
 @triton.jit
 def owq_gemv(
-    x, plane_a, plane_b, plane_w, scales, zeros, idx, wo, bias, ws, counters, y,
+    x, plane_a, plane_b, scales, zeros, idx, wo, bias, ws, counters, y,
     M, N, K, n_o, group_size,
-    stride_xm, stride_a, stride_b, stride_w, stride_g, stride_wo,
+    stride_xm, stride_a, stride_b, stride_g, stride_wo,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     HAS_BIAS: tl.constexpr, HALF2: tl.constexpr = False, ASM: tl.constexpr = False, EVEN_N: tl.constexpr = False,
     WORDS: tl.constexpr = False,
@@ -472,9 +472,7 @@ def owq_gemv(
     if HALF2:  # K % 32 == 0: every step lies wholly below or above k_hi
         STEP: tl.constexpr = 32 if BITS == 3 else 16  # rows per fp16x2 partial (one asm call per column)
         sa = stride_a.to(tl.int64)
-        sw = stride_w.to(tl.int64)
         pa0 = plane_a + rn64
-        pw0 = plane_w + rn64
         xw0 = x_row.to(tl.pointer_type(tl.int32), bitcast=True)
         mask = None if EVEN_N else mn  # EVEN_N: no column of the tile is past N, the plane loads need no mask
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -485,7 +483,7 @@ def owq_gemv(
             g_hi = tl.minimum((g + 1) * group_size, k_hi)
             for i in range(tl.maximum(g * group_size, k_lo) // STEP, g_hi // STEP):  # K % 32 == 0: whole steps
                 if BITS == 3:
-                    lo, hi = _step3(pw0 + i * (3 * sw), sw, xw0 + i * 16, mask, zc, ASM)
+                    lo, hi = _step3(pa0 + i * (3 * sa), sa, xw0 + i * 16, mask, zc, ASM)  # WORDS: the kernel words
                 else:
                     lo, hi = _step4(pa0 + i * (2 * sa), sa, xw0 + i * 8, mask, zc[0], zc[1], zc[2], ASM)
                 out = tl.fma(s, hi, tl.fma(s, lo, out))  # the step's fp16x2 partial flushed into fp32

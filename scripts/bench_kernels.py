@@ -249,14 +249,12 @@ def bench_resident(shapes=tuple(SMOLLM2_SHAPES), bits_list=(3, 4), n_o: int = 8)
     forward and backward), against its stored bytes (the state_dict), and the layout it then holds. Backends: those
     that run here (torch and cpu on a CPU, triton too under ``TRITON_INTERPRET=1``; torch, triton and cuda on a GPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    candidates = ("torch", "cpu", "triton") if device.type == "cpu" else ("torch", "triton", "cuda")
     backends = []
-    for backend in candidates:
-        try:
-            kernels.resolve_backend(backend, device, 1)
+    for backend, why_not in kernels.backends_on(device).items():
+        if why_not:
+            print(f"{backend}: not run ({why_not})")
+        else:
             backends.append(backend)
-        except WCTError as e:
-            print(f"{backend}: not run ({e})")
     rows = []
     for k, n in shapes:
         for bits in bits_list:
@@ -359,7 +357,8 @@ def bench_gpu(reps: int, shapes=GPU_SHAPES, ms=GPU_M, n_weak=GPU_N_WEAK, bits_li
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     copy_gbs = _copy_bandwidth()
-    backends = [b for b in ("cuda", "triton") if _runs(b)]
+    runs = kernels.backends_on(torch.device("cuda"))
+    backends = [b for b in ("cuda", "triton") if runs[b] is None]
     rows = []
     for k, n in shapes:
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
@@ -398,14 +397,6 @@ def bench_gpu(reps: int, shapes=GPU_SHAPES, ms=GPU_M, n_weak=GPU_N_WEAK, bits_li
         r["weak_overhead_%"] = 100 * (r["us"] / base[key] - 1) if key in base else None
     return {"device": props.name, "copy_GB/s": copy_gbs, "L2_bytes": l2,
             "nf4": "ok" if isinstance(nf4, list) else nf4, "rows": rows}
-
-
-def _runs(backend: str) -> bool:
-    try:
-        kernels.resolve_backend(backend, torch.device("cuda"), 1)
-        return True
-    except WCTError:
-        return False
 
 
 def print_table(rows: list[dict]) -> None:

@@ -5,8 +5,9 @@
 Three phases, each in a fresh process so its peak resident memory (ru_maxrss of that process, from wait4) is its
 own: (1) streaming quantization (wct.quant.stream; few calibration windows: the point is memory and time per
 block, not quality), (2) loading the packed result (wct.checkpoint.load_quantized) and the OWQ layers' resident
-weight bytes after one token on every backend the device runs (torch, cpu; or torch, triton, cuda), (3) one WCT
-training step (forward, backward, AdamW on the weak columns). Prints the model's fp16 size, the packed size, each phase's
+weight bytes after one token on every backend the device runs (wct.kernels.backends_on: torch and cpu on a CPU,
+where the interpreted triton is left out; torch, triton and cuda on a GPU), (3) one WCT training step (forward,
+backward, AdamW on the weak columns). Prints the model's fp16 size, the packed size, each phase's
 peak RSS (and peak GPU memory on CUDA), seconds per block and weights per block, and the memory estimate of
 wct.training.memory from config.json alone next to the measured peaks.
 """
@@ -88,11 +89,11 @@ def resident_per_backend(model, device_name: str) -> dict:
     layers = owq_layers(model)
     stored = {name: kernels.resident_bytes(m) for name, m in layers.items()}  # as loaded: the file's tensors
     out = {"stored": sum(stored.values())}
-    for backend in ("torch", "cpu") if device.type == "cpu" else ("torch", "triton", "cuda"):
-        try:
-            kernels.resolve_backend(backend, device, 1)
-        except WCTError as e:
-            out[backend] = str(e)
+    for backend, why_not in kernels.backends_on(device).items():
+        if backend == "triton" and device.type == "cpu" and not why_not:
+            why_not = "on a CPU it runs only interpreted (TRITON_INTERPRET=1): far too slow for a whole model"
+        if why_not:
+            out[backend] = why_not
             continue
         with torch.no_grad(), kernels.no_dense_cache(), kernels.use_kernel(backend):
             model(torch.zeros(1, 1, dtype=torch.long, device=device))

@@ -232,6 +232,10 @@ def test_dispatch_messages_and_log(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(WCTError, match="kernel=triton needs CUDA tensors"):
         kernels.resolve_backend("triton", cpu, 1)
+    on_cpu = kernels.backends_on(cpu)  # what the benchmarks run: every backend but auto, with the reason it cannot
+    assert list(on_cpu) == ["torch", "cpu", "triton", "cuda"] and on_cpu["torch"] is None and on_cpu["cpu"] is None
+    assert on_cpu["triton"].startswith("kernel=triton needs CUDA tensors")
+    assert on_cpu["cuda"].startswith("kernel=cuda is unavailable: it needs CUDA tensors")
     layer, _ = make_layer(4, None, 1)
     kernels._resolved.clear()
     with caplog.at_level(logging.INFO, logger="wct.kernels"):
@@ -249,8 +253,8 @@ from triton.backends.compiler import GPUTarget
 from wct.kernels.sources import load_module
 
 mod = load_module("owq_triton.py", "owq_triton_aot")
-types = {"plane_a": "*i32", "plane_b": "*i32", "plane_w": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32",
-         "out": "*fp32", "ws": "*fp32", "counters": "*i32"}
+types = {"plane_a": "*i32", "plane_b": "*i32", "scales": "*fp16", "zeros": "*u8", "idx": "*i32", "out": "*fp32",
+         "ws": "*fp32", "counters": "*i32"}
 for case in sys.argv[1:]:
     arch, kernel, bits, dtype, block_m, use_dot, words = case.split(",")
     fn = {"fwd": mod.owq_fwd, "dx": mod.owq_dx, "gemv": mod.owq_gemv}[kernel]

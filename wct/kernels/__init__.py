@@ -5,14 +5,14 @@ The public names live in :mod:`wct.kernels.dispatch` (backend choice, dense cach
 """
 
 from wct.kernels.dispatch import (
-    CUDA_GEMV_MAX_M, KERNELS, _config, _dense_cache, _resolved, cached_dense, clear_cache, configure,
+    CUDA_GEMV_MAX_M, KERNELS, _config, _dense_cache, _resolved, backends_on, cached_dense, clear_cache, configure,
     hold_kernel_layout, hold_kernel_layouts, kernel_layout, no_dense_cache, owq_linear, resident_bytes,
     resolve_backend, triton_available, use_kernel,
 )
 from wct.kernels.op import owq_linear_dx_op, owq_linear_op
 
 __all__ = [
-    "CUDA_GEMV_MAX_M", "KERNELS", "cached_dense", "clear_cache", "configure", "hold_kernel_layout",
+    "CUDA_GEMV_MAX_M", "KERNELS", "backends_on", "cached_dense", "clear_cache", "configure", "hold_kernel_layout",
     "hold_kernel_layouts", "kernel_layout", "no_dense_cache", "owq_linear", "owq_linear_dx_op", "owq_linear_op",
     "resident_bytes", "resolve_backend", "triton_available", "use_kernel",
 ]

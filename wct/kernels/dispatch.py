@@ -133,6 +133,19 @@ def resolve_backend(kernel: str, device: torch.device, m: int) -> str:
     return "cuda" if cuda_ok else "torch"
 
 
+def backends_on(device: torch.device) -> dict[str, str | None]:
+    """Every backend but ``auto``, with None where it runs on ``device`` and otherwise why not (the message of
+    :func:`resolve_backend`): what the benchmarks iterate over."""
+    reasons = {}
+    for backend in KERNELS[1:]:
+        try:
+            resolve_backend(backend, device, 1)
+            reasons[backend] = None
+        except WCTError as e:
+            reasons[backend] = str(e)
+    return reasons
+
+
 def cache_budget(device: torch.device) -> int:
     """Bytes the torch backend may spend on dense weights on ``device`` (0: no cache). Off unless forced with
     ``cache_dense=1`` / ``WCT_CACHE_DENSE=1``: a dense copy of every layer holds more memory than the FP model (the

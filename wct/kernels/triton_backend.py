@@ -100,10 +100,10 @@ def gemv(x: Tensor, weak_weight: Tensor, planes: list[Tensor], scales: Tensor, z
         return triton.cdiv(n, meta["BLOCK_N"]), splits, m
 
     _gemv_kernel()[grid](
-        x, a, b, a, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), weak_weight.contiguous(),
+        x, a, b, scales.contiguous(), zeros.contiguous(), weak_idx.contiguous(), weak_weight.contiguous(),
         bias if bias is not None else y, ws, counters, y,
         m, n, k, weak_idx.numel(), group,
-        x.stride(0), a.stride(0), b.stride(0), a.stride(0), scales.stride(0), n,
+        x.stride(0), a.stride(0), b.stride(0), scales.stride(0), n,
         **_fixed(meta),
     )
     return y

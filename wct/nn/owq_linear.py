@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from wct.format.layout import (
-    LAYOUTS, WORDS3, code_names, dequantize_full, kernel_words3, padded_k, plane_layout, planes_from_words3,
+    WORDS3, code_names, dequantize_full, kernel_words3, padded_k, plane_layout, planes_from_words3,
 )
 
 
@@ -105,15 +105,13 @@ class OWQLinear(nn.Module):
         return {name: getattr(self, name) for name in code_names(self.bits, self.layout)}
 
     def to_layout(self, layout: str) -> None:
-        """Hold the codes in ``layout`` (one of ``LAYOUTS``) in place of the current one: the new tensors are built,
+        """Hold the codes in ``layout`` (one of ``wct.format.layout.LAYOUTS``) in place of the current one: the new tensors are built,
         then the old ones dropped, so one layer's codes are held twice only during the call. Bit-exact both ways."""
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r} is not a code layout; choose one of {', '.join(LAYOUTS)}")
+        code_names(self.bits, layout)  # refuses an unknown layout, and words3 at widths other than 3
         if layout == self.layout:
             return
         with torch.inference_mode(False), torch.no_grad():  # an inference tensor could not be saved for a backward
             if layout == "words3":
-                code_names(self.bits, layout)  # refuses widths other than 3
                 new = {WORDS3: kernel_words3(self.qweight_lo, self.qweight_hi)}
             else:
                 new = planes_from_words3(getattr(self, WORDS3))
